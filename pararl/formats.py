@@ -1,0 +1,182 @@
+"""Token formats: where a model family puts the prompt, the input image and the two output spans.
+
+The sampler, the learner and the reward service all need to know which columns hold the output
+image and the output text, which ids are image codes, and what the unconditional (CFG) sequence
+looks like. One object per family answers all of that, so no other module hard-codes an id.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Columns of the output spans in a left-padded batch: the same for every row, so spans are slices."""
+
+    length: int
+    output_start: int
+    image_start: int
+    image_len: int
+    text_start: int
+    text_len: int
+
+    @property
+    def image(self) -> slice:
+        return slice(self.image_start, self.image_start + self.image_len)
+
+    @property
+    def text(self) -> slice:
+        return slice(self.text_start, self.text_start + self.text_len)
+
+    @property
+    def output(self) -> slice:
+        return slice(self.output_start, self.length)
+
+    def relative(self, span: slice) -> slice:
+        """A span as columns of the output region (how snapshots store it)."""
+        return slice(span.start - self.output_start, span.stop - self.output_start)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The conditioning part of one sequence, with which positions CFG blanks out."""
+
+    ids: list[int]
+    text_mask: list[bool]
+    image_mask: list[bool]
+
+
+@dataclass(frozen=True)
+class ParallelFormat:
+    """Layout of MMaDA-Parallel style sequences: ``[task, (soi img eoi), prompt, soi IMG eoi bos TEXT]``.
+
+    Output image first, reasoning text second (MMaDA-Parallel -M). Text ids are ``< text_vocab_size``;
+    image code ``c`` is token ``image_offset + c``.
+    """
+
+    name: str
+    mask_id: int
+    pad_id: int
+    uncond_id: int
+    bos_id: int
+    soi_id: int
+    eoi_id: int
+    generate_id: int
+    edit_id: int
+    text_vocab_size: int
+    image_offset: int
+    codebook_size: int
+    image_tokens: int
+    # Ids that are text but never a sampled text token (structure, padding, the mask itself).
+    special_ids: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        specials = {self.mask_id, self.pad_id, self.uncond_id, self.bos_id, self.soi_id, self.eoi_id,
+                    self.generate_id, self.edit_id, *self.special_ids}
+        object.__setattr__(self, "special_ids", tuple(sorted(i for i in specials if i < self.text_vocab_size)))
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.text_vocab_size, self.image_offset + self.codebook_size)
+
+    def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes + self.image_offset
+
+    def image_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Codes of image-span ids; a mask (or any non-image id) becomes -1."""
+        codes = ids - self.image_offset
+        return torch.where((codes >= 0) & (codes < self.codebook_size), codes, torch.full_like(codes, -1))
+
+    def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None) -> PromptTokens:
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("empty prompt: a generation or editing request needs instruction text")
+        if input_codes is None:
+            head, image = [self.generate_id], []
+        else:
+            codes = torch.as_tensor(input_codes).flatten()
+            if codes.numel() != self.image_tokens:
+                raise ValueError(
+                    f"input image has {codes.numel()} tokens; format {self.name!r} needs {self.image_tokens}"
+                )
+            if codes.min() < 0 or codes.max() >= self.codebook_size:
+                raise ValueError(f"input image codes must lie in [0, {self.codebook_size})")
+            image = [self.soi_id, *self.image_ids(codes).tolist(), self.eoi_id]
+            head = [self.edit_id]
+        ids = head + image + prompt_ids
+        text_mask = [False] * (len(head) + len(image)) + [True] * len(prompt_ids)
+        image_mask = [False] * len(head) + [True] * len(image) + [False] * len(prompt_ids)
+        return PromptTokens(ids, text_mask, image_mask)
+
+    def output_ids(self, text_len: int) -> tuple[list[int], int, int]:
+        """The masked output and the offsets of its image and text spans inside it."""
+        ids = [self.soi_id] + [self.mask_id] * self.image_tokens + [self.eoi_id, self.bos_id] + [self.mask_id] * text_len
+        return ids, 1, self.image_tokens + 3
+
+    def restrict_text_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over text ids only, specials (mask, structure) impossible: what a text position may draw."""
+        logits = logits[..., : self.text_vocab_size].clone()
+        logits[..., list(self.special_ids)] = float("-inf")
+        return logits
+
+    def restrict_image_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the codebook: index ``c`` is image code ``c``."""
+        return logits[..., self.image_offset : self.image_offset + self.codebook_size]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"special_ids": list(self.special_ids)}
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "ParallelFormat":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown token-format fields: {', '.join(unknown)}")
+        return cls(**{**fields, "special_ids": tuple(fields.get("special_ids", ()))})
+
+
+def mmada_m_format(text_vocab_size: int = 126464, codebook_size: int = 8192, image_tokens: int = 1024) -> ParallelFormat:
+    """MMaDA-Parallel -M: LLaDA's text vocabulary, then the MAGVIT-v2 codebook (ids from the facts file)."""
+    return ParallelFormat(
+        name="mmada-parallel-m",
+        mask_id=126336,
+        pad_id=126081,
+        uncond_id=126081,
+        bos_id=126080,
+        soi_id=126084,
+        eoi_id=126085,
+        generate_id=126096,
+        edit_id=126095,
+        text_vocab_size=text_vocab_size,
+        image_offset=text_vocab_size,
+        codebook_size=codebook_size,
+        image_tokens=image_tokens,
+        special_ids=(126088, 126089),
+    )
+
+
+WORLD_SPECIAL_TOKENS = ("<pad>", "<mask>", "<uncond>", "<bos>", "<soi>", "<eoi>", "<gen>", "<edit>")
+
+
+def world_format(text_vocab_size: int, codebook_size: int, image_tokens: int) -> ParallelFormat:
+    """The generated world's format: its tokenizer puts the special tokens first, in WORLD_SPECIAL_TOKENS order."""
+    ids = {tok: i for i, tok in enumerate(WORLD_SPECIAL_TOKENS)}
+    return ParallelFormat(
+        name="world",
+        mask_id=ids["<mask>"],
+        pad_id=ids["<pad>"],
+        uncond_id=ids["<uncond>"],
+        bos_id=ids["<bos>"],
+        soi_id=ids["<soi>"],
+        eoi_id=ids["<eoi>"],
+        generate_id=ids["<gen>"],
+        edit_id=ids["<edit>"],
+        text_vocab_size=text_vocab_size,
+        image_offset=text_vocab_size,
+        codebook_size=codebook_size,
+        image_tokens=image_tokens,
+    )

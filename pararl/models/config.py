@@ -1,0 +1,111 @@
+"""The policy's config class: LLaDA's own config fields, so a real checkpoint's config.json loads as is.
+
+Field names and meanings follow the reference LLaDA implementation (model_type ``llada``), and the
+MMaDA variant (model_type ``mmada``) adds vocabulary fields on top; every field we do not use is kept
+verbatim so that ``save_pretrained`` writes a config the reference implementation reads back.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+SUPPORTED_MODEL_TYPES = ("llada", "mmada")
+
+
+class LLaDAConfig(PretrainedConfig):
+    model_type = "llada"
+
+    def __init__(
+        self,
+        d_model: int = 4096,
+        n_heads: int = 32,
+        n_kv_heads: int | None = None,
+        n_layers: int = 32,
+        mlp_ratio: int = 4,
+        mlp_hidden_size: int | None = None,
+        rope_theta: float = 500000.0,
+        rms_norm_eps: float = 1e-5,
+        vocab_size: int = 126464,
+        embedding_size: int | None = 126464,
+        weight_tying: bool = False,
+        include_bias: bool = False,
+        include_qkv_bias: bool = False,
+        mask_token_id: int = 126336,
+        max_sequence_length: int = 4096,
+        block_type: str = "llama",
+        activation_type: str = "silu",
+        layer_norm_type: str = "rms",
+        rope: bool = True,
+        alibi: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.n_layers = n_layers
+        self.mlp_ratio = mlp_ratio
+        self.mlp_hidden_size = mlp_hidden_size
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.embedding_size = embedding_size
+        self.weight_tying = weight_tying
+        self.include_bias = include_bias
+        self.include_qkv_bias = include_qkv_bias
+        self.mask_token_id = mask_token_id
+        self.max_sequence_length = max_sequence_length
+        self.block_type = block_type
+        self.activation_type = activation_type
+        self.layer_norm_type = layer_norm_type
+        self.rope = rope
+        self.alibi = alibi
+        kwargs.setdefault("use_cache", False)
+        # transformers' own tying machinery must stay off: LLaDA ties by reusing wte in the head.
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(vocab_size=vocab_size, **kwargs)
+        self._check()
+
+    # The names transformers' generic code looks for.
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        # LLaDA: when mlp_hidden_size is set it overrides mlp_ratio.
+        return self.mlp_hidden_size if self.mlp_hidden_size is not None else self.mlp_ratio * self.d_model
+
+    @property
+    def output_size(self) -> int:
+        return self.embedding_size or self.vocab_size
+
+    def _check(self) -> None:
+        """Refuse architectures this implementation would silently compute differently."""
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            problems.append("the head dimension must be even for rotate-half RoPE")
+        if self.output_size < self.vocab_size:
+            problems.append(f"embedding_size {self.embedding_size} is smaller than vocab_size {self.vocab_size}")
+        for field, supported in (("block_type", "llama"), ("activation_type", "silu"), ("layer_norm_type", "rms")):
+            if getattr(self, field) != supported:
+                problems.append(f"{field}={getattr(self, field)!r} is not supported (only {supported!r})")
+        if not self.rope or self.alibi:
+            problems.append("only RoPE position encoding is supported (rope=true, alibi=false)")
+        if problems:
+            raise ValueError("unsupported LLaDA config: " + "; ".join(problems))
