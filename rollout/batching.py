@@ -1,0 +1,49 @@
+"""Turn requests of different lengths into one left-padded batch with aligned output spans.
+
+Left padding puts every row's output region in the same columns, so spans are plain slices and the
+sampler never loops over rows; the attention mask (and position ids derived from it) make padding
+invisible to the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pararl.formats import OutputLayout, ParallelFormat
+from pararl.types import GenerationRequest
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor  # [B, L] conditional sequences with masked outputs
+    uncond_ids: torch.Tensor  # [B, L] the same with the prompt blanked (CFG)
+    attention_mask: torch.Tensor  # [B, L]
+    layout: OutputLayout
+
+
+def build_batch(
+    fmt: ParallelFormat, requests: Sequence[GenerationRequest], text_len: int, drop_input_image: bool = False
+) -> PromptBatch:
+    if not requests:
+        raise ValueError("no requests to sample")
+    prompts = [fmt.encode_prompt(r.prompt_ids, r.input_codes) for r in requests]
+    output, image_off, text_off = fmt.output_ids(text_len)
+    width = max(len(p.ids) for p in prompts)
+    length = width + len(output)
+    ids = torch.full((len(prompts), length), fmt.pad_id, dtype=torch.long)
+    uncond = ids.clone()
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    out = torch.tensor(output)
+    for row, p in enumerate(prompts):  # building token lists, once per call: not the sampling loop
+        start = width - len(p.ids)
+        cond_row = torch.tensor(p.ids)
+        blank = torch.tensor(p.text_mask) | (torch.tensor(p.image_mask) & drop_input_image)
+        ids[row, start:width] = cond_row
+        uncond[row, start:width] = torch.where(blank, fmt.uncond_id, cond_row)
+        mask[row, start:] = 1
+    ids[:, width:] = out
+    uncond[:, width:] = out
+    layout = OutputLayout(length, width, width + image_off, fmt.image_tokens, width + text_off, text_len)
+    return PromptBatch(ids, uncond, mask, layout)

@@ -1,0 +1,101 @@
+"""The two reveal schedules, as per-step counts shared by every trajectory of a batch.
+
+Every row has the same number of text and image positions, so how many tokens a step reveals is one
+integer per step: selection is a top-k with a scalar k, and the whole batch moves in lockstep.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pararl.config import SamplerConfig
+
+
+@dataclass(frozen=True)
+class RevealPlan:
+    """Per step: how many text/image positions to reveal, and which text block may be revealed."""
+
+    text_reveal: list[int]
+    text_window: list[tuple[int, int]]  # [start, stop) of the active block, in text-span positions
+    image_reveal: list[int]
+    image_update: list[bool]
+    image_ratio: list[float]  # (j + 1) / image_steps at an image update j, for the annealed noise
+
+    @property
+    def steps(self) -> int:
+        return len(self.text_reveal)
+
+
+def text_masked_after(n: int, steps: int, block_length: int | None) -> list[int]:
+    """Masked text positions after each step: linear within each block, blocks left to right."""
+    block = block_length or n
+    blocks = n // block
+    per_block = steps // blocks
+    out = []
+    for s in range(steps):
+        b, k = divmod(s, per_block)
+        # int(N * (1 - (k+1)/S)) in exact integer arithmetic.
+        out.append((blocks - b - 1) * block + block * (per_block - k - 1) // per_block)
+    return out
+
+
+def image_update_steps(steps: int, image_steps: int, image_start: int) -> list[int]:
+    if image_steps == steps - image_start:
+        return list(range(image_start, steps))
+    return torch.linspace(image_start, steps - 1, image_steps).round().long().tolist()
+
+
+def image_masked_after_update(n: int, image_steps: int) -> list[int]:
+    """MaskGIT cosine: floor(N cos(pi/2 (j+1)/T)) stay masked after update j; all revealed at the last."""
+    counts = [math.floor(n * math.cos(math.pi / 2 * (j + 1) / image_steps)) for j in range(image_steps)]
+    counts[-1] = 0
+    return counts
+
+
+def validate(cfg: SamplerConfig, image_tokens: int) -> None:
+    n, steps = cfg.text_len, cfg.steps
+    if steps < 1 or n < 1:
+        raise ValueError(f"steps ({steps}) and text_len ({n}) must be positive")
+    block = cfg.block_length or n
+    if n % block:
+        raise ValueError(f"text_len {n} is not a multiple of block_length {block}")
+    blocks = n // block
+    if steps % blocks:
+        raise ValueError(f"steps {steps} is not a multiple of the {blocks} text blocks")
+    if steps // blocks > block:
+        raise ValueError(
+            f"{steps} steps over {blocks} block(s) of {block} text tokens: more steps than tokens allow "
+            f"(at most {block * blocks})"
+        )
+    image_steps = cfg.image_steps or steps - cfg.image_start
+    if not 0 <= cfg.image_start < steps:
+        raise ValueError(f"image_start {cfg.image_start} must lie in [0, steps={steps})")
+    if image_steps > steps - cfg.image_start:
+        raise ValueError(f"image_steps {image_steps} exceed the {steps - cfg.image_start} steps from image_start")
+    if image_steps > image_tokens:
+        raise ValueError(f"image_steps {image_steps} exceed the {image_tokens} image tokens: more steps than tokens allow")
+    for name in ("text_temperature", "image_temperature", "image_noise", "cfg_image", "cfg_text"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0")
+
+
+def reveal_plan(cfg: SamplerConfig, image_tokens: int) -> RevealPlan:
+    validate(cfg, image_tokens)
+    steps, n = cfg.steps, cfg.text_len
+    block = cfg.block_length or n
+    per_block = steps // (n // block)
+    masked = text_masked_after(n, steps, cfg.block_length)
+    text_reveal = [prev - cur for prev, cur in zip([n] + masked[:-1], masked)]
+    window = [((s // per_block) * block, (s // per_block + 1) * block) for s in range(steps)]
+
+    image_steps = cfg.image_steps or steps - cfg.image_start
+    updates = image_update_steps(steps, image_steps, cfg.image_start)
+    after = image_masked_after_update(image_tokens, image_steps)
+    image_reveal, image_update, image_ratio = [0] * steps, [False] * steps, [0.0] * steps
+    for j, s in enumerate(updates):
+        image_reveal[s] = (image_tokens if j == 0 else after[j - 1]) - after[j]
+        image_update[s] = True
+        image_ratio[s] = (j + 1) / image_steps
+    return RevealPlan(text_reveal, window, image_reveal, image_update, image_ratio)
