@@ -34,3 +34,21 @@ def tiny_policy(tmp_path: Path, seed: int = 0, **overrides):
     folder = tmp_path / f"policy-{seed}"
     model.save_pretrained(folder)
     return load_policy(folder)
+
+
+WORDS = "a an the red green blue yellow square circle triangle top bottom left right add make is there".split()
+
+
+def tiny_bundle(tmp_path: Path, seed: int = 0):
+    """A complete model folder (policy, tokenizer, format, palette codec), saved and loaded back."""
+    from pararl.bundle import ModelBundle, load_bundle
+    from pararl.formats import world_format
+    from pararl.image_tokenizers import PaletteCodec
+    from pararl.text_tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS)
+    fmt = world_format(len(tok), CODEBOOK, IMAGE_TOKENS)
+    policy = build_policy(tiny_config(fmt), seed=seed)
+    folder = tmp_path / f"bundle-{seed}"
+    ModelBundle(policy, tok, fmt, PaletteCodec(grid=(4, 4), patch=8, codebook_size=CODEBOOK)).save(folder)
+    return folder, load_bundle(folder)

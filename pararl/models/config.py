@@ -109,3 +109,16 @@ class LLaDAConfig(PretrainedConfig):
             problems.append("only RoPE position encoding is supported (rope=true, alibi=false)")
         if problems:
             raise ValueError("unsupported LLaDA config: " + "; ".join(problems))
+
+
+def _register() -> None:
+    """Let transformers' Auto* classes (AutoTokenizer reads config.json) know the llada model type."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register("llada", LLaDAConfig)
+    except ValueError:  # already registered (re-import)
+        pass
+
+
+_register()

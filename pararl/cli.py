@@ -1,0 +1,47 @@
+"""The ``pararl`` command: thin subcommands that call into the stage packages."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pararl.config import ConfigError
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pararl.sample import sample_to_folder
+
+    sample_to_folder(
+        model=args.model, prompt=args.prompt, image=args.image, out=args.out, seed=args.seed,
+        snapshots=args.snapshots, overrides=args.overrides,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pararl", description="ParaRL for parallel text+image diffusion models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample", help="generate one output (image + text) and a picture of its snapshots")
+    s.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer, pararl.json)")
+    s.add_argument("--prompt", required=True, help="instruction text")
+    s.add_argument("--image", help="input image (PNG) for editing; must have the tokenizer's resolution")
+    s.add_argument("--out", required=True, help="folder for image.png, text.txt, snapshots.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--snapshots", type=int, default=6, help="how many evenly spaced steps to picture")
+    s.add_argument("overrides", nargs="*", help="sampler settings as key=value (e.g. steps=32 cfg_image=4)")
+    s.set_defaults(run=_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"pararl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
