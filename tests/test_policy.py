@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from pararl.models import CheckpointError, build_policy, load_policy
 from tests.tiny import tiny_config
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llada-reference"
+# Copied from shared/fixtures: written by the reference LLaDA implementation, with its logits.
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "llada-reference"
 
 
 def reference_forward(state: dict, cfg, ids: torch.Tensor) -> torch.Tensor:
