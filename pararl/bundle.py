@@ -21,15 +21,20 @@ BUNDLE_FILE = "pararl.json"
 
 
 @dataclass
-class ModelBundle:
-    policy: LLaDAModelLM
+class Codecs:
+    """Everything that turns tokens into text and pixels and back, without the policy weights.
+
+    The reward service holds this (rollout workers send token ids, not pixels), and must not load
+    an 8B policy to get it.
+    """
+
     tokenizer: PreTrainedTokenizerBase
     fmt: ParallelFormat
     image_tokenizer: ImageTokenizer
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        self.policy.save_pretrained(path)
+        path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path)
         meta = {"format": self.fmt.to_dict(), "image_tokenizer": self.image_tokenizer.spec()}
         (path / BUNDLE_FILE).write_text(json.dumps(meta, indent=1))
@@ -42,10 +47,27 @@ class ModelBundle:
         keep = [int(i) for i in ids.tolist() if int(i) not in self.fmt.special_ids and int(i) < self.fmt.text_vocab_size]
         return self.tokenizer.decode(keep, skip_special_tokens=True).strip()
 
+    def decode_images(self, image_ids: torch.Tensor) -> torch.Tensor:
+        """Image-span token ids [B, N] (no masks) -> images [B, 3, H, W] in [0, 1]."""
+        codes = self.fmt.image_codes(image_ids)
+        if bool((codes < 0).any()):
+            raise ValueError("image span holds non-image tokens (masks?): decode x̂0, not the revealed tokens")
+        return self.image_tokenizer.decode(codes)
 
-def load_bundle(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> ModelBundle:
+
+@dataclass
+class ModelBundle(Codecs):
+    policy: LLaDAModelLM | None = None
+
+    def save(self, path: str | Path) -> None:
+        self.policy.save_pretrained(Path(path))
+        super().save(path)
+
+
+def load_codecs(path: str | Path) -> Codecs:
     path = Path(path)
-    policy = load_policy(path, dtype=dtype, device=device)
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {path} does not exist")
     meta_file = path / BUNDLE_FILE
     if not meta_file.is_file():
         raise CheckpointError(f"{path} has no {BUNDLE_FILE}: its token format and image tokenizer are unknown")
@@ -54,9 +76,14 @@ def load_bundle(path: str | Path, dtype: torch.dtype | None = None, device: str 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot load the text tokenizer: {err}") from err
-    fmt = ParallelFormat.from_dict(meta["format"])
-    if fmt.vocab_size > policy.config.output_size:
+    return Codecs(tokenizer, ParallelFormat.from_dict(meta["format"]), build_image_tokenizer(meta["image_tokenizer"]))
+
+
+def load_bundle(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> ModelBundle:
+    policy = load_policy(path, dtype=dtype, device=device)
+    codecs = load_codecs(path)
+    if codecs.fmt.vocab_size > policy.config.output_size:
         raise CheckpointError(
-            f"{path}: format {fmt.name!r} needs {fmt.vocab_size} ids, the policy has {policy.config.output_size}"
+            f"{path}: format {codecs.fmt.name!r} needs {codecs.fmt.vocab_size} ids, the policy has {policy.config.output_size}"
         )
-    return ModelBundle(policy, tokenizer, fmt, build_image_tokenizer(meta["image_tokenizer"]))
+    return ModelBundle(codecs.tokenizer, codecs.fmt, codecs.image_tokenizer, policy)

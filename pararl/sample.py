@@ -48,7 +48,7 @@ def sample_to_folder(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"image": out / "image.png", "text": out / "text.txt", "snapshots": out / "snapshots.png"}
-    final = bundle.image_tokenizer.decode(bundle.fmt.image_codes(traj.image_tokens))
+    final = bundle.decode_images(traj.image_tokens)
     to_pil(final[0], size=max(256, final.shape[-1])).save(files["image"])
     files["text"].write_text(bundle.decode_text(traj.text_tokens[0]) + "\n")
     snapshot_grid(traj, bundle.fmt, bundle.image_tokenizer, bundle.decode_text).save(files["snapshots"])

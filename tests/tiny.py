@@ -50,5 +50,5 @@ def tiny_bundle(tmp_path: Path, seed: int = 0):
     fmt = world_format(len(tok), CODEBOOK, IMAGE_TOKENS)
     policy = build_policy(tiny_config(fmt), seed=seed)
     folder = tmp_path / f"bundle-{seed}"
-    ModelBundle(policy, tok, fmt, PaletteCodec(grid=(4, 4), patch=8, codebook_size=CODEBOOK)).save(folder)
+    ModelBundle(tok, fmt, PaletteCodec(grid=(4, 4), patch=8, codebook_size=CODEBOOK), policy).save(folder)
     return folder, load_bundle(folder)
