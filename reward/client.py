@@ -1,0 +1,129 @@
+"""Calling the reward pool: every trajectory gets its own score back, none is lost, none trusted blindly.
+
+Requests whose replica dies are sent again (Serve routes them to a live or replacement replica);
+results come back keyed by trajectory; a non-finite score is never averaged in silently: by config
+the trajectory is dropped and counted, or the step fails naming the reward model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+from pararl.types import Trajectories
+from reward.config import RewardConfig
+from reward.scorer import ScoreRequest, ScoreResult, SemanticScorer, requests_from
+from reward.semantic import clipped_shares
+
+RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+class RewardError(RuntimeError):
+    """The reward step cannot complete (non-finite scores under nonfinite=fail, or a pool that stays down)."""
+
+
+@dataclass
+class RewardBatch:
+    """Scores of one batch of trajectories, row-aligned with it."""
+
+    rewards: torch.Tensor  # [R], NaN where dropped
+    r_t: torch.Tensor  # [R, s] combined R_t
+    per_model: dict[str, torch.Tensor]  # label -> [R, s] R_t of that reward model
+    raw: dict[str, torch.Tensor]  # label -> [R, s] raw scores
+    kept: torch.Tensor  # [R] bool
+    steps: list[int]
+    problems: list[str] = field(default_factory=list)
+    mean_batch_size: float = 0.0
+    retries: int = 0
+    texts: list[list[str]] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return int((~self.kept).sum())
+
+    def metrics(self) -> dict[str, float]:
+        kept = self.kept
+        out: dict[str, float] = {
+            "reward/mean": float(self.rewards[kept].mean()) if kept.any() else float("nan"),
+            "reward/std": float(self.rewards[kept].std(unbiased=False)) if kept.any() else float("nan"),
+            "reward/dropped": float(self.dropped),
+            "reward/mean_batch_size": self.mean_batch_size,
+            "reward/retries": float(self.retries),
+        }
+        for label, values in self.per_model.items():
+            v = values[kept].mean(-1)
+            out[f"reward/{label}/mean"] = float(v.mean()) if kept.any() else float("nan")
+            out[f"reward/{label}/std"] = float(v.std(unbiased=False)) if kept.any() else float("nan")
+            low, high = clipped_shares(values[kept])
+            out[f"reward/{label}/clipped_at_0"], out[f"reward/{label}/clipped_at_1"] = low, high
+        for i, step in enumerate(self.steps):
+            out[f"reward/R_t/step_{step}"] = float(self.r_t[kept, i].mean()) if kept.any() else float("nan")
+        return out
+
+
+def assemble(results: Sequence[ScoreResult], steps: list[int], nonfinite: str, retries: int = 0) -> RewardBatch:
+    results = sorted(results, key=lambda r: r.key)
+    problems = [f"trajectory {r.key}: {r.problem}" for r in results if r.problem]
+    if problems and nonfinite == "fail":
+        raise RewardError("non-finite reward (reward.nonfinite=fail): " + "; ".join(problems))
+    if nonfinite not in ("drop", "fail"):
+        raise ValueError(f"reward.nonfinite must be 'drop' or 'fail', got {nonfinite!r}")
+    stack = lambda key: {label: torch.stack([getattr(r, key)[label] for r in results]) for label in results[0].raw}  # noqa: E731
+    return RewardBatch(
+        rewards=torch.tensor([r.reward for r in results]),
+        r_t=torch.stack([r.combined for r in results]),
+        per_model=stack("r_t"),
+        raw=stack("raw"),
+        kept=torch.tensor([r.problem is None for r in results]),
+        steps=steps,
+        problems=problems,
+        mean_batch_size=len(results) / sum(1.0 / r.batch_size for r in results),
+        retries=retries,
+        texts=[r.texts for r in results],
+    )
+
+
+class RewardClient:
+    """Scores trajectories through the Serve pool (``handle``) or, for a one-process pilot, a local scorer."""
+
+    def __init__(self, cfg: RewardConfig, handle=None, scorer: SemanticScorer | None = None) -> None:
+        if (handle is None) == (scorer is None):
+            raise ValueError("give exactly one of a Serve handle or a local scorer")
+        self.cfg, self.handle, self.scorer = cfg, handle, scorer
+
+    def score(self, traj: Trajectories) -> RewardBatch:
+        requests = requests_from(traj)
+        if self.scorer is not None:
+            size = self.cfg.max_batch_size
+            results = [res for i in range(0, len(requests), size) for res in self.scorer.score_batch(requests[i : i + size])]
+            return assemble(results, requests[0].steps, self.cfg.nonfinite)
+        results, retries = self.score_requests(requests)
+        return assemble(results, requests[0].steps, self.cfg.nonfinite, retries)
+
+    def score_requests(self, requests: Sequence[ScoreRequest], on_retry: Callable[[int], None] | None = None) -> tuple[list[ScoreResult], int]:
+        """All requests in flight at once; a request whose replica died is sent again, up to ``retries``."""
+        pending = {i: self.handle.score.remote(r) for i, r in enumerate(requests)}
+        results: list[ScoreResult | None] = [None] * len(requests)
+        attempts = [0] * len(requests)
+        retried = 0
+        while pending:
+            for i, response in list(pending.items()):
+                try:
+                    results[i] = response.result(timeout_s=self.cfg.request_timeout_s)
+                    del pending[i]
+                except RETRYABLE as err:
+                    attempts[i] += 1
+                    if attempts[i] > self.cfg.retries:
+                        raise RewardError(f"reward request for trajectory {requests[i].key} failed "
+                                          f"{attempts[i]} times; last error: {err}") from err
+                    retried += 1
+                    if on_retry:
+                        on_retry(i)
+                    pending[i] = self.handle.score.remote(requests[i])
+                except (GetTimeoutError, TimeoutError) as err:
+                    raise RewardError(f"reward pool gave no answer within {self.cfg.request_timeout_s}s "
+                                      f"(trajectory {requests[i].key})") from err
+        return results, retried  # type: ignore[return-value]

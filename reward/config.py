@@ -1,0 +1,41 @@
+"""Reward-service configuration (omegaconf structured dataclasses)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class RewardModelConfig:
+    name: str = "open_clip"  # a registered name or module:Class
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    standardize: bool = True  # ParaRL's clip(1/2 + (s - mean) / (2 Z), 0, 1) with training-data stats
+
+
+@dataclass
+class RewardHttpConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route: str = "/reward"
+    token: Optional[str] = None  # or read from the environment variable below
+    token_env: str = "PARARL_REWARD_TOKEN"
+
+
+@dataclass
+class RewardConfig:
+    models: Dict[str, RewardModelConfig] = field(default_factory=lambda: {"clip": RewardModelConfig()})
+    stats_file: Optional[str] = None  # made by `pararl reward-stats`; required when a model standardises
+    sampled_steps: int = 3  # s: snapshot steps scored per trajectory
+    include_final: bool = True  # the last denoising step is always one of them
+    step_sampling: str = "random"  # "random" (fresh per iteration) or "uniform" (evenly spaced)
+    nonfinite: str = "drop"  # "drop": the trajectory is dropped and counted; "fail": the step stops
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 16  # trajectories per batch
+    batch_wait_timeout_s: float = 0.01
+    retries: int = 3
+    request_timeout_s: float = 300.0
+    http: RewardHttpConfig = field(default_factory=RewardHttpConfig)

@@ -1,0 +1,117 @@
+"""The reward pool: a Ray Serve deployment whose replicas are the reward actors.
+
+``@serve.batch`` gathers requests from every rollout worker into batches of up to ``max_batch_size``
+trajectories, so a CLIP forward always sees a full batch however the work was split upstream. The
+replica's event loop stays free while a batch is scored (``asyncio.to_thread``), so health checks
+and the next batch's requests are not held up. An optional HTTP route, protected by a bearer token,
+serves raw scores to other machines (the ``remote`` reward backend).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from ray import serve
+
+from pararl.bundle import load_codecs
+from reward.config import RewardConfig
+from reward.scorer import ScoreRequest, ScoreResult, SemanticScorer
+
+APP_NAME = "pararl-reward"
+
+
+def encode_images(images: torch.Tensor) -> str:
+    """[N, 3, H, W] in [0, 1] -> base64 of an .npy uint8 array (what the HTTP route takes)."""
+    buf = io.BytesIO()
+    np.save(buf, (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_images(payload: str) -> torch.Tensor:
+    arr = np.load(io.BytesIO(base64.b64decode(payload)), allow_pickle=False)
+    if arr.ndim != 4 or arr.shape[1] != 3 or arr.dtype != np.uint8:
+        raise ValueError("images must be a uint8 array [N, 3, H, W]")
+    return torch.from_numpy(arr).float() / 255.0
+
+
+@serve.deployment
+class RewardReplica:
+    def __init__(self, model_folder: str, cfg: dict[str, Any], http_token: str | None) -> None:
+        self.cfg: RewardConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), cfg))
+        torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))  # a replica's threads follow its CPUs
+        self.scorer = SemanticScorer(load_codecs(model_folder), self.cfg)
+        self.score.set_max_batch_size(self.cfg.max_batch_size)
+        self.score.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.http_token = http_token
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        return await asyncio.to_thread(self.scorer.score_batch, requests)
+
+    def identities(self) -> dict[str, str]:
+        return {label: m.identity for label, m in self.scorer.models.items()}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def __call__(self, request: Any) -> Any:
+        """HTTP: ``POST {"images": <npy base64>, "texts": [...]}`` with ``Authorization: Bearer TOKEN``."""
+        from starlette.responses import JSONResponse
+
+        given = request.headers.get("authorization", "")
+        if not self.http_token or not hmac.compare_digest(given.encode(), f"Bearer {self.http_token}".encode()):
+            return JSONResponse({"error": "missing or wrong token"}, status_code=401)
+        try:
+            body = await request.json()
+            texts = list(body.get("texts", []))
+            images = decode_images(body["images"]) if texts else torch.zeros(0, 3, 1, 1)
+            if len(images) != len(texts):
+                raise ValueError(f"{len(images)} images for {len(texts)} texts")
+        except (ValueError, KeyError, TypeError) as err:
+            return JSONResponse({"error": f"bad request: {err}"}, status_code=400)
+        scores = await asyncio.to_thread(self.scorer.raw_scores, images, texts) if texts else {}
+        return JSONResponse({
+            "identities": self.identities(),
+            "scores": {label: s.tolist() for label, s in scores.items()},
+        })
+
+
+def resolve_token(cfg: RewardConfig) -> str | None:
+    if not cfg.http.enabled:
+        return None
+    token = cfg.http.token or os.environ.get(cfg.http.token_env)
+    if not token:
+        raise ValueError(f"reward.http.enabled is true but no token is set (reward.http.token or ${cfg.http.token_env})")
+    return token
+
+
+def start_reward_pool(cfg: RewardConfig, model_folder: str) -> serve.handle.DeploymentHandle:
+    """Deploy the pool into the running Ray; returns the handle rollout workers and the driver call."""
+    token = resolve_token(cfg)
+    if cfg.http.enabled:
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    else:
+        serve.start(proxy_location="Disabled")
+    replica = RewardReplica.options(
+        num_replicas=cfg.replicas,
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        # the concurrency limit must let a full batch form, with room for the next one to queue
+        max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
+    )
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    app = replica.bind(str(model_folder), cfg_dict, token)
+    return serve.run(app, name=APP_NAME, route_prefix=cfg.http.route if cfg.http.enabled else None)
+
+
+def stop_reward_pool() -> None:
+    serve.delete(APP_NAME)
+
+
+__all__ = ["RewardReplica", "start_reward_pool", "stop_reward_pool", "encode_images", "decode_images"]

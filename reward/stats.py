@@ -1,0 +1,90 @@
+"""Reward statistics: mean and Z (std) of each reward model's score over the training data.
+
+They are measured once (``pararl reward-stats``) and saved with the reward model's identity; a run
+refuses statistics made with another model, since standardising with them would silently shift
+every reward.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from reward.base import RewardModel
+
+
+class RewardStatsError(ValueError):
+    """Missing, unreadable or mismatched statistics; the message says what to run."""
+
+
+@dataclass
+class ModelStats:
+    identity: str
+    mean: float
+    std: float
+    count: int
+
+
+def compute_stats(
+    model: RewardModel, batches: Iterable[tuple[torch.Tensor, Sequence[str]]], total: int | None = None, desc: str = "reward stats"
+) -> ModelStats:
+    """Mean and population std over (image, text) batches, accumulated in float64."""
+    n, s1, s2 = 0, 0.0, 0.0
+    with tqdm(total=total, desc=desc, unit="pair") as bar:
+        for images, texts in batches:
+            scores = model.score(images, texts).double()
+            if not torch.isfinite(scores).all():
+                raise RewardStatsError(f"reward model {model.identity} returned non-finite scores on training data")
+            n += scores.numel()
+            s1 += float(scores.sum())
+            s2 += float((scores * scores).sum())
+            bar.update(len(texts))
+    if n < 2:
+        raise RewardStatsError("reward statistics need at least two training pairs")
+    mean = s1 / n
+    std = max(s2 / n - mean * mean, 0.0) ** 0.5
+    if std == 0:
+        raise RewardStatsError(f"reward model {model.identity} gives the same score to every training pair (std 0)")
+    return ModelStats(model.identity, mean, std, n)
+
+
+def save_stats(path: str | Path, stats: dict[str, ModelStats]) -> Path:
+    """Atomic write (temporary file, then rename): a crash never leaves half a stats file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"models": {label: asdict(s) for label, s in stats.items()}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_stats(path: str | Path) -> dict[str, ModelStats]:
+    path = Path(path)
+    if not path.is_file():
+        raise RewardStatsError(f"reward stats file {path} does not exist; run `pararl reward-stats CONFIG` first")
+    try:
+        models = json.loads(path.read_text())["models"]
+        return {label: ModelStats(**fields) for label, fields in models.items()}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise RewardStatsError(f"reward stats file {path} is unreadable: {err}") from err
+
+
+def stats_for(stats: dict[str, ModelStats], label: str, identity: str, path: str | Path) -> ModelStats:
+    """The entry for this reward model, refusing one measured with a different model."""
+    entry = stats.get(label)
+    if entry is None:
+        raise RewardStatsError(f"reward stats file {path} has no entry for reward model {label!r}; rerun `pararl reward-stats`")
+    if entry.identity != identity:
+        raise RewardStatsError(
+            f"reward stats file {path} was computed with reward model {entry.identity!r}, but {label!r} is "
+            f"{identity!r}; rerun `pararl reward-stats` for this model"
+        )
+    return entry
