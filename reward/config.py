@@ -25,7 +25,8 @@ class RewardHttpConfig:
 
 @dataclass
 class RewardConfig:
-    models: Dict[str, RewardModelConfig] = field(default_factory=lambda: {"clip": RewardModelConfig()})
+    # label -> reward model; empty in the schema so a config's own models replace, not join, a default
+    models: Dict[str, RewardModelConfig] = field(default_factory=dict)
     stats_file: Optional[str] = None  # made by `pararl reward-stats`; required when a model standardises
     sampled_steps: int = 3  # s: snapshot steps scored per trajectory
     include_final: bool = True  # the last denoising step is always one of them
@@ -39,3 +40,17 @@ class RewardConfig:
     retries: int = 3
     request_timeout_s: float = 300.0
     http: RewardHttpConfig = field(default_factory=RewardHttpConfig)
+
+
+def check_reward_config(cfg: RewardConfig) -> None:
+    """The cheap checks, made before any replica starts (a failing replica is retried for seconds)."""
+    if not cfg.models:
+        raise ValueError("reward.models is empty: configure at least one reward model")
+    standardising = [label for label, m in cfg.models.items() if m.standardize]
+    if standardising and not cfg.stats_file:
+        raise ValueError(f"reward models {standardising} standardise but reward.stats_file is not set; "
+                         "run `pararl reward-stats CONFIG`")
+    if cfg.nonfinite not in ("drop", "fail"):
+        raise ValueError(f"reward.nonfinite must be 'drop' or 'fail', got {cfg.nonfinite!r}")
+    if cfg.max_batch_size < 1 or cfg.replicas < 1:
+        raise ValueError("reward.max_batch_size and reward.replicas must be >= 1")

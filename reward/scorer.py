@@ -16,7 +16,7 @@ import torch
 from pararl.bundle import Codecs
 from pararl.types import Trajectories
 from reward.base import RewardModel, build_reward_model
-from reward.config import RewardConfig
+from reward.config import RewardConfig, check_reward_config
 from reward.semantic import combine, standardise, trajectory_reward
 from reward.stats import load_stats, stats_for
 
@@ -57,17 +57,13 @@ def requests_from(traj: Trajectories) -> list[ScoreRequest]:
 
 class SemanticScorer:
     def __init__(self, codecs: Codecs, cfg: RewardConfig, models: dict[str, RewardModel] | None = None) -> None:
-        if not cfg.models:
-            raise ValueError("reward.models is empty: configure at least one reward model")
+        check_reward_config(cfg)
         self.codecs, self.cfg = codecs, cfg
         self.models = models or {label: build_reward_model(m.name, dict(m.kwargs)) for label, m in cfg.models.items()}
         self.weights = [cfg.models[label].weight for label in self.models]
         self.stats = {}
         needs_stats = [label for label in self.models if cfg.models[label].standardize]
         if needs_stats:
-            if not cfg.stats_file:
-                raise ValueError(f"reward models {needs_stats} standardise but reward.stats_file is not set; "
-                                 "run `pararl reward-stats CONFIG`")
             table = load_stats(cfg.stats_file)
             for label in needs_stats:
                 self.stats[label] = stats_for(table, label, self.models[label].identity, cfg.stats_file)

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from ray import serve
 
 from pararl.bundle import load_codecs
-from reward.config import RewardConfig
+from reward.config import RewardConfig, check_reward_config
 from reward.scorer import ScoreRequest, ScoreResult, SemanticScorer
 
 APP_NAME = "pararl-reward"
@@ -43,8 +42,8 @@ def decode_images(payload: str) -> torch.Tensor:
 
 @serve.deployment
 class RewardReplica:
-    def __init__(self, model_folder: str, cfg: dict[str, Any], http_token: str | None) -> None:
-        self.cfg: RewardConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RewardConfig), cfg))
+    def __init__(self, model_folder: str, cfg: RewardConfig, http_token: str | None) -> None:
+        self.cfg = cfg
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))  # a replica's threads follow its CPUs
         self.scorer = SemanticScorer(load_codecs(model_folder), self.cfg)
         self.score.set_max_batch_size(self.cfg.max_batch_size)
@@ -94,6 +93,7 @@ def resolve_token(cfg: RewardConfig) -> str | None:
 
 def start_reward_pool(cfg: RewardConfig, model_folder: str) -> serve.handle.DeploymentHandle:
     """Deploy the pool into the running Ray; returns the handle rollout workers and the driver call."""
+    check_reward_config(cfg)
     token = resolve_token(cfg)
     if cfg.http.enabled:
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
@@ -105,9 +105,25 @@ def start_reward_pool(cfg: RewardConfig, model_folder: str) -> serve.handle.Depl
         # the concurrency limit must let a full batch form, with room for the next one to queue
         max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
     )
-    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
-    app = replica.bind(str(model_folder), cfg_dict, token)
-    return serve.run(app, name=APP_NAME, route_prefix=cfg.http.route if cfg.http.enabled else None)
+    app = replica.bind(str(model_folder), cfg, token)
+    try:
+        return serve.run(app, name=APP_NAME, route_prefix=cfg.http.route if cfg.http.enabled else None)
+    except RuntimeError as err:
+        raise RuntimeError(f"reward pool failed to start: {replica_error()}") from err
+
+
+def replica_error() -> str:
+    """The replica constructor's own error line, out of Serve's status message."""
+    try:
+        for app in serve.status().applications.values():
+            for dep in app.deployments.values():
+                lines = [ln for ln in (dep.message or "").splitlines() if ln.strip()]
+                errors = [ln for ln in lines if "Error:" in ln and "RuntimeError: Traceback" not in ln]
+                if errors:
+                    return errors[-1].strip()
+    except Exception:  # status itself unavailable: say so rather than hide the original error
+        pass
+    return "see the Ray Serve controller log"
 
 
 def stop_reward_pool() -> None:

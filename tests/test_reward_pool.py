@@ -1,0 +1,144 @@
+"""The reward pool on real Ray Serve: batching, results to the right trajectory, replica death, HTTP."""
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from pararl.bundle import load_codecs
+from reward.client import RewardClient
+from reward.config import RewardConfig, RewardHttpConfig, RewardModelConfig
+from reward.remote import RemoteReward
+from reward.scorer import ScoreRequest, SemanticScorer
+from reward.service import encode_images, start_reward_pool, stop_reward_pool
+from tests.tiny import tiny_bundle
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_bundle(tmp_path_factory.mktemp("pool"))[0]
+
+
+def word_requests(codecs, n: int) -> list[ScoreRequest]:
+    """n trajectories with 2 snapshots each, every one with a different number of words."""
+    fmt = codecs.fmt
+    words = codecs.encode_text("red green blue yellow square circle triangle top")
+    reqs = []
+    for k in range(n):
+        text = torch.full((2, 8), fmt.mask_id)
+        text[0, : k % 8] = torch.tensor(words[: k % 8], dtype=torch.long)
+        text[1, :] = torch.tensor(words)
+        image = fmt.image_ids(torch.full((2, 16), k % 8))
+        reqs.append(ScoreRequest(image, text, steps=[3, 7], key=k))
+    return reqs
+
+
+def user_cfg(**kw) -> RewardConfig:
+    delay = kw.pop("delay_s", 0.0)
+    models = {"words": RewardModelConfig("tests.user_rewards:WordCountReward", {"delay_s": delay}, standardize=False)}
+    return RewardConfig(models=models, **kw)
+
+
+def test_64_requests_form_full_batches_and_each_gets_its_own_score(ray_local, folder):
+    cfg = user_cfg(max_batch_size=16, batch_wait_timeout_s=0.5, replicas=1, cpus_per_replica=1, delay_s=0.05)
+    handle = start_reward_pool(cfg, str(folder))
+    try:
+        codecs = load_codecs(folder)
+        requests = word_requests(codecs, 64)
+        results, retries = RewardClient(cfg, handle=handle).score_requests(requests)
+        local = SemanticScorer(codecs, cfg).score_batch(requests)
+        assert [r.key for r in results] == list(range(64)) and retries == 0
+        for got, want in zip(results, local):
+            assert torch.allclose(got.raw["words"], want.raw["words"])
+        batches = 64 / sum(1 / r.batch_size for r in results)
+        assert batches >= 14, f"mean batch size {batches:.1f} for 64 requests with max 16"
+    finally:
+        stop_reward_pool()
+
+
+def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, folder):
+    import ray
+
+    cfg = user_cfg(max_batch_size=8, batch_wait_timeout_s=0.05, replicas=2, cpus_per_replica=0.5, delay_s=0.4, retries=5)
+    handle = start_reward_pool(cfg, str(folder))
+    try:
+        codecs = load_codecs(folder)
+        requests = word_requests(codecs, 48)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "RewardReplica" in a["name"]]
+        assert len(replicas) == 2
+        victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+
+        def kill_soon():
+            time.sleep(0.6)  # batches are being scored (0.4 s each)
+            ray.kill(victim, no_restart=False)
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        results, retries = RewardClient(cfg, handle=handle).score_requests(requests)
+        killer.join()
+        local = SemanticScorer(codecs, cfg).score_batch(requests)
+        assert [r.key for r in results] == list(range(48))
+        for got, want in zip(results, local):
+            assert torch.allclose(got.raw["words"], want.raw["words"])
+        assert retries >= 1, "the kill should have hit requests in flight"
+    finally:
+        stop_reward_pool()
+
+
+def _post(url, body, token=None):
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_route_needs_the_token_and_serves_the_remote_backend(ray_local, folder, monkeypatch):
+    from ray import serve
+
+    serve.shutdown()  # the HTTP proxy is configured when Serve starts
+    monkeypatch.delenv("HTTP_PROXY", raising=False)  # urllib must reach loopback directly
+    port = free_port()
+    cfg = user_cfg(http=RewardHttpConfig(enabled=True, port=port, token="s3cret"))
+    start_reward_pool(cfg, str(folder))
+    try:
+        url = f"http://127.0.0.1:{port}/reward"
+        images = torch.rand(3, 3, 32, 32)
+        body = {"images": encode_images(images), "texts": ["red square", "a blue circle top", ""]}
+        assert _post(url, body)[0] == 401
+        assert _post(url, body, token="wrong")[0] == 401
+        status, answer = _post(url, body, token="s3cret")
+        assert status == 200 and answer["identities"] == {"words": "word-count(delay=0.0)"}
+        assert answer["scores"]["words"][2] == pytest.approx(10 * float((images[2, 0] * 255).round().mean() / 255), abs=1e-4)
+
+        remote = RemoteReward(url, token="s3cret")
+        local = SemanticScorer(load_codecs(folder), cfg)
+        quantised = (images * 255).round() / 255
+        assert torch.allclose(remote.score(images, body["texts"]), local.raw_scores(quantised, body["texts"])["words"])
+        assert remote.identity == "remote:word-count(delay=0.0)"
+        with pytest.raises(RuntimeError, match="answered 401"):
+            RemoteReward(url, token="nope")
+    finally:
+        stop_reward_pool()
+        serve.shutdown()
+
+
+def test_http_route_without_a_token_refuses_to_start(ray_local, folder, monkeypatch):
+    monkeypatch.delenv("PARARL_REWARD_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="no token is set"):
+        start_reward_pool(user_cfg(http=RewardHttpConfig(enabled=True)), str(folder))
