@@ -19,6 +19,13 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_stats(args: argparse.Namespace) -> int:
+    from reward.stats_command import reward_stats
+
+    reward_stats(args.config, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pararl", description="ParaRL for parallel text+image diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshots", type=int, default=6, help="how many evenly spaced steps to picture")
     s.add_argument("overrides", nargs="*", help="sampler settings as key=value (e.g. steps=32 cfg_image=4)")
     s.set_defaults(run=_sample)
+
+    r = sub.add_parser("reward-stats", help="measure the reward models' mean and Z over the training data")
+    r.add_argument("config", help="run config (YAML)")
+    r.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
+    r.set_defaults(run=_reward_stats)
     return parser
 
 

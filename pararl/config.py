@@ -5,6 +5,7 @@ file or a ``key=value`` override into the schema refuses unknown keys and names 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from reward.config import RewardConfig
 
 
 @dataclass
@@ -44,15 +47,24 @@ def _closest(key: str, valid: Sequence[str]) -> str:
 
 
 def _check_keys(schema: DictConfig, given: Any, prefix: str = "") -> None:
-    """Walk the user's keys against the schema, so the error names the full dotted key and a neighbour."""
+    """Walk the user's keys against the schema, so the error names the full dotted key and a neighbour.
+
+    A ``Dict[str, X]`` field takes any key (a label the user picks); its values are checked against X.
+    """
     if not isinstance(given, (dict, DictConfig)):
+        return
+    if OmegaConf.get_type(schema) is dict:
+        element = schema._metadata.element_type
+        if dataclasses.is_dataclass(element):
+            for key, value in given.items():
+                _check_keys(OmegaConf.structured(element), value, f"{prefix}{key}.")
         return
     valid = list(schema.keys())
     for key in given:
         if key not in schema:
             raise ConfigError(f"unknown config key {prefix + str(key)!r}{_closest(str(key), valid)}")
-        child = schema[key]
-        if isinstance(child, DictConfig) and not OmegaConf.is_missing(schema, key):
+        child = schema._get_node(key)
+        if isinstance(child, DictConfig):
             _check_keys(child, given[key], f"{prefix}{key}.")
 
 
@@ -87,3 +99,42 @@ class SampleCommandConfig:
     """What ``pararl sample`` reads besides its flags (only the sampler, for now)."""
 
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # JSONL: prompt, task, input_image, output_image, output_text
+    eval: Optional[str] = None  # held-out prompts, same format
+    cache_dir: Optional[str] = None  # image codes cache (default: <run_dir>/codes)
+    prompts_per_step: int = 4  # B
+    group_size: int = 4  # G
+
+
+@dataclass
+class RunConfig:
+    """A whole ParaRL run: what ``pararl train / eval / reward-stats`` read."""
+
+    name: str = "pararl"
+    run_dir: str = "runs/pararl"
+    model: str = ""  # model folder: policy weights, tokenizer, pararl.json
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config with derived paths filled in (stats and code cache live in the run folder)."""
+    cfg = build_config(RunConfig, [path] if path else [], overrides)
+    run_dir = Path(cfg.run_dir)
+    if cfg.reward.stats_file is None:
+        cfg.reward.stats_file = str(run_dir / "reward_stats.json")
+    if cfg.data.cache_dir is None:
+        cfg.data.cache_dir = str(run_dir / "codes")
+    return cfg
+
+
+def require(value: Any, key: str) -> Any:
+    if value in (None, ""):
+        raise ConfigError(f"config key {key!r} must be set")
+    return value

@@ -131,3 +131,47 @@ def test_unknown_reward_model_is_a_clear_error():
         build_reward_model("tests.user_rewards:Nope")
     with pytest.raises(FileNotFoundError, match="weights file /nowhere/w.pt does not exist"):
         build_reward_model("open_clip", {"model": "ViT-B-32", "pretrained": "/nowhere/w.pt"})
+
+
+def test_reward_stats_command_measures_the_training_data(world, capsys):
+    import json
+
+    import yaml
+    from PIL import Image
+
+    from pararl.cli import main
+    from pararl.snapshots import to_pil
+
+    codecs = load_codecs(world["folder"])
+    data = world["tmp"] / "data"
+    data.mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(10):
+        codes = torch.randint(0, 8, (1, 16), generator=gen)
+        to_pil(codecs.image_tokenizer.decode(codes)[0], size=32).save(data / f"out{i}.png")
+        lines.append(json.dumps({"prompt": "add a red square", "output_image": f"out{i}.png",
+                                 "output_text": ["a red square", "blue circle top left", "green triangle"][i % 3]}))
+    (data / "train.jsonl").write_text("\n".join(lines))
+    run_dir = world["tmp"] / "run"
+    config = world["tmp"] / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run_dir), "model": str(world["folder"]), "data": {"train": str(data / "train.jsonl")},
+        "reward": {"models": {"clip": {"name": "open_clip", "kwargs": world["clip"]}}},
+    }))
+    assert main(["reward-stats", str(config)]) == 0
+    stats = load_stats(run_dir / "reward_stats.json")["clip"]
+    clip = build_reward_model("open_clip", world["clip"])
+    images = torch.stack([torch.from_numpy(__import__("numpy").asarray(Image.open(data / f"out{i}.png"), dtype="float32") / 255).permute(2, 0, 1) for i in range(10)])
+    texts = [json.loads(line)["output_text"] for line in lines]
+    seen = codecs.image_tokenizer.decode(codecs.image_tokenizer.encode(images))  # as the reward service sees them
+    direct = clip.score(seen, texts).double()
+    assert stats.count == 10 and stats.identity == clip.identity
+    assert abs(stats.mean - float(direct.mean())) < 1e-5 and abs(stats.std - float(direct.std(unbiased=False))) < 1e-5
+    assert len(list((run_dir / "codes").rglob("*.pt"))) == 10  # codes cached once per image
+    assert "mean" in capsys.readouterr().out
+
+    config.write_text(yaml.safe_dump({"run_dir": str(run_dir), "model": str(world["folder"]),
+                                      "data": {"train": str(data / "train.jsonl")}, "reward": {"modles": {}}}))
+    assert main(["reward-stats", str(config)]) == 2
+    assert "unknown config key 'reward.modles' (did you mean 'models'?)" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""Prompt datasets: JSONL records of prompt, task, optional input image and reference output.
+
+Images are turned into codes once and cached next to the dataset (keyed by the image tokenizer), so
+neither the driver nor the reward statistics re-encode pixels every epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pararl.image_tokenizers import ImageTokenizer
+
+TASKS = ("generate", "edit")
+
+
+@dataclass
+class Record:
+    prompt: str
+    task: str = "generate"
+    input_image: str | None = None
+    output_image: str | None = None
+    output_text: str | None = None
+
+
+def read_records(path: str | Path) -> list[Record]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+            rec = Record(**fields)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path}:{n}: not a dataset record ({err})") from err
+        if rec.task not in TASKS:
+            raise ValueError(f"{path}:{n}: task {rec.task!r} is not one of {TASKS}")
+        if rec.task == "edit" and not rec.input_image:
+            raise ValueError(f"{path}:{n}: an edit record needs input_image")
+        if not rec.prompt.strip():
+            raise ValueError(f"{path}:{n}: empty prompt")
+        for name in ("input_image", "output_image"):
+            value = getattr(rec, name)
+            if value and not Path(value).is_absolute():
+                setattr(rec, name, str(path.parent / value))
+        records.append(rec)
+    if not records:
+        raise ValueError(f"dataset {path} has no records")
+    return records
+
+
+def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    img = Image.open(path).convert("RGB")
+    if (img.height, img.width) != tuple(size):
+        raise ValueError(f"image {path} is {img.width}x{img.height}; the image tokenizer needs {size[1]}x{size[0]}")
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+class CodeCache:
+    """Codes of image files, computed once per (file contents, image tokenizer) and kept on disk."""
+
+    def __init__(self, folder: str | Path, tokenizer: ImageTokenizer) -> None:
+        self.folder = Path(folder)
+        self.tokenizer = tokenizer
+        self.tag = hashlib.sha256(json.dumps(tokenizer.spec(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def codes(self, path: str | Path) -> torch.Tensor:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:20] if Path(path).is_file() else None
+        if digest is None:
+            raise FileNotFoundError(f"image {path} does not exist")
+        cached = self.folder / self.tag / f"{digest}.pt"
+        if cached.is_file():
+            return torch.load(cached)
+        codes = self.tokenizer.encode(load_image(path, self.tokenizer.image_size)[None])[0]
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        torch.save(codes, tmp)
+        tmp.replace(cached)
+        return codes
+
+
+def reference_pairs(records: list[Record], cache: CodeCache, batch: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(output image as the reward service sees it, i.e. decoded from its codes; reasoning text) batches."""
+    usable = [r for r in records if r.output_image and r.output_text]
+    if not usable:
+        raise ValueError("the dataset has no records with output_image and output_text: reward stats need them")
+    for i in range(0, len(usable), batch):
+        part = usable[i : i + batch]
+        codes = torch.stack([cache.codes(r.output_image) for r in part])
+        yield cache.tokenizer.decode(codes), [r.output_text for r in part]

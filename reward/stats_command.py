@@ -1,0 +1,32 @@
+"""``pararl reward-stats CONFIG``: measure each standardising reward model on the training data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from pararl.bundle import load_codecs
+from pararl.config import load_run_config, require
+from pararl.data import CodeCache, read_records, reference_pairs
+from reward.base import build_reward_model
+from reward.stats import ModelStats, compute_stats, save_stats
+
+
+def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int = 32) -> Path:
+    cfg = load_run_config(config, overrides)
+    codecs = load_codecs(require(cfg.model, "model"))
+    records = read_records(require(cfg.data.train, "data.train"))
+    cache = CodeCache(cfg.data.cache_dir, codecs.image_tokenizer)
+    total = sum(1 for r in records if r.output_image and r.output_text)
+    stats: dict[str, ModelStats] = {}
+    for label, spec in cfg.reward.models.items():
+        if not spec.standardize:
+            continue
+        model = build_reward_model(spec.name, dict(spec.kwargs))
+        stats[label] = compute_stats(model, reference_pairs(records, cache, batch), total=total, desc=f"reward stats: {label}")
+        s = stats[label]
+        print(f"{label}: {s.identity}  mean {s.mean:.4f}  Z {s.std:.4f}  over {s.count} pairs")
+    if not stats:
+        raise ValueError("no reward model standardises: there are no statistics to compute")
+    path = save_stats(cfg.reward.stats_file, stats)
+    print(f"saved {path}")
+    return path
