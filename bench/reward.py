@@ -1,0 +1,103 @@
+"""Reward pool throughput: images per second through Ray Serve against the bare model in one process.
+
+For the tiny open_clip model and ViT-B-32 (random weights): the floor is the reward model scoring
+the same images in batches of ``max_batch_size`` in this process; the pool is one replica (2 CPUs,
+2 torch threads) fed all requests at once, one trajectory with one snapshot per request, batched by
+``@serve.batch``; and the pool again with one request per batch (max_batch_size=1).
+The last line is one JSON object; ``ratio`` is the lower pool / bare figure of the two models.
+Run: ``.venv/bin/python bench/reward.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}.items():
+    os.environ.setdefault(key, value)
+
+import torch  # noqa: E402
+
+from pararl.bundle import Codecs  # noqa: E402
+from pararl.formats import world_format  # noqa: E402
+from pararl.image_tokenizers import PaletteCodec  # noqa: E402
+from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
+from reward.base import build_reward_model  # noqa: E402
+from reward.client import RewardClient  # noqa: E402
+from reward.config import RewardConfig, RewardModelConfig  # noqa: E402
+from reward.scorer import ScoreRequest  # noqa: E402
+from reward.service import start_reward_pool, stop_reward_pool  # noqa: E402
+from tests.tiny import tiny_clip  # noqa: E402
+
+WORDS = "a red green blue yellow square circle triangle top bottom left right".split()
+BATCH = 16
+
+
+def make_requests(codecs: Codecs, n: int) -> list[ScoreRequest]:
+    gen = torch.Generator().manual_seed(0)
+    reqs = []
+    for k in range(n):
+        codes = torch.randint(0, codecs.image_tokenizer.codebook_size, (1, 16), generator=gen)
+        words = torch.randint(len(WORDS), (8,), generator=gen).tolist()
+        text = torch.tensor([codecs.encode_text(" ".join(WORDS[w] for w in words))])
+        reqs.append(ScoreRequest(codecs.fmt.image_ids(codes), text, steps=[0], key=k))
+    return reqs
+
+
+def pool_rate(cfg: RewardConfig, folder: str, requests: list[ScoreRequest]) -> float:
+    handle = start_reward_pool(cfg, folder)
+    try:
+        client = RewardClient(cfg, handle=handle)
+        client.score_requests(requests[: 2 * BATCH])  # warm-up
+        t = time.perf_counter()
+        client.score_requests(requests)
+        return len(requests) / (time.perf_counter() - t)
+    finally:
+        stop_reward_pool()
+
+
+def main() -> None:
+    import ray
+
+    tmp = Path(tempfile.mkdtemp())
+    tok = build_word_tokenizer(WORDS)
+    codecs = Codecs(tok, world_format(len(tok), 8, 16), PaletteCodec(grid=(4, 4), patch=8, codebook_size=8))
+    codecs.save(tmp / "codecs")
+    models = {"tiny open_clip": (tiny_clip(tmp), 512), "ViT-B-32": ({"model": "ViT-B-32"}, 96)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rows = []
+    for name, (kwargs, n) in models.items():
+        requests = make_requests(codecs, n)
+        model = build_reward_model("open_clip", kwargs)
+        images = codecs.decode_images(torch.cat([r.image_ids for r in requests]))
+        texts = [codecs.decode_text(r.text_ids[0]) for r in requests]
+        torch.set_num_threads(2)
+        model.score(images[:BATCH], texts[:BATCH])  # warm-up
+        t = time.perf_counter()
+        for i in range(0, n, BATCH):
+            model.score(images[i : i + BATCH], texts[i : i + BATCH])
+        bare = n / (time.perf_counter() - t)
+        del model
+        base = dict(models={"clip": RewardModelConfig("open_clip", kwargs, standardize=False)},
+                    replicas=1, cpus_per_replica=2, batch_wait_timeout_s=0.05)
+        batched = pool_rate(RewardConfig(max_batch_size=BATCH, **base), str(tmp / "codecs"), requests)
+        single = pool_rate(RewardConfig(max_batch_size=1, **base), str(tmp / "codecs"), requests[: max(32, n // 4)])
+        rows.append({"model": name, "images": n, "bare_per_s": bare, "pool_per_s": batched, "pool_one_per_request_per_s": single,
+                     "pool_over_bare": batched / bare, "batched_over_one_per_request": batched / single})
+    ray.shutdown()
+    print(f"images/s, batch {BATCH}, 1 replica with 2 CPUs, torch threads 2")
+    print(f"{'model':>15} {'bare':>9} {'pool':>9} {'pool/bare':>10} {'1 per req':>10} {'batched gain':>13}")
+    for r in rows:
+        print(f"{r['model']:>15} {r['bare_per_s']:>9.1f} {r['pool_per_s']:>9.1f} {r['pool_over_bare']:>10.3f} "
+              f"{r['pool_one_per_request_per_s']:>10.1f} {r['batched_over_one_per_request']:>12.2f}x")
+    print(json.dumps({"ratio": min(r["pool_over_bare"] for r in rows), "models": rows}))
+
+
+if __name__ == "__main__":
+    main()
