@@ -1,0 +1,88 @@
+"""MLflow tracking: params, per-step metrics, and pictures, in a sqlite store inside the run folder.
+
+Tracking must never take a run down: an unreachable server (or any MLflow failure) is reported once
+as a warning and the run goes on without it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import OmegaConf
+from PIL import Image
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:500]  # MLflow's param value limit
+    return out
+
+
+class Tracker:
+    def __init__(self, run_dir: str | Path, experiment: str, run_name: str, tracking_uri: str | None = None,
+                 run_id: str | None = None) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.enabled = True
+        self.run_id: str | None = None
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+        self.uri = uri
+        try:
+            import mlflow
+
+            self.mlflow = mlflow
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(uri)
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is None:
+                exp_id = mlflow.create_experiment(experiment, artifact_location=(self.run_dir / "mlartifacts").as_uri())
+            else:
+                exp_id = exp.experiment_id
+            run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=None if run_id else run_name)
+            self.run_id = run.info.run_id
+        except Exception as err:  # noqa: BLE001 - any tracking failure must leave the run alive
+            self._disable(err)
+
+    def _disable(self, err: Exception) -> None:
+        if self.enabled:
+            warnings.warn(f"MLflow tracking at {self.uri} is unavailable ({type(err).__name__}: {err}); "
+                          "the run continues without tracking", stacklevel=3)
+        self.enabled = False
+
+    def _call(self, fn: str, *args: Any, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            getattr(self.mlflow, fn)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            self._disable(err)
+
+    def log_config(self, cfg: Any) -> None:
+        container = OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, Mapping) else cfg
+        params = flatten(container)
+        items = list(params.items())
+        for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
+            self._call("log_params", dict(items[i : i + 90]))
+        self._call("log_text", OmegaConf.to_yaml(container), "config.yaml")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self._call("log_metrics", clean, step=step)
+
+    def log_image(self, image: Image.Image, name: str) -> None:
+        self._call("log_image", image, name)
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        if Path(path).is_file():
+            self._call("log_artifact", str(path), folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("end_run", status=status)
