@@ -1,0 +1,77 @@
+"""Start or join Ray, and place the actor groups; a placement that cannot be met fails with its reason.
+
+Ray would otherwise wait forever for resources that will never come; we compare what the config asks
+for with what the cluster has first, then bound the wait for the placement group itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import ClusterConfig
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host what the config asks for; the message names the shortfall."""
+
+
+def start_ray(cfg: ClusterConfig) -> None:
+    """Local in-process Ray by default; ``cluster.address`` joins a running cluster."""
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=False)
+
+
+def required(cfg: ClusterConfig, reward_replicas: int = 0, reward_cpus: float = 0.0, reward_gpus: float = 0.0) -> dict[str, float]:
+    return {
+        "CPU": cfg.rollout_workers * cfg.rollout_cpus + cfg.learner_ranks * cfg.learner_cpus + reward_replicas * reward_cpus,
+        "GPU": cfg.rollout_workers * cfg.rollout_gpus + cfg.learner_ranks * cfg.learner_gpus + reward_replicas * reward_gpus,
+    }
+
+
+def check_resources(need: dict[str, float], have: dict[str, float]) -> None:
+    short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+    if short:
+        raise PlacementError("the config needs " + " and ".join(short) +
+                             ": lower cluster.rollout_*/learner_* or reward.replicas, or add nodes")
+
+
+@dataclass
+class Placement:
+    group: PlacementGroup
+    rollout_bundles: list[int]
+    learner_bundles: list[int]
+
+    def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
+
+    def remove(self) -> None:
+        remove_placement_group(self.group)
+
+
+def place(cfg: ClusterConfig, reward_replicas: int = 0, reward_cpus: float = 0.0, reward_gpus: float = 0.0) -> Placement:
+    """One placement group: a bundle per rollout worker and per learner rank (reward replicas are Serve's)."""
+    check_resources(required(cfg, reward_replicas, reward_cpus, reward_gpus), ray.cluster_resources())
+
+    def bundle(cpus: float, gpus: float) -> dict[str, float]:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    bundles = [bundle(cfg.rollout_cpus, cfg.rollout_gpus)] * cfg.rollout_workers
+    bundles += [bundle(cfg.learner_cpus, cfg.learner_gpus)] * cfg.learner_ranks
+    group = placement_group(bundles, strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=cfg.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        remove_placement_group(group)
+        raise PlacementError(
+            f"placement of {len(bundles)} bundles {bundles} not ready after {cfg.placement_timeout_s:g}s: "
+            f"the cluster has {ray.available_resources()} available"
+        ) from err
+    w = cfg.rollout_workers
+    return Placement(group, list(range(w)), list(range(w, w + cfg.learner_ranks)))

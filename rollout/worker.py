@@ -1,0 +1,76 @@
+"""The rollout worker: a Ray actor that holds a live policy, samples trajectories, and takes new weights.
+
+Weights arrive bucket by bucket and are copied into the live model's own tensors (preallocated: no
+second model is built); the worker's policy version only moves once every tensor of the new version
+has arrived, so a trajectory is never sampled from a half-synced model under a version it does not have.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pararl.bundle import load_bundle
+from pararl.config import SamplerConfig
+from pararl.types import GenerationRequest, Trajectories
+from rollout.sampler import ParallelSampler
+
+
+class SyncError(RuntimeError):
+    """A weight sync that did not deliver exactly the policy's tensors."""
+
+
+class RolloutWorker:
+    def __init__(self, model_folder: str, sampler_cfg: SamplerConfig, device: str = "cpu", dtype: str | None = None,
+                 threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.bundle = load_bundle(model_folder, dtype=getattr(torch, dtype) if dtype else None, device=device)
+        self.policy = self.bundle.policy
+        self.sampler = ParallelSampler(self.policy, self.bundle.fmt, sampler_cfg)
+        self.live = {name: t for name, t in self.policy.state_dict(keep_vars=True).items()}
+        self.version = 0
+        self._received: set[str] = set()
+
+    def ready(self) -> int:
+        return self.version
+
+    # -- weight sync -------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_bucket(self, bucket: Sequence[tuple[str, Any]]) -> int:
+        """Copy one bucket ((name, array) pairs) into the live tensors; returns the tensors copied."""
+        for name, value in bucket:
+            live = self.live.get(name)
+            if live is None:
+                raise SyncError(f"weight sync sent {name!r}, which the rollout policy does not have")
+            src = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+            if tuple(src.shape) != tuple(live.shape):
+                raise SyncError(f"weight sync sent {name!r} with shape {tuple(src.shape)}, the policy has {tuple(live.shape)}")
+            live.data.copy_(src, non_blocking=False)
+            self._received.add(name)
+        return len(bucket)
+
+    def finish_sync(self, version: int) -> int:
+        missing = sorted(set(self.live) - self._received)
+        self._received = set()
+        if missing:
+            raise SyncError(f"weight sync to version {version} left {len(missing)} tensors unsent, e.g. {missing[:3]}")
+        self.version = version
+        return version
+
+    def weights_hash(self) -> str:
+        """The hash of the live sampling model (same definition as the learner's)."""
+        from learner.weights import weights_hash
+
+        return weights_hash((name, t.detach()) for name, t in self.live.items())
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sample(self, requests: Sequence[GenerationRequest], group_size: int, snapshot_steps: Sequence[int],
+               version: int | None = None) -> Trajectories:
+        if version is not None and version != self.version:
+            raise SyncError(f"asked to sample with policy version {version}, but this worker holds {self.version}")
+        traj = self.sampler.sample(requests, group_size=group_size, snapshot_steps=snapshot_steps)
+        traj.policy_version = self.version
+        return traj.to("cpu")
