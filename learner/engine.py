@@ -101,7 +101,7 @@ def build_engine(model: torch.nn.Module, cfg: LearnerConfig, world: int, device:
     """A DeepSpeed engine around ``model`` (moved to ``device``) with a torch AdamW."""
     import deepspeed
 
-    check_accelerator(device)
+    check_accelerator(torch.device(device).type)
     model = model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

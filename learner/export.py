@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from learner.checkpoint import DS_TAG, CheckpointError, resolve_checkpoint, verify
+from learner.checkpoint import DS_TAG, resolve_checkpoint, verify
 from pararl.models import LLaDAConfig, LLaDAModelLM
 from pararl.models.loading import check_keys
 
@@ -66,12 +66,3 @@ def export_policy(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
     os.replace(tmp, out)
     return out
 
-
-def load_exported_state(out_dir: str | Path) -> dict[str, torch.Tensor]:
-    """For checks: the exported weights as ``load_policy`` reads them."""
-    from pararl.models import load_policy
-
-    try:
-        return load_policy(out_dir).state_dict()
-    except Exception as err:  # noqa: BLE001 - re-raised with the folder named
-        raise CheckpointError(f"exported folder {out_dir} does not load: {err}") from err

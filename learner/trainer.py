@@ -35,13 +35,13 @@ class Learner:
                  reference_path: str | Path | None = None, local_rank: int | None = None) -> None:
         self.cfg = validate(cfg)
         self.fmt, self.rank, self.world = fmt, rank, world
-        self.device = resolve_device(cfg)
-        if self.device == "cuda":
+        kind = self.device = resolve_device(cfg)
+        if kind == "cuda":
             torch.cuda.set_device(local_rank if local_rank is not None else rank % torch.cuda.device_count())
             self.device = f"cuda:{torch.cuda.current_device()}"
         if port is None and world > 1:
             raise ValueError("a learner group of more than one rank needs the MASTER_PORT picked by the driver")
-        init_distributed(rank, world, port or free_port(), resolve_backend(cfg, resolve_device(cfg)), addr, local_rank)
+        init_distributed(rank, world, port or free_port(), resolve_backend(cfg, kind), addr, local_rank)
         torch.manual_seed(cfg.seed + rank)
         self.policy_path = str(policy_path)
         self.engine = build_engine(load_policy(policy_path, dtype=torch.float32), cfg, world, self.device)

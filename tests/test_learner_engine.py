@@ -96,3 +96,17 @@ def test_bad_config_and_batches_are_refused_by_name(folder, batch):
         never = replace(batch, step_map=torch.where(batch.step_map == 3, -1, batch.step_map),
                         plan=replace(batch.plan, steps=(3,), merge=1), old=None)
         learner.train_batch(never)
+
+
+def test_kl_against_pi_old_needs_no_reference_and_checkpointing_changes_nothing(folder, batch):
+    old_kl = Learner(learner_config(kl_reference="old", updates_per_batch=2), folder, FMT)
+    assert old_kl.reference is None
+    m = old_kl.train_batch(batch)
+    assert m["updates"][0]["kl"] == pytest.approx(0, abs=1e-9) and m["updates"][1]["kl"] > 0
+    plain = Learner(learner_config(updates_per_batch=1), folder, FMT)
+    ckpt = Learner(learner_config(updates_per_batch=1, gradient_checkpointing=True), folder, FMT)
+    assert ckpt.module.is_gradient_checkpointing
+    plain.train_batch(batch)
+    ckpt.train_batch(batch)
+    for (name, a), (_, b) in zip(plain.module.named_parameters(), ckpt.module.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
