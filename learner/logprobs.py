@@ -137,10 +137,9 @@ def _device_of(policy: torch.nn.Module) -> torch.device:
     return next(policy.parameters()).device
 
 
-def check_targets(fmt: ParallelFormat, tr: TrajectoryView, scoreable: torch.Tensor) -> None:
+def check_targets(fmt: ParallelFormat, lay: OutputLayout, tokens: torch.Tensor, scoreable: torch.Tensor) -> None:
     """Scoreable columns must be image or text positions holding tokens their span may draw."""
-    lay = tr.layout
-    out = tr.tokens[:, lay.output]
+    out = tokens[:, lay.output]
     text, image = lay.relative(lay.text), lay.relative(lay.image)
     outside = scoreable.clone()
     outside[:, text] = False
@@ -206,7 +205,7 @@ def trace_replay(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryVie
     windows = torch.tensor(plan.windows(tr.steps), dtype=torch.long, device=device)  # [W, 2]
     tokens, attn, step_map = (t.to(device) for t in (tr.tokens, tr.attention_mask, tr.step_map))
     sm_out = step_map[:, lay.output]  # [R, N]
-    check_targets(fmt, tr, sm_out >= 0)
+    check_targets(fmt, lay, tokens, sm_out >= 0)
     rows, n = sm_out.shape
     # Which windows score anything in which trajectory: rows with nothing to score are not run.
     hit = (sm_out[:, None, :] >= windows[None, :, 0, None]) & (sm_out[:, None, :] < windows[None, :, 1, None])  # [R, W, N]
@@ -243,7 +242,7 @@ def random_mask(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView
     if not scoreable.any(1).all():
         empty = (~scoreable.any(1)).nonzero().flatten().tolist()
         raise ValueError(f"trajectories {empty[:8]} have no output position that was ever masked (step map all -1)")
-    check_targets(fmt, tr, scoreable)
+    check_targets(fmt, lay, tokens, scoreable)
     mask, ratio = plan.draw(tr.seeds.to(device), scoreable)
     rows, n = mask.shape
     full = torch.zeros_like(step_map, dtype=torch.bool)
