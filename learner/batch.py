@@ -78,3 +78,16 @@ class TrainBatch:
     def to(self, device: str | torch.device) -> "TrainBatch":
         rows = {k: getattr(self, k).to(device) for k in ROW_FIELDS}
         return replace(self, old=None if self.old is None else self.old.to(device), **rows)
+
+
+def iteration_plan(cfg, total_steps: int, seed: int) -> Plan:
+    """The plan of one iteration from a ``LearnerConfig`` (estimator, sampled/merged steps, mask ratios).
+
+    The driver draws it once per iteration and ships it with the batch; rollout workers compute the
+    behaviour log-probs with the same plan. For ParaRL's semantic reward, pass the reward's sampled
+    steps instead (``TracePlan(steps)``) so the likelihood is estimated at the same steps.
+    """
+    from learner.logprobs import make_plan
+
+    return make_plan(cfg.logprob_estimator, total_steps, seed, cfg.sampled_steps, cfg.merge_steps,
+                     cfg.mask_ratio_min, cfg.mask_ratio_max)

@@ -163,3 +163,13 @@ def test_bad_plans_and_batches_are_refused_by_name(sampled):
     masked_left.tokens[0, tr.layout.text.start] = FMT.mask_id
     with pytest.raises(ValueError, match="trajectory 0: text position 0 holds id"):
         trajectory_logprobs(policy, FMT, masked_left, TracePlan((0,)))
+
+
+def test_iteration_plan_follows_the_learner_config():
+    from learner.batch import iteration_plan
+    from learner.config import LearnerConfig
+
+    plan = iteration_plan(LearnerConfig(sampled_steps=2, merge_steps=2), total_steps=8, seed=3)
+    assert isinstance(plan, TracePlan) and len(plan.steps) == 2 and plan.merge == 2
+    mask_plan = iteration_plan(LearnerConfig(logprob_estimator="random_mask", mask_ratio_min=0.3), 8, seed=4)
+    assert mask_plan == RandomMaskPlan(4, 0.3, 1.0)
