@@ -1,0 +1,93 @@
+"""What the driver hands the learner group: trajectories, their advantages, the iteration's plan, pi_old.
+
+The plan (which steps are replayed, or which random mask) travels with the batch because the
+behaviour log-probs were computed with it on the rollout workers: the learner must score exactly
+the same tokens, or the ratio compares different things. The batch splits into contiguous shards,
+one per learner rank, without copying models or anything but tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from learner.logprobs import Plan, TokenLogProbs
+from pararl.formats import OutputLayout
+from pararl.types import Trajectories
+
+ROW_FIELDS = ("tokens", "attention_mask", "step_map", "seeds", "advantages")
+
+
+@dataclass
+class TrainBatch:
+    tokens: torch.Tensor  # [R, L]
+    attention_mask: torch.Tensor  # [R, L]
+    step_map: torch.Tensor  # [R, L]
+    seeds: torch.Tensor  # [R] per-trajectory seeds (the random-mask estimator hashes them)
+    advantages: torch.Tensor  # [R]
+    layout: OutputLayout
+    steps: int
+    plan: Plan
+    old: TokenLogProbs | None = None  # behaviour log-probs (pi_old); None: computed by the learner before updating
+    policy_version: int = 0
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @classmethod
+    def from_trajectories(cls, tr: Trajectories, advantages: torch.Tensor, plan: Plan,
+                          old: TokenLogProbs | None = None) -> "TrainBatch":
+        batch = cls(tr.tokens, tr.attention_mask, tr.step_map, tr.seeds, torch.as_tensor(advantages, dtype=torch.float32),
+                    tr.layout, tr.steps, plan, old, tr.policy_version)
+        batch.validate()
+        return batch
+
+    def validate(self) -> None:
+        rows = len(self)
+        if rows == 0:
+            raise ValueError("empty training batch")
+        for name in ROW_FIELDS:
+            t = getattr(self, name)
+            if t.shape[0] != rows:
+                raise ValueError(f"batch field {name} has {t.shape[0]} rows, tokens have {rows}")
+        for name in ("attention_mask", "step_map"):
+            if getattr(self, name).shape != self.tokens.shape:
+                raise ValueError(f"batch field {name} {tuple(getattr(self, name).shape)} != tokens {tuple(self.tokens.shape)}")
+        if self.tokens.shape[1] != self.layout.length:
+            raise ValueError(f"tokens have {self.tokens.shape[1]} columns, the layout {self.layout.length}")
+        if not torch.isfinite(self.advantages).all():
+            raise ValueError("non-finite advantages in the training batch")
+        if self.old is not None:
+            n_out = self.layout.length - self.layout.output_start
+            if self.old.logp.shape != (rows, n_out):
+                raise ValueError(f"behaviour log-probs {tuple(self.old.logp.shape)} != ({rows}, {n_out}) output tokens")
+
+    def select(self, index: torch.Tensor | slice) -> "TrainBatch":
+        """The rows ``index`` (a slice or index tensor), everything else shared."""
+        rows = {k: getattr(self, k)[index] for k in ROW_FIELDS}
+        old = None if self.old is None else self.old.rows(index)
+        return replace(self, old=old, **rows)
+
+    def shard(self, rank: int, world: int) -> "TrainBatch":
+        """Contiguous shard ``rank`` of ``world`` equal shards (equal, so every rank takes the same optimizer steps)."""
+        if len(self) % world:
+            raise ValueError(f"a batch of {len(self)} trajectories does not split into {world} equal learner shards")
+        size = len(self) // world
+        return self.select(slice(rank * size, (rank + 1) * size))
+
+    def to(self, device: str | torch.device) -> "TrainBatch":
+        rows = {k: getattr(self, k).to(device) for k in ROW_FIELDS}
+        return replace(self, old=None if self.old is None else self.old.to(device), **rows)
+
+
+def iteration_plan(cfg, total_steps: int, seed: int) -> Plan:
+    """The plan of one iteration from a ``LearnerConfig`` (estimator, sampled/merged steps, mask ratios).
+
+    The driver draws it once per iteration and ships it with the batch; rollout workers compute the
+    behaviour log-probs with the same plan. For ParaRL's semantic reward, pass the reward's sampled
+    steps instead (``TracePlan(steps)``) so the likelihood is estimated at the same steps.
+    """
+    from learner.logprobs import make_plan
+
+    return make_plan(cfg.logprob_estimator, total_steps, seed, cfg.sampled_steps, cfg.merge_steps,
+                     cfg.mask_ratio_min, cfg.mask_ratio_max)

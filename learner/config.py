@@ -1,0 +1,102 @@
+"""The learner's settings, as an omegaconf structured dataclass (``pararl.config.build_config`` refuses unknown keys).
+
+Every knob that changes what is optimised (clipping, KL, aggregation, the log-probability estimator)
+lives here next to the engine knobs (ZeRO stage, precision, micro-batching), so a run's YAML says in
+one place how the policy was trained. ``validate`` turns a bad value into an error that names the
+key, before any DeepSpeed engine or Ray actor starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pararl.config import ConfigError
+
+
+@dataclass
+class CheckpointConfig:
+    folder: Optional[str] = None  # where ``step-XXXXXXXX`` folders and the ``latest`` pointer go (None: no checkpoints)
+    every: int = 0  # save every N optimizer steps (0: only when asked)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one is complete
+    checksums: bool = True  # sha256 of every file in COMPLETE, checked at load (sizes are always checked)
+
+
+@dataclass
+class LearnerConfig:
+    # Optimizer (a torch.optim.AdamW handed to DeepSpeed: nothing is compiled).
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global gradient-norm clip (0: off)
+
+    # Engine.
+    zero_stage: int = 2  # 0-3
+    precision: str = "fp32"  # fp32 | bf16 (fp16 only on GPU)
+    device: str = "auto"  # auto | cpu | cuda
+    dist_backend: Optional[str] = None  # None: gloo on CPU, nccl on GPU
+    micro_batch_size: int = 4  # trajectories per forward/backward (each expands to one row per scored step window)
+    grad_accumulation: int = 1  # micro-batches per optimizer step, per rank
+    updates_per_batch: int = 2  # passes over each rollout batch; pi_old = the behaviour log-probs throughout
+    gradient_checkpointing: bool = False
+    reference_offload: bool = False  # keep the frozen reference on CPU between its forwards (GPU runs)
+    seed: int = 0
+
+    # Objective.
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.01  # KL weight (0: no reference forward at all)
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    kl_reference: str = "reference"  # reference (frozen initial policy) | old (the behaviour policy)
+    aggregation: str = "token"  # token (mean over all scored tokens) | sequence (mean of per-trajectory means)
+
+    # Advantages (computed by the driver from group rewards).
+    advantage: str = "grpo"  # grpo | drgrpo
+    advantage_eps: float = 1e-6
+    drop_constant_groups: bool = False  # drop groups whose rewards are all equal (their advantage is zero)
+
+    # Trajectory log-probabilities.
+    logprob_estimator: str = "trace"  # trace (replay the recorded steps) | random_mask (d1 / UniGRPO)
+    sampled_steps: int = 0  # trace: steps scored per iteration (0: every step)
+    merge_steps: int = 1  # trace: a sampled step k scores the window [k, k + merge_steps)
+    mask_ratio_min: float = 0.05  # random_mask: the ratio t is drawn from U(min, max) per trajectory
+    mask_ratio_max: float = 1.0
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def validate(cfg: LearnerConfig) -> LearnerConfig:
+    """Refuse values that would fail later (inside an actor) or silently train something else."""
+    from learner.advantages import ADVANTAGE_ESTIMATORS
+    from learner.logprobs import LOGPROB_ESTIMATORS
+    from learner.loss import KL_ESTIMATORS
+
+    def choose(key: str, value: str, known) -> None:
+        if value not in known:
+            raise ConfigError(f"learner.{key}={value!r} is not one of: {', '.join(sorted(known))}")
+
+    choose("precision", cfg.precision, ("fp32", "bf16", "fp16"))
+    choose("device", cfg.device, ("auto", "cpu", "cuda"))
+    choose("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)
+    choose("kl_reference", cfg.kl_reference, ("reference", "old"))
+    choose("aggregation", cfg.aggregation, ("token", "sequence"))
+    choose("advantage", cfg.advantage, ADVANTAGE_ESTIMATORS)
+    choose("logprob_estimator", cfg.logprob_estimator, LOGPROB_ESTIMATORS)
+    if cfg.dist_backend is not None:
+        choose("dist_backend", cfg.dist_backend, ("gloo", "nccl"))
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"learner.zero_stage={cfg.zero_stage} must be 0, 1, 2 or 3")
+    for key in ("micro_batch_size", "grad_accumulation", "updates_per_batch", "merge_steps"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"learner.{key}={getattr(cfg, key)} must be >= 1")
+    for key in ("lr", "eps_low", "eps_high", "beta", "weight_decay", "grad_clip", "sampled_steps", "advantage_eps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"learner.{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.eps_low >= 1:
+        raise ConfigError(f"learner.eps_low={cfg.eps_low} must be < 1 (the ratio's lower clip is 1 - eps_low)")
+    if not 0 < cfg.mask_ratio_min <= cfg.mask_ratio_max <= 1:
+        raise ConfigError(
+            f"learner.mask_ratio_min={cfg.mask_ratio_min}, mask_ratio_max={cfg.mask_ratio_max}: need 0 < min <= max <= 1"
+        )
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"learner.checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+    return cfg

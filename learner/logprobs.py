@@ -1,0 +1,300 @@
+"""Trajectory log-probabilities of a masked-diffusion policy, two estimators behind one interface.
+
+A masked-diffusion trajectory has no left-to-right factorisation: its likelihood is a product over
+denoising steps of the probability of the tokens revealed at each step, given the partially masked
+sequence before that step. Two ways to estimate it (``reference/pararl-facts.md``):
+
+- ``trace`` (default): replay the recorded trajectory. For a window of steps ``[k, k + m)`` the
+  input is the sequence as it was BEFORE step k (output positions with ``step_map >= k`` are the
+  mask token) and the scored tokens are those revealed inside the window. With ``m = 1`` and every
+  step this is the exact log-likelihood of what the sampler drew (at temperature 1, no CFG); sampled
+  and merged windows trade exactness for compute.
+- ``random_mask`` (d1 / UniGRPO): mask the output at a random ratio t, score every masked token
+  weighted 1/t. The mask comes from an explicit plan (a seed, hashed with each trajectory's own seed)
+  so the old, current and reference log-probs of one iteration use the same mask, on any rank and
+  in any batch split.
+
+Both return per-token values over the output columns (``TokenLogProbs``): each output token is
+scored at most once, so token-mean and sequence-mean aggregation are both possible downstream.
+All (trajectory, window) rows go through the policy as one batch, chunked by ``chunk_rows``; there
+is no Python loop over trajectories. No DeepSpeed here: rollout workers import this module too.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Union
+
+import torch
+
+from pararl.formats import OutputLayout, ParallelFormat
+from rollout import noise
+
+MASK_RATIO_STREAM, MASK_POSITION_STREAM = 11, 12  # counter-based noise streams (rollout.noise) of the random mask
+
+
+class TrajectoryView(Protocol):
+    """What an estimator reads; ``pararl.types.Trajectories`` and ``learner.batch.TrainBatch`` both have it."""
+
+    tokens: torch.Tensor  # [R, L]
+    attention_mask: torch.Tensor  # [R, L]
+    step_map: torch.Tensor  # [R, L]
+    seeds: torch.Tensor  # [R]
+    layout: OutputLayout
+    steps: int
+
+
+@dataclass(frozen=True)
+class TracePlan:
+    """Replay windows ``[k, k + merge)`` for each k in ``steps`` (sorted, non-overlapping)."""
+
+    steps: tuple[int, ...]
+    merge: int = 1
+    estimator: str = field(default="trace", init=False)
+
+    def windows(self, total_steps: int) -> list[tuple[int, int]]:
+        steps = sorted(int(s) for s in self.steps)
+        if not steps:
+            raise ValueError("trace plan has no sampled steps: nothing would be scored")
+        if self.merge < 1:
+            raise ValueError(f"merge={self.merge} must be >= 1")
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"sampled steps {steps} repeat a step: its tokens would be scored twice")
+        if steps[0] < 0 or steps[-1] >= total_steps:
+            raise ValueError(f"sampled steps {steps} must lie in [0, {total_steps}) (the trajectories' step count)")
+        wins = [(k, min(k + self.merge, total_steps)) for k in steps]
+        for (a, b), (c, _) in zip(wins, wins[1:]):
+            if c < b:
+                raise ValueError(f"merged windows [{a}, {b}) and [{c}, ...) overlap (merge={self.merge}): tokens would be scored twice")
+        return wins
+
+
+@dataclass(frozen=True)
+class RandomMaskPlan:
+    """One random mask per iteration: ratio t ~ U(ratio_min, ratio_max) per trajectory, positions masked w.p. t."""
+
+    seed: int
+    ratio_min: float = 0.05
+    ratio_max: float = 1.0
+    estimator: str = field(default="random_mask", init=False)
+
+    def draw(self, seeds: torch.Tensor, scoreable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask [R, N] bool, ratio t [R]): depends only on (plan seed, trajectory seed), never on the batch.
+
+        A row whose draw masks nothing gets its lowest-noise scoreable position, so every trajectory is scored.
+        """
+        if not 0 < self.ratio_min <= self.ratio_max <= 1:
+            raise ValueError(f"mask ratios [{self.ratio_min}, {self.ratio_max}] must satisfy 0 < min <= max <= 1")
+        seeds = seeds.to(scoreable.device)
+        u = noise.uniform(seeds, MASK_RATIO_STREAM, self.seed, 1)[:, 0]
+        ratio = self.ratio_min + (self.ratio_max - self.ratio_min) * u
+        pos = noise.uniform(seeds, MASK_POSITION_STREAM, self.seed, scoreable.shape[1]).masked_fill(~scoreable, 2.0)
+        mask = (pos < ratio[:, None]) & scoreable
+        first = torch.zeros_like(mask).scatter_(1, pos.argmin(1, keepdim=True), True) & scoreable
+        mask |= first & ~mask.any(1, keepdim=True)
+        return mask, ratio
+
+
+Plan = Union[TracePlan, RandomMaskPlan]
+
+
+@dataclass
+class TokenLogProbs:
+    """Per-token log-probs over the output columns; zero where ``mask`` is False."""
+
+    logp: torch.Tensor  # [R, N] float32
+    mask: torch.Tensor  # [R, N] bool: scored tokens
+    weight: torch.Tensor  # [R, N] float32: 1 (trace) or 1/t (random mask); zero where not scored
+    entropy: torch.Tensor | None = None  # [R, N] entropy of the distribution each scored token was drawn from
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """[R] the trajectory log-likelihood estimate: sum of weighted per-token log-probs."""
+        return (self.logp * self.weight).sum(-1)
+
+    def detach(self) -> "TokenLogProbs":
+        ent = None if self.entropy is None else self.entropy.detach()
+        return TokenLogProbs(self.logp.detach(), self.mask, self.weight, ent)
+
+    def to(self, device: str | torch.device) -> "TokenLogProbs":
+        ent = None if self.entropy is None else self.entropy.to(device)
+        return TokenLogProbs(self.logp.to(device), self.mask.to(device), self.weight.to(device), ent)
+
+    def rows(self, index: torch.Tensor | slice) -> "TokenLogProbs":
+        ent = None if self.entropy is None else self.entropy[index]
+        return TokenLogProbs(self.logp[index], self.mask[index], self.weight[index], ent)
+
+    @staticmethod
+    def cat(parts: list["TokenLogProbs"]) -> "TokenLogProbs":
+        ent = None if any(p.entropy is None for p in parts) else torch.cat([p.entropy for p in parts])
+        return TokenLogProbs(*(torch.cat([getattr(p, k) for p in parts]) for k in ("logp", "mask", "weight")), ent)
+
+
+def _device_of(policy: torch.nn.Module) -> torch.device:
+    dev = getattr(policy, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    return next(policy.parameters()).device
+
+
+def check_targets(fmt: ParallelFormat, lay: OutputLayout, tokens: torch.Tensor, scoreable: torch.Tensor) -> None:
+    """Scoreable columns must be image or text positions holding tokens their span may draw."""
+    out = tokens[:, lay.output]
+    text, image = lay.relative(lay.text), lay.relative(lay.image)
+    outside = scoreable.clone()
+    outside[:, text] = False
+    outside[:, image] = False
+    if outside.any():
+        r, c = outside.nonzero()[0].tolist()
+        raise ValueError(f"trajectory {r}: output column {c} has a step but is neither an image nor a text position")
+    t = out[:, text]
+    bad_t = scoreable[:, text] & ((t < 0) | (t >= fmt.text_vocab_size) | torch.isin(t, torch.tensor(fmt.special_ids, dtype=torch.long, device=t.device)))
+    bad_i = scoreable[:, image] & (fmt.image_codes(out[:, image]) < 0)
+    for bad, span in ((bad_t, "text"), (bad_i, "image")):
+        if bad.any():
+            r, c = bad.nonzero()[0].tolist()
+            raise ValueError(f"trajectory {r}: {span} position {c} holds id {int((t if span == 'text' else out[:, image])[r, c])}, "
+                             f"which a {span} position cannot draw (a mask or special token left in the output?)")
+
+
+def score_rows(
+    policy: torch.nn.Module,
+    fmt: ParallelFormat,
+    layout: OutputLayout,
+    inputs: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    targets: torch.Tensor,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward; log-prob of ``targets`` [P, N] (output columns) under each span's restricted softmax.
+
+    Text positions: ``log_softmax(restrict_text_logits)`` at the token id; image positions:
+    ``log_softmax(restrict_image_logits)`` at code ``id - image_offset``; other columns get 0.
+    """
+    logits = policy(inputs, attention_mask=attention_mask).logits
+    lay = layout
+    text, image = lay.relative(lay.text), lay.relative(lay.image)
+    lp = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    ent = torch.zeros_like(lp) if with_entropy else None
+    spans = (
+        (text, fmt.restrict_text_logits(logits[:, lay.text]), targets[:, text].clamp(0, fmt.text_vocab_size - 1)),
+        (image, fmt.restrict_image_logits(logits[:, lay.image]), (targets[:, image] - fmt.image_offset).clamp(0, fmt.codebook_size - 1)),
+    )
+    parts = []
+    for cols, span_logits, tgt in spans:
+        logsm = span_logits.float().log_softmax(-1)
+        parts.append((cols, logsm.gather(-1, tgt[..., None]).squeeze(-1)))
+        if with_entropy:
+            with torch.no_grad():
+                ent[:, cols] = -(logsm.exp() * logsm.masked_fill(torch.isinf(logsm), 0.0)).sum(-1)
+    # Out-of-place index_copy so autograd flows into the span log-probs.
+    for cols, values in parts:
+        lp = lp.index_copy(1, torch.arange(cols.start, cols.stop, device=lp.device), values)
+    return lp, ent
+
+
+def _attention(mask: torch.Tensor) -> torch.Tensor | None:
+    """None when there is no padding: the sampler does the same, so replayed logits match its forwards."""
+    return None if bool(mask.all()) else mask
+
+
+def trace_replay(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView, plan: TracePlan,
+                 chunk_rows: int | None = None, with_entropy: bool = False) -> TokenLogProbs:
+    lay = tr.layout
+    device = _device_of(policy)
+    windows = torch.tensor(plan.windows(tr.steps), dtype=torch.long, device=device)  # [W, 2]
+    tokens, attn, step_map = (t.to(device) for t in (tr.tokens, tr.attention_mask, tr.step_map))
+    sm_out = step_map[:, lay.output]  # [R, N]
+    check_targets(fmt, lay, tokens, sm_out >= 0)
+    rows, n = sm_out.shape
+    # Which windows score anything in which trajectory: rows with nothing to score are not run.
+    hit = (sm_out[:, None, :] >= windows[None, :, 0, None]) & (sm_out[:, None, :] < windows[None, :, 1, None])  # [R, W, N]
+    counts = hit.sum(-1)
+    empty = (counts.sum(1) == 0).nonzero().flatten()
+    if len(empty):
+        raise ValueError(
+            f"trajectories {empty.tolist()[:8]} reveal no token in the sampled windows {windows.tolist()}: "
+            "their log-probability would be empty (check the sampled steps against the step map)"
+        )
+    pairs = (counts > 0).nonzero()  # [P, 2] (trajectory, window)
+    chunk = chunk_rows or len(pairs)
+    logp = torch.zeros((rows, n), dtype=torch.float32, device=device)
+    ent = torch.zeros_like(logp) if with_entropy else None
+    for lo in range(0, len(pairs), chunk):
+        r, w = pairs[lo : lo + chunk].unbind(1)
+        start = windows[w, 0]
+        inputs = tokens[r].masked_fill(step_map[r] >= start[:, None], fmt.mask_id)
+        score = hit[r, w]
+        lp, e = score_rows(policy, fmt, lay, inputs, _attention(attn[r]), tokens[r][:, lay.output], with_entropy)
+        logp = logp.index_add(0, r, torch.where(score, lp, 0.0))
+        if with_entropy:
+            ent.index_add_(0, r, torch.where(score, e, 0.0))
+    mask = hit.any(1)
+    return TokenLogProbs(logp, mask, mask.float(), ent)
+
+
+def random_mask(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView, plan: RandomMaskPlan,
+                chunk_rows: int | None = None, with_entropy: bool = False) -> TokenLogProbs:
+    lay = tr.layout
+    device = _device_of(policy)
+    tokens, attn, step_map = (t.to(device) for t in (tr.tokens, tr.attention_mask, tr.step_map))
+    scoreable = step_map[:, lay.output] >= 0
+    if not scoreable.any(1).all():
+        empty = (~scoreable.any(1)).nonzero().flatten().tolist()
+        raise ValueError(f"trajectories {empty[:8]} have no output position that was ever masked (step map all -1)")
+    check_targets(fmt, lay, tokens, scoreable)
+    mask, ratio = plan.draw(tr.seeds.to(device), scoreable)
+    rows, n = mask.shape
+    full = torch.zeros_like(step_map, dtype=torch.bool)
+    full[:, lay.output] = mask
+    inputs_all = tokens.masked_fill(full, fmt.mask_id)
+    chunk = chunk_rows or rows
+    parts, ents = [], []
+    for lo in range(0, rows, chunk):
+        sl = slice(lo, lo + chunk)
+        lp, e = score_rows(policy, fmt, lay, inputs_all[sl], _attention(attn[sl]), tokens[sl, lay.output], with_entropy)
+        parts.append(torch.where(mask[sl], lp, 0.0))
+        ents.append(e)
+    weight = mask.float() / ratio[:, None]
+    ent = torch.where(mask, torch.cat(ents), 0.0) if with_entropy else None
+    return TokenLogProbs(torch.cat(parts), mask, weight, ent)
+
+
+Estimator = Callable[..., TokenLogProbs]
+LOGPROB_ESTIMATORS: dict[str, Estimator] = {"trace": trace_replay, "random_mask": random_mask}
+
+
+def trajectory_logprobs(policy: torch.nn.Module, fmt: ParallelFormat, trajectories: TrajectoryView, plan: Plan,
+                        chunk_rows: int | None = None, with_entropy: bool = False) -> TokenLogProbs:
+    """Per-token log-probs of ``trajectories`` under ``policy`` with the estimator the plan names.
+
+    Gradients flow when called with grad enabled (the learner); rollout workers call it under
+    ``torch.inference_mode`` for the behaviour log-probs. ``chunk_rows`` bounds the forward batch.
+    """
+    name = getattr(plan, "estimator", None)
+    if name not in LOGPROB_ESTIMATORS:
+        raise ValueError(f"unknown log-probability estimator {name!r}; known: {', '.join(sorted(LOGPROB_ESTIMATORS))}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+    return LOGPROB_ESTIMATORS[name](policy, fmt, trajectories, plan, chunk_rows=chunk_rows, with_entropy=with_entropy)
+
+
+def sample_trace_plan(total_steps: int, sampled: int, merge: int = 1, seed: int = 0) -> TracePlan:
+    """Windows for one iteration: the steps cut into consecutive blocks of ``merge``, ``sampled`` of them at
+    random (0: all). Aligned blocks never overlap, and with ``sampled=0`` every step is scored once."""
+    if total_steps < 1 or merge < 1 or sampled < 0:
+        raise ValueError(f"total_steps={total_steps}, merge={merge} must be >= 1 and sampled={sampled} >= 0")
+    starts = list(range(0, total_steps, merge))
+    if sampled and sampled < len(starts):
+        starts = sorted(random.Random(seed).sample(starts, sampled))
+    return TracePlan(tuple(starts), merge)
+
+
+def make_plan(estimator: str, total_steps: int, seed: int, sampled: int = 0, merge: int = 1,
+              ratio_min: float = 0.05, ratio_max: float = 1.0) -> Plan:
+    """The plan of one iteration from config values (the driver calls this once and ships it with the batch)."""
+    if estimator == "trace":
+        return sample_trace_plan(total_steps, sampled, merge, seed)
+    if estimator == "random_mask":
+        return RandomMaskPlan(seed, ratio_min, ratio_max)
+    raise ValueError(f"unknown log-probability estimator {estimator!r}; known: {', '.join(sorted(LOGPROB_ESTIMATORS))}")

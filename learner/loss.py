@@ -1,0 +1,172 @@
+"""The ParaRL objective: a clipped surrogate per token, minus beta times a KL estimate, aggregated by config.
+
+Per scored token of trajectory i: ``ratio = exp(logp - logp_old)``,
+``pg = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)`` and ``kl = k(logp_ref - logp)``.
+The per-token terms are combined with coefficients ``c`` that encode the aggregation:
+
+- token: ``c = w / T`` with T the number of scored tokens in the whole optimizer step;
+- sequence: ``c = w / (n_i * S)`` with n_i the trajectory's scored tokens and S the trajectories in the step,
+
+where w is the estimator's token weight (1 for trace replay, 1/t for random masking). T and S are
+counted over the whole optimizer step (all micro-batches and all ranks), so the sum of the pieces
+computed per micro-batch and per rank is exactly the loss of the full batch: splitting a batch over
+ranks or micro-batches does not change the update.
+
+Statistics are kept as sums, minima and maxima so they reduce across micro-batches and ranks the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+KLFn = Callable[[torch.Tensor], torch.Tensor]
+KL_ESTIMATORS: dict[str, KLFn] = {}
+
+
+def register_kl(name: str) -> Callable[[KLFn], KLFn]:
+    """Add ``fn(d) -> per-token KL estimate`` with ``d = logp_ref - logp`` under ``name``."""
+
+    def add(fn: KLFn) -> KLFn:
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return add
+
+
+@register_kl("k1")
+def k1(d: torch.Tensor) -> torch.Tensor:
+    """``-d``: unbiased, high variance, can be negative per token."""
+    return -d
+
+
+@register_kl("k2")
+def k2(d: torch.Tensor) -> torch.Tensor:
+    """``d^2 / 2``: low variance, biased."""
+    return d * d / 2
+
+
+@register_kl("k3")
+def k3(d: torch.Tensor) -> torch.Tensor:
+    """``exp(d) - d - 1``: unbiased and non-negative (Schulman's estimator, used by GRPO and UniGRPO)."""
+    return torch.expm1(d) - d
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    aggregation: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {self.kl_estimator!r}; known: {', '.join(sorted(KL_ESTIMATORS))}")
+        if self.aggregation not in ("token", "sequence"):
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; known: sequence, token")
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        return cls(cfg.eps_low, cfg.eps_high, cfg.beta, cfg.kl_estimator, cfg.aggregation)
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Denominators of one optimizer step, counted over all its micro-batches and ranks."""
+
+    tokens: float  # scored tokens
+    sequences: float  # trajectories
+
+
+def coefficients(mask: torch.Tensor, weight: torch.Tensor, aggregation: str, norm: Normalizer) -> torch.Tensor:
+    """[R, N] per-token coefficients c: the loss is ``sum(c * per_token_term)``."""
+    w = torch.where(mask, weight, torch.zeros_like(weight))
+    if aggregation == "token":
+        return w / norm.tokens
+    per_seq = mask.sum(-1, keepdim=True).clamp_min(1)
+    return w / (per_seq * norm.sequences)
+
+
+SUM_KEYS = ("loss", "pg_loss", "kl", "tokens", "clipped", "ratio_sum", "entropy_sum", "sequences")
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    settings: LossSettings,
+    norm: Normalizer,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, stats) for per-token tensors [R, N] and advantages [R].
+
+    ``ref_logp`` is the KL anchor (frozen reference, or pi_old when the run says so); None or beta = 0
+    drops the KL term. ``stats`` holds sums (see ``SUM_KEYS``) plus ``ratio_min`` / ``ratio_max``.
+    """
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} do not match {logp.shape[0]} trajectories")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("weight", weight)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} {tuple(t.shape)} does not match logp {tuple(logp.shape)}")
+    c = coefficients(mask, weight, settings.aggregation, norm)
+    adv = advantages.to(logp.dtype)[:, None]
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))
+    ratio = log_ratio.exp()
+    clipped_ratio = ratio.clamp(1 - settings.eps_low, 1 + settings.eps_high)
+    pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    loss_terms = pg
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and settings.beta > 0:
+        d = torch.where(mask, ref_logp - logp, torch.zeros_like(logp))
+        kl = KL_ESTIMATORS[settings.kl_estimator](d)
+        loss_terms = pg + settings.beta * kl
+    loss = (c * loss_terms).sum()
+
+    with torch.no_grad():
+        r = ratio.detach()
+        clipped = mask & (((adv > 0) & (r > 1 + settings.eps_high)) | ((adv < 0) & (r < 1 - settings.eps_low)))
+        big = torch.finfo(r.dtype).max
+        stats = {
+            "loss": loss.detach(),
+            "pg_loss": (c * pg).sum().detach(),
+            "kl": (c * kl).sum().detach(),
+            "tokens": mask.sum().to(r.dtype),
+            "clipped": clipped.sum().to(r.dtype),
+            "ratio_sum": torch.where(mask, r, 0.0).sum(),
+            "entropy_sum": torch.where(mask, entropy, 0.0).sum() if entropy is not None else r.new_zeros(()),
+            "sequences": r.new_tensor(float(logp.shape[0])),
+            "ratio_min": torch.where(mask, r, big).min(),
+            "ratio_max": torch.where(mask, r, -big).max(),
+        }
+    return loss, stats
+
+
+def merge_stats(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Combine two stats dicts (micro-batches): sums add, extremes take min / max."""
+    if a is None:
+        return dict(b)
+    out = {k: a[k] + b[k] for k in SUM_KEYS}
+    out["ratio_min"] = torch.minimum(a["ratio_min"], b["ratio_min"])
+    out["ratio_max"] = torch.maximum(a["ratio_max"], b["ratio_max"])
+    return out
+
+
+def summarize(stats: dict[str, torch.Tensor], steps: int = 1) -> dict[str, float]:
+    """Readable metrics; loss, pg_loss and kl are per optimizer step (averaged over ``steps``)."""
+    tokens = float(stats["tokens"]) or 1.0
+    return {
+        "loss": float(stats["loss"]) / steps,
+        "pg_loss": float(stats["pg_loss"]) / steps,
+        "kl": float(stats["kl"]) / steps,
+        "clip_fraction": float(stats["clipped"]) / tokens,
+        "entropy": float(stats["entropy_sum"]) / tokens,
+        "ratio_mean": float(stats["ratio_sum"]) / tokens,
+        "ratio_min": float(stats["ratio_min"]),
+        "ratio_max": float(stats["ratio_max"]),
+        "tokens": float(stats["tokens"]),
+    }

@@ -1,0 +1,175 @@
+"""One learner rank: the policy's DeepSpeed engine, the frozen reference, and the update loop over a batch.
+
+A rank receives its shard of the iteration's batch (trajectories, advantages, the plan, the
+behaviour log-probs) and takes ``updates_per_batch`` passes over it, each pass split into optimizer
+steps of ``micro_batch_size * grad_accumulation`` trajectories. pi_old stays the behaviour
+log-probs for every pass (the ratio is 1 only in the first), and the reference log-probs are
+computed once per batch, since the reference never changes. Loss denominators are counted over the
+whole optimizer step on all ranks (``learner.loss``), so N ranks on N shards take the same step as
+one rank on the whole batch.
+
+This class is plain Python (no Ray): ``learner.actor`` wraps it in an actor per rank, and tests and
+single-process tools use it directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from learner.batch import TrainBatch
+from learner.config import LearnerConfig, validate
+from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
+from learner.logprobs import TokenLogProbs, trajectory_logprobs
+from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, summarize
+from pararl.formats import ParallelFormat
+from pararl.models import load_policy
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig, policy_path: str | Path, fmt: ParallelFormat, rank: int = 0,
+                 world: int = 1, port: int | None = None, addr: str = "127.0.0.1",
+                 reference_path: str | Path | None = None, local_rank: int | None = None) -> None:
+        self.cfg = validate(cfg)
+        self.fmt, self.rank, self.world = fmt, rank, world
+        kind = self.device = resolve_device(cfg)
+        if kind == "cuda":
+            torch.cuda.set_device(local_rank if local_rank is not None else rank % torch.cuda.device_count())
+            self.device = f"cuda:{torch.cuda.current_device()}"
+        if port is None and world > 1:
+            raise ValueError("a learner group of more than one rank needs the MASTER_PORT picked by the driver")
+        init_distributed(rank, world, port or free_port(), resolve_backend(cfg, kind), addr, local_rank)
+        torch.manual_seed(cfg.seed + rank)
+        self.policy_path = str(policy_path)
+        self.engine = build_engine(load_policy(policy_path, dtype=torch.float32), cfg, world, self.device)
+        self.settings = LossSettings.from_config(cfg)
+        self.reference = None
+        if cfg.beta > 0 and cfg.kl_reference == "reference":
+            where = "cpu" if cfg.reference_offload else self.device
+            self.reference = load_policy(reference_path or policy_path, dtype=DTYPES[cfg.precision], device=where)
+            self.reference.requires_grad_(False)
+
+    # ----- log-probabilities -------------------------------------------------------------------
+    def _score(self, model: torch.nn.Module, batch: TrainBatch, with_entropy: bool = False) -> TokenLogProbs:
+        """Log-probs of the whole local batch without gradients, one micro-batch of trajectories at a time."""
+        mb = self.cfg.micro_batch_size
+        with torch.no_grad():
+            parts = [trajectory_logprobs(model, self.fmt, batch.select(slice(i, i + mb)), batch.plan, with_entropy=with_entropy)
+                     for i in range(0, len(batch), mb)]
+        return TokenLogProbs.cat(parts).detach()
+
+    def reference_logprobs(self, batch: TrainBatch) -> TokenLogProbs:
+        if self.cfg.reference_offload and self.device != "cpu":
+            self.reference.to(self.device)
+            try:
+                return self._score(self.reference, batch)
+            finally:
+                self.reference.to("cpu")
+        return self._score(self.reference, batch)
+
+    # ----- the update ------------------------------------------------------------------------
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        t = t.to(self.engine.device)
+        if self.world > 1:
+            dist.all_reduce(t, op=op)
+        return t.cpu()
+
+    def _reduce_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sums = self._all_reduce(torch.stack([stats[k].double().cpu() for k in SUM_KEYS]))
+        out = dict(zip(SUM_KEYS, sums.unbind()))
+        out["ratio_min"] = self._all_reduce(stats["ratio_min"].double().cpu().reshape(1), dist.ReduceOp.MIN)[0]
+        out["ratio_max"] = self._all_reduce(stats["ratio_max"].double().cpu().reshape(1), dist.ReduceOp.MAX)[0]
+        return out
+
+    def train_batch(self, batch: TrainBatch) -> dict:
+        """``updates_per_batch`` passes over this rank's shard; returns metrics reduced over all ranks."""
+        cfg = self.cfg
+        batch.validate()
+        batch = batch.to(self.engine.device)
+        mb, gas = cfg.micro_batch_size, cfg.grad_accumulation
+        per_step = mb * gas
+        if len(batch) % per_step:
+            raise ValueError(
+                f"this rank got {len(batch)} trajectories, not a multiple of micro_batch_size x grad_accumulation "
+                f"= {per_step} (the trajectories of one optimizer step on one rank)"
+            )
+        steps = len(batch) // per_step
+        agree = self._all_reduce(torch.tensor([steps, -steps], dtype=torch.float64), dist.ReduceOp.MAX)
+        if int(agree[0]) != -int(agree[1]):
+            raise ValueError(f"learner ranks got different shard sizes ({steps} optimizer steps here): split batches equally")
+
+        old = batch.old if batch.old is not None else self._score(self.engine, batch)
+        if cfg.beta > 0:
+            ref = self.reference_logprobs(batch) if cfg.kl_reference == "reference" else old
+        else:
+            ref = None
+        # Denominators of each optimizer step j over all ranks: scored tokens and trajectories.
+        tokens = self._all_reduce(old.mask.sum(1).view(steps, per_step).sum(1).double().cpu())
+        if (tokens == 0).any():
+            raise ValueError("an optimizer step has no scored token on any rank: the plan scores nothing in this batch")
+        sequences = float(per_step * self.world)
+
+        updates, total = [], None
+        for _ in range(cfg.updates_per_batch):
+            stats = None
+            for j in range(steps):
+                norm = Normalizer(float(tokens[j]), sequences)
+                for i in range(gas):
+                    rows = slice(j * per_step + i * mb, j * per_step + (i + 1) * mb)
+                    sub = batch.select(rows)
+                    cur = trajectory_logprobs(self.engine, self.fmt, sub, batch.plan, with_entropy=True)
+                    if not torch.equal(cur.mask, old.mask[rows]):
+                        raise ValueError("the behaviour log-probs score other tokens than the batch's plan: "
+                                         "they were computed with a different plan")
+                    loss, st = clipped_surrogate(
+                        cur.logp, old.logp[rows], None if ref is None else ref.logp[rows], sub.advantages,
+                        cur.mask, cur.weight, self.settings, norm, cur.entropy,
+                    )
+                    # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.
+                    self.engine.backward(loss * (gas * self.world))
+                    self.engine.step()
+                    stats = merge_stats(stats, st)
+            stats = self._reduce_stats(stats)
+            total = merge_stats(total, stats)
+            metrics = summarize(stats, steps)
+            norm_value = self.engine.get_global_grad_norm()
+            metrics["grad_norm"] = float(norm_value) if norm_value is not None else float("nan")
+            updates.append(metrics)
+        out = summarize(total, steps * cfg.updates_per_batch)
+        out["tokens"] /= cfg.updates_per_batch
+        out.update(updates=updates, optimizer_steps=steps * cfg.updates_per_batch, global_steps=int(self.engine.global_steps))
+        return out
+
+    # ----- weights and checkpoints -------------------------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def weight_buckets(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None):
+        from learner.weights import iter_weight_buckets
+
+        return iter_weight_buckets(self.engine.module, bucket_bytes, dtype)
+
+    def weights_hash(self) -> str:
+        from learner.weights import policy_hash
+
+        return policy_hash(self.engine.module)
+
+    def save_checkpoint(self, state, folder: str | Path | None = None) -> Path:
+        from learner.checkpoint import save_checkpoint
+
+        folder = folder or self.cfg.checkpoint.folder
+        if folder is None:
+            raise ValueError("no checkpoint folder: set learner.checkpoint.folder")
+        return save_checkpoint(self.engine, folder, state, keep_last=self.cfg.checkpoint.keep_last,
+                               checksums=self.cfg.checkpoint.checksums, source=self.policy_path)
+
+    def load_checkpoint(self, path: str | Path | None = None):
+        """Resume from ``path`` (a checkpoint, or a folder with a ``latest`` pointer; default: the config's folder)."""
+        from learner.checkpoint import load_checkpoint, resolve_checkpoint
+
+        where = resolve_checkpoint(path or self.cfg.checkpoint.folder)
+        return load_checkpoint(self.engine, where)

@@ -1,0 +1,112 @@
+"""One learner rank with a real DeepSpeed engine (in-process, gloo, world of one): updates, clipping, bad input."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from learner.config import LearnerConfig, validate
+from learner.engine import deepspeed_config
+from learner.logprobs import RandomMaskPlan, TokenLogProbs
+from learner.trainer import Learner
+from pararl.config import ConfigError, build_config
+from tests.learner_tiny import FMT, learner_config, policy_folder, sampled_batch
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return policy_folder(tmp_path_factory.mktemp("engine"))
+
+
+@pytest.fixture(scope="module")
+def batch(folder):
+    return sampled_batch(folder)
+
+
+def test_second_update_moves_the_ratio_away_from_one(folder, batch):
+    learner = Learner(learner_config(updates_per_batch=2), folder, FMT)
+    m = learner.train_batch(batch)
+    first, second = m["updates"]
+    # pi_old = the behaviour log-probs: the first update sees the same weights (up to float noise).
+    assert abs(first["ratio_min"] - 1) < 1e-5 and abs(first["ratio_max"] - 1) < 1e-5
+    assert first["clip_fraction"] == 0 and first["kl"] == pytest.approx(0, abs=1e-9)
+    assert max(abs(second["ratio_min"] - 1), abs(second["ratio_max"] - 1)) > 1e-3
+    assert second["kl"] > 0 and m["optimizer_steps"] == 2 and m["global_steps"] == 2
+    assert first["entropy"] > 0 and first["tokens"] == 8 * (8 + 16)  # windows [0, 2) and [2, 4): every token
+
+
+def shifted(batch, by):
+    """The behaviour log-probs moved by ``-by`` on scored tokens: every ratio starts at exp(by)."""
+    old = batch.old
+    return replace(batch, old=TokenLogProbs(torch.where(old.mask, old.logp - by, 0.0), old.mask, old.weight))
+
+
+def test_clipping_engages_on_a_batch_built_to_exceed_epsilon(folder, batch):
+    cfg = learner_config(updates_per_batch=1, beta=0.0, grad_accumulation=2, eps_high=0.2)
+    learner = Learner(cfg, folder, FMT)
+    before = learner.weights_hash()
+    positive = replace(shifted(batch, 1.0), advantages=batch.advantages.abs() + 0.1)
+    m = learner.train_batch(positive)
+    assert m["ratio_min"] > 1.2 and m["clip_fraction"] == 1.0
+    assert learner.weights_hash() == before, "fully clipped tokens carry no gradient: the weights must not move"
+    negative = replace(positive, advantages=-positive.advantages)
+    m = learner.train_batch(negative)
+    assert m["clip_fraction"] == 0.0 and learner.weights_hash() != before
+
+
+def test_random_mask_estimator_and_bf16_train(folder):
+    plan = RandomMaskPlan(seed=3, ratio_min=0.3, ratio_max=0.8)
+    b = sampled_batch(folder, plan=plan)
+    learner = Learner(learner_config(precision="bf16", logprob_estimator="random_mask", updates_per_batch=1), folder, FMT)
+    m = learner.train_batch(b)
+    assert torch.isfinite(torch.tensor(m["loss"])) and m["tokens"] == float(b.old.mask.sum())
+    assert learner.module.model.transformer.wte.weight.dtype == torch.bfloat16
+
+
+def test_pi_old_is_computed_when_the_batch_has_none(folder, batch):
+    learner = Learner(learner_config(updates_per_batch=1), folder, FMT)
+    m = learner.train_batch(replace(batch, old=None))
+    assert m["ratio_min"] == pytest.approx(1.0, abs=1e-6) and m["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_deepspeed_config_follows_the_learner_config():
+    ds = deepspeed_config(learner_config(zero_stage=3, precision="bf16", micro_batch_size=2, grad_accumulation=3, grad_clip=0.5), world=4)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_allow_untested_optimizer"]
+
+
+def test_bad_config_and_batches_are_refused_by_name(folder, batch):
+    with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
+        Learner(learner_config(precision="fp16"), folder, FMT)
+    with pytest.raises(ConfigError, match="learner.kl_estimator='k4' is not one of: k1, k2, k3"):
+        validate(learner_config(kl_estimator="k4"))
+    with pytest.raises(ConfigError, match="is not one of: random_mask, trace"):
+        validate(build_config(LearnerConfig, overrides=["logprob_estimator=elbo"]))
+    with pytest.raises(ConfigError, match="did you mean 'kl_estimator'"):
+        build_config(LearnerConfig, overrides=["kl_estimatr=k1"])
+    with pytest.raises(ConfigError, match="zero_stage=4"):
+        validate(learner_config(zero_stage=4))
+    learner = Learner(learner_config(micro_batch_size=3, grad_accumulation=1), folder, FMT)
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size x grad_accumulation = 3"):
+        learner.train_batch(batch)
+    learner = Learner(learner_config(), folder, FMT)
+    with pytest.raises(ValueError, match="computed with a different plan"):
+        learner.train_batch(replace(batch, plan=replace(batch.plan, steps=(0,), merge=1)))
+    with pytest.raises(ValueError, match="reveal no token in the sampled windows"):
+        never = replace(batch, step_map=torch.where(batch.step_map == 3, -1, batch.step_map),
+                        plan=replace(batch.plan, steps=(3,), merge=1), old=None)
+        learner.train_batch(never)
+
+
+def test_kl_against_pi_old_needs_no_reference_and_checkpointing_changes_nothing(folder, batch):
+    old_kl = Learner(learner_config(kl_reference="old", updates_per_batch=2), folder, FMT)
+    assert old_kl.reference is None
+    m = old_kl.train_batch(batch)
+    assert m["updates"][0]["kl"] == pytest.approx(0, abs=1e-9) and m["updates"][1]["kl"] > 0
+    plain = Learner(learner_config(updates_per_batch=1), folder, FMT)
+    ckpt = Learner(learner_config(updates_per_batch=1, gradient_checkpointing=True), folder, FMT)
+    assert ckpt.module.is_gradient_checkpointing
+    plain.train_batch(batch)
+    ckpt.train_batch(batch)
+    for (name, a), (_, b) in zip(plain.module.named_parameters(), ckpt.module.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
