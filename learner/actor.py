@@ -64,6 +64,21 @@ class LearnerWorker:
     def weights_hash(self) -> str:
         return self.learner.weights_hash()
 
+    def stream_weights(self, bucket_bytes: int):
+        """Rank 0's weights for sync, one bucket per yielded object (numpy: zero-copy in the object store).
+
+        A Ray streaming generator: rollout workers start loading the first bucket while later ones are
+        still being gathered. Every other rank runs ``drain_weights`` at the same time (ZeRO-3 gathers
+        are collective).
+        """
+        from rollout.worker import encode_tensor
+
+        for bucket in self.learner.weight_buckets(bucket_bytes):
+            yield [(name, encode_tensor(t)) for name, t in bucket]
+
+    def drain_weights(self, bucket_bytes: int) -> int:
+        return sum(1 for _ in self.learner.weight_buckets(bucket_bytes))
+
 
 LearnerActor = ray.remote(LearnerWorker)
 

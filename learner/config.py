@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pararl.config import ConfigError
+from pararl.errors import ConfigError
 
 
 @dataclass

@@ -46,6 +46,7 @@ class Learner:
         self.policy_path = str(policy_path)
         self.engine = build_engine(load_policy(policy_path, dtype=torch.float32), cfg, world, self.device)
         self.settings = LossSettings.from_config(cfg)
+        self._grad_norm: float | None = None
         self.reference = None
         if cfg.beta > 0 and cfg.kl_reference == "reference":
             where = "cpu" if cfg.reference_offload else self.device
@@ -130,18 +131,32 @@ class Learner:
                     )
                     # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.
                     self.engine.backward(loss * (gas * self.world))
+                    if self.engine.is_gradient_accumulation_boundary():
+                        self._grad_norm = self._plain_grad_norm()
                     self.engine.step()
                     stats = merge_stats(stats, st)
             stats = self._reduce_stats(stats)
             total = merge_stats(total, stats)
             metrics = summarize(stats, steps)
             norm_value = self.engine.get_global_grad_norm()
+            if norm_value is None:  # DeepSpeed keeps no norm for plain fp32 ZeRO-0: use ours (before clipping)
+                norm_value = self._grad_norm
             metrics["grad_norm"] = float(norm_value) if norm_value is not None else float("nan")
             updates.append(metrics)
         out = summarize(total, steps * cfg.updates_per_batch)
         out["tokens"] /= cfg.updates_per_batch
+        norms = [u["grad_norm"] for u in updates if u["grad_norm"] == u["grad_norm"]]
+        out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+        out["ratio_mean_last_update"] = updates[-1]["ratio_mean"]
         out.update(updates=updates, optimizer_steps=steps * cfg.updates_per_batch, global_steps=int(self.engine.global_steps))
         return out
+
+    def _plain_grad_norm(self) -> float | None:
+        """Global L2 norm of the (already averaged) gradients where they live on the parameters (ZeRO-0)."""
+        if self.cfg.zero_stage != 0:
+            return None
+        grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else None
 
     # ----- weights and checkpoints -------------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cluster.placement import PlacementError
 from pararl.config import ConfigError
 
 
@@ -26,6 +27,19 @@ def _reward_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from cluster.train import train
+
+    train(args.config, args.overrides)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from learner.cli import export_main
+
+    return export_main(args) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pararl", description="ParaRL for parallel text+image diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="run config (YAML)")
     r.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
     r.set_defaults(run=_reward_stats)
+
+    t = sub.add_parser("train", help="run ParaRL on Ray (a local Ray by default; cluster.address joins one)")
+    t.add_argument("config", help="run config (YAML)")
+    t.add_argument("overrides", nargs="*", help="config overrides as dotted key=value (e.g. train.resume=true)")
+    t.set_defaults(run=_train)
+
+    from learner.cli import add_export_arguments
+
+    e = sub.add_parser("export", help="write a checkpoint's policy as a model folder that load_policy loads")
+    add_export_arguments(e)
+    e.set_defaults(run=_export)
     return parser
 
 
@@ -50,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, PlacementError) as err:
         print(f"pararl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,10 @@ from typing import Any, Optional, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from cluster.config import ClusterConfig
+from learner.config import LearnerConfig
+from learner.config import validate as validate_learner
+from pararl.errors import ConfigError
 from reward.config import RewardConfig
 
 
@@ -32,10 +36,6 @@ class SamplerConfig:
     cfg_image: float = 0.0  # w in (1 + w) * cond - w * uncond, image positions
     cfg_text: float = 0.0  # the same for text positions
     cfg_drop_input_image: bool = False  # unconditional rows also blank the input image (editing)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key."""
 
 
 T = TypeVar("T")
@@ -111,6 +111,23 @@ class DataConfig:
 
 
 @dataclass
+class TrackingConfig:
+    experiment: str = "pararl"
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run folder
+    snapshot_every: int = 5  # log a picture of snapshots every N steps (0: never)
+    snapshot_trajectories: int = 4  # trajectories in that picture
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10  # ParaRL iterations (each: rollout, reward, update(s), weight sync)
+    checkpoint_every: int = 5  # 0: only at the end and on SIGTERM / Ctrl-C
+    eval_every: int = 0  # held-out evaluation every N steps (0: before and after only)
+    eval_prompts: int = 32
+    resume: bool = False  # continue from the latest checkpoint in the run folder
+
+
+@dataclass
 class RunConfig:
     """A whole ParaRL run: what ``pararl train / eval / reward-stats`` read."""
 
@@ -121,6 +138,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -131,6 +152,9 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
         cfg.reward.stats_file = str(run_dir / "reward_stats.json")
     if cfg.data.cache_dir is None:
         cfg.data.cache_dir = str(run_dir / "codes")
+    if cfg.learner.checkpoint.folder is None:
+        cfg.learner.checkpoint.folder = str(run_dir / "checkpoints")
+    validate_learner(cfg.learner)
     return cfg
 
 

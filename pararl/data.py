@@ -100,3 +100,32 @@ def reference_pairs(records: list[Record], cache: CodeCache, batch: int) -> Iter
         part = usable[i : i + batch]
         codes = torch.stack([cache.codes(r.output_image) for r in part])
         yield cache.tokenizer.decode(codes), [r.output_text for r in part]
+
+
+class PromptSource:
+    """Batches of generation requests in a fixed, seeded order; ``position`` is what a checkpoint saves.
+
+    The order is a seeded permutation per epoch, so a resumed run continues with exactly the prompts
+    it would have seen, and each request's sampling seed derives from (run seed, position).
+    """
+
+    def __init__(self, records: list[Record], encode_text, cache: CodeCache, seed: int) -> None:
+        self.records, self.encode_text, self.cache, self.seed = records, encode_text, cache, seed
+        self.position = 0
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.records))
+        order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return int(order[offset])
+
+    def request(self, position: int):
+        from pararl.types import GenerationRequest
+
+        rec = self.records[self._index(position)]
+        codes = self.cache.codes(rec.input_image) if rec.task == "edit" else None
+        return GenerationRequest(self.encode_text(rec.prompt), codes, seed=self.seed * 1_000_003 + position)
+
+    def next_batch(self, size: int) -> list:
+        batch = [self.request(self.position + i) for i in range(size)]
+        self.position += size
+        return batch

@@ -67,3 +67,52 @@ class Trajectories:
     def to(self, device: str | torch.device) -> "Trajectories":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Trajectories(**moved)
+
+
+def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajectories:
+    """One batch from the parts that different rollout workers sampled (in request order).
+
+    Each worker left-padded its own prompts; the parts are padded further on the left to a common
+    width, which keeps every output span in the same columns (padding is masked out of attention).
+    """
+    import torch.nn.functional as F
+
+    if not parts:
+        raise ValueError("no trajectories to concatenate")
+    first = parts[0]
+    width = max(p.tokens.shape[1] for p in parts)
+    out_len = first.layout.length - first.layout.output_start
+    for p in parts:
+        if p.layout.length - p.layout.output_start != out_len or p.steps != first.steps:
+            raise ValueError("trajectory parts differ in output layout or steps: not one sampler config")
+        if not torch.equal(p.snapshot_steps, first.snapshot_steps):
+            raise ValueError("trajectory parts have different snapshot steps")
+        if p.policy_version != first.policy_version:
+            raise ValueError(f"trajectory parts come from policy versions {p.policy_version} and {first.policy_version}")
+
+    def left(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (width - t.shape[1], 0), value=value)
+
+    offsets, total = [], 0
+    for p in parts:
+        offsets.append(total)
+        total += int(p.prompt_index.max()) + 1 if len(p) else 0
+    shift = width - first.layout.length
+    lay = first.layout
+    layout = OutputLayout(width, lay.output_start + shift, lay.image_start + shift, lay.image_len,
+                          lay.text_start + shift, lay.text_len)
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return Trajectories(
+        tokens=torch.cat([left(p.tokens, pad_id) for p in parts]),
+        attention_mask=torch.cat([left(p.attention_mask, 0) for p in parts]),
+        step_map=torch.cat([left(p.step_map, -1) for p in parts]),
+        prompt_index=torch.cat([p.prompt_index + off for p, off in zip(parts, offsets)]),
+        member=cat("member"),
+        seeds=cat("seeds"),
+        layout=layout,
+        steps=first.steps,
+        snapshot_steps=first.snapshot_steps,
+        snapshot_tokens=None if first.snapshot_tokens is None else cat("snapshot_tokens"),
+        snapshot_x0=None if first.snapshot_x0 is None else cat("snapshot_x0"),
+        policy_version=first.policy_version,
+    )

@@ -17,6 +17,20 @@ from pararl.types import GenerationRequest, Trajectories
 from rollout.sampler import ParallelSampler
 
 
+def encode_tensor(t: torch.Tensor) -> Any:
+    """A CPU tensor as what the object store moves without copies: a numpy array (bf16 travels as int16 bits)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        return ("bfloat16", t.view(torch.int16).numpy())
+    return t.numpy()
+
+
+def decode_array(value: Any) -> torch.Tensor:
+    if isinstance(value, tuple) and value[0] == "bfloat16":
+        return torch.from_numpy(np.asarray(value[1])).view(torch.bfloat16)
+    return torch.from_numpy(np.asarray(value))
+
+
 class SyncError(RuntimeError):
     """A weight sync that did not deliver exactly the policy's tensors."""
 
@@ -45,7 +59,7 @@ class RolloutWorker:
             live = self.live.get(name)
             if live is None:
                 raise SyncError(f"weight sync sent {name!r}, which the rollout policy does not have")
-            src = torch.from_numpy(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+            src = value if isinstance(value, torch.Tensor) else decode_array(value)
             if tuple(src.shape) != tuple(live.shape):
                 raise SyncError(f"weight sync sent {name!r} with shape {tuple(src.shape)}, the policy has {tuple(live.shape)}")
             live.data.copy_(src, non_blocking=False)
@@ -68,9 +82,17 @@ class RolloutWorker:
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, requests: Sequence[GenerationRequest], group_size: int, snapshot_steps: Sequence[int],
-               version: int | None = None) -> Trajectories:
+               version: int | None = None, plan: Any = None) -> tuple[Trajectories, Any]:
+        """Trajectories, and (with a plan) their behaviour log-probs under the weights that sampled them:
+        the learner's estimator, no CFG, temperature 1, so pi_old is exactly this policy version."""
         if version is not None and version != self.version:
             raise SyncError(f"asked to sample with policy version {version}, but this worker holds {self.version}")
         traj = self.sampler.sample(requests, group_size=group_size, snapshot_steps=snapshot_steps)
         traj.policy_version = self.version
-        return traj.to("cpu")
+        old = None
+        if plan is not None:
+            from learner.logprobs import trajectory_logprobs
+
+            with torch.inference_mode():
+                old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan).to("cpu")
+        return traj.to("cpu"), old

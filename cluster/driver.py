@@ -1,0 +1,210 @@
+"""The ParaRL driver loop on Ray: rollout -> reward -> advantages -> update(s) -> weight sync, repeated.
+
+Synchronous mode waits for each stage. One-step off-policy mode samples step k+1 with the weights of
+step k while the learner updates on step k; its importance ratios use the behaviour log-probs the
+rollout workers computed with the weights that actually produced the trajectories.
+"""
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from cluster.placement import place, start_ray
+from cluster.rollout_group import RolloutGroup
+from cluster.tracking import Tracker
+from cluster.weight_sync import WeightSync
+from learner.actor import LearnerGroup
+from learner.advantages import compute_advantages
+from learner.batch import TrainBatch, iteration_plan
+from learner.checkpoint import RunState, latest_checkpoint
+from learner.logprobs import TracePlan
+from pararl.bundle import load_codecs
+from pararl.config import RunConfig, require
+from pararl.data import CodeCache, PromptSource, read_records
+from pararl.snapshots import snapshot_grid
+from reward.client import RewardClient
+from reward.semantic import choose_steps
+from reward.service import start_reward_pool, stop_reward_pool
+from reward.stats import load_stats
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank died: the run stops; the last checkpoint is intact and resume=true continues it."""
+
+
+class Driver:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.codecs = load_codecs(require(cfg.model, "model"))
+        load_stats(cfg.reward.stats_file) if any(m.standardize for m in cfg.reward.models.values()) else None
+        records = read_records(require(cfg.data.train, "data.train"))
+        self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer), cfg.seed)
+        self.stop_requested = False
+        self.timings: dict[str, float] = {}
+
+        start_ray(cfg.cluster)
+        c, r = cfg.cluster, cfg.reward
+        self.placement = place(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)
+        self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model))
+        self.sync = WeightSync(c.sync_bucket_mb << 20, c.call_timeout_s)
+        dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
+        # rollout workers take their own bundles first; learner ranks then fill the remaining ones
+        self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
+                                     dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu")
+        self.learners = LearnerGroup(
+            cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
+            num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,
+            actor_options={"scheduling_strategy": self.placement.strategy(-1)},
+        )
+        self.state = RunState(reward_stats_path=cfg.reward.stats_file)
+        if cfg.train.resume:
+            self._resume()
+        self.tracker = Tracker(self.run_dir, cfg.tracking.experiment, cfg.name, cfg.tracking.tracking_uri,
+                               run_id=self.state.extra.get("mlflow_run_id"))
+        if not cfg.train.resume:
+            self.tracker.log_config(cfg)
+            self.tracker.log_file(cfg.reward.stats_file, "reward")
+        self.state.extra["mlflow_run_id"] = self.tracker.run_id
+
+    # ---------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.cfg.learner.checkpoint.folder)
+        if ckpt is None:
+            raise FileNotFoundError(f"resume=true but {self.cfg.learner.checkpoint.folder} holds no complete checkpoint")
+        self.state = self.learners.load_checkpoint(str(ckpt))
+        self.prompts.position = self.state.data_position
+        # the rollout workers start from the model folder: bring them to the checkpoint's weights
+        self.sync.broadcast(self.learners.actors, self.rollouts.workers, self.state.policy_version)
+
+    def _plan(self, step: int, snapshot_steps: list[int]) -> Any:
+        """ParaRL estimates the likelihood at the reward's sampled steps (trace replay) unless configured otherwise."""
+        lc = self.cfg.learner
+        if lc.logprob_estimator == "trace" and lc.sampled_steps == 0 and lc.merge_steps == 1:
+            return TracePlan(tuple(snapshot_steps))
+        return iteration_plan(lc, self.cfg.sampler.steps, self.cfg.seed * 7919 + step)
+
+    def _rollout(self, step: int):
+        rng = random.Random(self.cfg.seed * 1_000_003 + step)
+        r = self.cfg.reward
+        steps = choose_steps(self.cfg.sampler.steps, r.sampled_steps, r.include_final, r.step_sampling, rng)
+        plan = self._plan(step, steps)
+        requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
+        t = time.perf_counter()
+        traj, old = self.rollouts.sample(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)
+        return traj, old, plan, time.perf_counter() - t
+
+    def _train_batch(self, traj, old, plan, rewards) -> tuple[TrainBatch | None, dict[str, float]]:
+        lc = self.cfg.learner
+        kept = rewards.kept.nonzero().flatten()  # trajectories with a finite reward (the rest were dropped)
+        adv = compute_advantages(rewards.rewards[kept], traj.prompt_index[kept], lc.advantage, lc.advantage_eps,
+                                 lc.drop_constant_groups)
+        values = torch.zeros(len(traj))
+        values[kept] = adv.values
+        keep = torch.zeros(len(traj), dtype=torch.bool)
+        keep[kept] = adv.keep
+        unit = lc.micro_batch_size * lc.grad_accumulation * self.cfg.cluster.learner_ranks
+        rows = keep.nonzero().flatten()
+        usable = (len(rows) // unit) * unit
+        metrics = {"advantage/mean": float(values[keep].mean()) if keep.any() else 0.0,
+                   "advantage/abs_mean": float(values[keep].abs().mean()) if keep.any() else 0.0,
+                   "advantage/zero_variance_groups": adv.constant_groups / max(1, adv.groups),
+                   "train/trajectories": float(usable), "train/trimmed": float(len(rows) - usable)}
+        if usable == 0:
+            return None, metrics
+        rows = rows[:usable]
+        batch = TrainBatch.from_trajectories(traj, values, plan, old).select(rows)
+        return batch, metrics
+
+    def _checkpoint(self) -> str:
+        self.state.data_position = self.prompts.position
+        return self.learners.save_checkpoint(self.state)
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
+        if self.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        tqdm.write(f"signal {signum}: finishing this step, writing a checkpoint, then stopping")
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self) -> RunState:
+        cfg = self.cfg
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        pending = None  # off-policy mode: the next step's rollout, already sampled
+        bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="ParaRL", unit="step")
+        try:
+            while self.state.step < cfg.train.steps and not self.stop_requested:
+                step = self.state.step
+                t0 = time.perf_counter()
+                traj, old, plan, t_roll = pending or self._rollout(step)
+                pending = None
+                t = time.perf_counter()
+                rewards = self.reward.score(traj)
+                t_reward = time.perf_counter() - t
+                batch, metrics = self._train_batch(traj, old, plan, rewards)
+                t = time.perf_counter()
+                train_ref = None
+                if batch is not None:
+                    shards = [batch.shard(r, len(self.learners.actors)) for r in range(len(self.learners.actors))]
+                    train_ref = [a.train.remote(s) for a, s in zip(self.learners.actors, shards)]
+                if cfg.cluster.mode == "off_policy" and step + 1 < cfg.train.steps:
+                    pending = self._rollout(step + 1)  # overlaps the update: sampled with this version's weights
+                try:
+                    learn = ray.get(train_ref, timeout=cfg.cluster.call_timeout_s)[0] if train_ref else {}
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as err:
+                    raise LearnerDied(
+                        f"a learner rank died during step {step}: {err}. The last checkpoint is intact; "
+                        f"rerun with train.resume=true to continue from it"
+                    ) from err
+                t_learn = time.perf_counter() - t
+                t = time.perf_counter()
+                if batch is not None:
+                    self.state.policy_version += 1
+                    self.sync.broadcast(self.learners.actors, self.rollouts.workers, self.state.policy_version)
+                t_sync = time.perf_counter() - t
+                self.state.step += 1
+                wall = time.perf_counter() - t0
+                metrics.update(rewards.metrics())
+                metrics.update({f"learner/{k}": v for k, v in learn.items() if isinstance(v, (int, float))})
+                metrics.update({"time/rollout": t_roll, "time/reward": t_reward, "time/learner": t_learn,
+                                "time/sync": t_sync, "time/step": wall, "throughput/trajectories_per_s": len(traj) / wall,
+                                "policy_version": self.state.policy_version, "rollout/restarts": self.rollouts.restarts,
+                                "rollout/trajectory_version": traj.policy_version,
+                                "learner/lr": cfg.learner.lr})
+                self.tracker.log_metrics(metrics, step=step)
+                self.last_metrics = metrics
+                if cfg.tracking.snapshot_every and step % cfg.tracking.snapshot_every == 0:
+                    self._log_snapshots(traj, rewards, step)
+                if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
+                    self._checkpoint()
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", traj_s=f"{len(traj) / wall:.1f}")
+            self._checkpoint()
+            self.tracker.finish("FINISHED" if not self.stop_requested else "KILLED")
+            return self.state
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _log_snapshots(self, traj, rewards, step: int) -> None:
+        n = min(self.cfg.tracking.snapshot_trajectories, len(traj))
+        rows = list(range(0, len(traj), max(1, len(traj) // n)))[:n]
+        titles = [f"R={float(rewards.rewards[r]):.2f}" for r in rows]
+        image = snapshot_grid(traj, self.codecs.fmt, self.codecs.image_tokenizer, self.codecs.decode_text, rows, titles)
+        self.tracker.log_image(image, f"snapshots/step_{step:05d}.png")
+
+    def shutdown(self) -> None:
+        for part in (self.rollouts.shutdown, self.learners.shutdown, stop_reward_pool, self.placement.remove):
+            try:
+                part()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass

@@ -1,0 +1,25 @@
+"""``pararl train CONFIG [key=value ...]``: a whole ParaRL run, then where to look at it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from pararl.config import load_run_config
+
+
+def train(config: str | Path | None, overrides: Sequence[str] = ()) -> dict:
+    from cluster.driver import Driver
+
+    cfg = load_run_config(config, overrides)
+    driver = Driver(cfg)
+    try:
+        state = driver.run()
+    finally:
+        driver.shutdown()
+    run_dir = Path(cfg.run_dir).resolve()
+    print(f"ParaRL run finished at step {state.step} (policy version {state.policy_version})")
+    print(f"  checkpoints: {cfg.learner.checkpoint.folder}")
+    print(f"  MLflow:      {driver.tracker.uri}")
+    if driver.tracker.uri.startswith("sqlite:"):
+        print(f"  look at it:  .venv/bin/mlflow ui --backend-store-uri {driver.tracker.uri}")
+    return {"state": state, "run_dir": run_dir, "metrics": getattr(driver, "last_metrics", {}), "run_id": driver.tracker.run_id}
