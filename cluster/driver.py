@@ -45,11 +45,13 @@ class Driver:
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.codecs = load_codecs(require(cfg.model, "model"))
-        load_stats(cfg.reward.stats_file) if any(m.standardize for m in cfg.reward.models.values()) else None
+        if any(m.standardize for m in cfg.reward.models.values()):
+            load_stats(cfg.reward.stats_file)  # a missing or unreadable stats file fails here, before any actor starts
         records = read_records(require(cfg.data.train, "data.train"))
         self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer), cfg.seed)
         self.stop_requested = False
-        self.timings: dict[str, float] = {}
+        if cfg.train.resume and latest_checkpoint(cfg.learner.checkpoint.folder) is None:
+            raise FileNotFoundError(f"train.resume=true but {cfg.learner.checkpoint.folder} holds no complete checkpoint")
 
         start_ray(cfg.cluster)
         c, r = cfg.cluster, cfg.reward
@@ -78,8 +80,6 @@ class Driver:
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.cfg.learner.checkpoint.folder)
-        if ckpt is None:
-            raise FileNotFoundError(f"resume=true but {self.cfg.learner.checkpoint.folder} holds no complete checkpoint")
         self.state = self.learners.load_checkpoint(str(ckpt))
         self.prompts.position = self.state.data_position
         # the rollout workers start from the model folder: bring them to the checkpoint's weights

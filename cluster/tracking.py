@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,18 +36,20 @@ class Tracker:
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
         self.uri = uri
         try:
-            import mlflow
+            from mlflow import MlflowClient
 
-            self.mlflow = mlflow
+            # A client bound to this URI and run, not MLflow's process-global "active run": several
+            # drivers in one process (tests, notebooks) never log into each other's runs.
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            mlflow.set_tracking_uri(uri)
-            exp = mlflow.get_experiment_by_name(experiment)
-            if exp is None:
-                exp_id = mlflow.create_experiment(experiment, artifact_location=(self.run_dir / "mlartifacts").as_uri())
+            self.client = MlflowClient(uri)
+            if run_id is None:
+                exp = self.client.get_experiment_by_name(experiment)
+                exp_id = exp.experiment_id if exp else self.client.create_experiment(
+                    experiment, artifact_location=(self.run_dir / "mlartifacts").as_uri())
+                run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             else:
-                exp_id = exp.experiment_id
-            run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=None if run_id else run_name)
-            self.run_id = run.info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
         except Exception as err:  # noqa: BLE001 - any tracking failure must leave the run alive
             self._disable(err)
 
@@ -61,7 +63,7 @@ class Tracker:
         if not self.enabled:
             return
         try:
-            getattr(self.mlflow, fn)(*args, **kwargs)
+            getattr(self.client, fn)(self.run_id, *args, **kwargs)
         except Exception as err:  # noqa: BLE001
             self._disable(err)
 
@@ -69,20 +71,26 @@ class Tracker:
         container = OmegaConf.to_container(OmegaConf.structured(cfg)) if not isinstance(cfg, Mapping) else cfg
         params = flatten(container)
         items = list(params.items())
+        from mlflow.entities import Param
+
         for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
-            self._call("log_params", dict(items[i : i + 90]))
+            self._call("log_batch", params=[Param(k, v) for k, v in items[i : i + 90]])
         self._call("log_text", OmegaConf.to_yaml(container), "config.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self._call("log_metrics", clean, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = [Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        self._call("log_batch", metrics=clean)
 
     def log_image(self, image: Image.Image, name: str) -> None:
-        self._call("log_image", image, name)
+        self._call("log_image", image, artifact_file=name)
 
     def log_file(self, path: str | Path, folder: str | None = None) -> None:
         if Path(path).is_file():
             self._call("log_artifact", str(path), folder)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._call("end_run", status=status)
+        self._call("set_terminated", status=status)

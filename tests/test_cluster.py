@@ -66,3 +66,79 @@ def test_three_steps_end_to_end_log_metrics_and_a_snapshot_picture(ray_local, se
     pictures = [a.path for a in client.list_artifacts(out["run_id"], "snapshots")]
     assert pictures == ["snapshots/step_00000.png", "snapshots/step_00002.png"]
     assert {a.path for a in client.list_artifacts(out["run_id"])} >= {"config.yaml", "reward", "snapshots"}
+
+
+def _cfg(setup, tmp_path, **over):
+    overrides = [f"run_dir={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in over.items()]
+    return load_run_config(setup["config"], overrides)
+
+
+def test_after_a_sync_every_rollout_worker_holds_the_learners_weights(ray_local, setup, tmp_path):
+    driver = Driver(_cfg(setup, tmp_path, **{"train.steps": 1}))
+    try:
+        before = set(driver.rollouts.hashes())
+        driver.run()
+        learner_hashes = driver.learners.weights_hashes()
+        worker_hashes = driver.rollouts.hashes()
+        assert len(set(learner_hashes)) == 1 and worker_hashes == learner_hashes * 2
+        assert before != set(worker_hashes), "the update changed the weights, and the workers got the change"
+        assert driver.state.policy_version == 1
+    finally:
+        driver.shutdown()
+
+
+def test_a_rollout_worker_killed_while_sampling_loses_nothing(ray_local, setup, tmp_path):
+    import threading
+    import time
+
+    import ray
+
+    driver = Driver(_cfg(setup, tmp_path, **{"train.steps": 2, "sampler.steps": 8, "data.prompts_per_step": 96}))
+    try:
+        driver.run()  # two steps: the workers hold version 2
+        victim = driver.rollouts.workers[1]
+        duration = driver._rollout(2)[3]
+        for attempt in range(4):  # the kill must land while the workers sample: earlier on each try
+            killer = threading.Timer(duration / (3 * 2**attempt), lambda: ray.kill(victim, no_restart=False))
+            killer.start()
+            traj, old, plan, _ = driver._rollout(3 + attempt)
+            killer.join()
+            if driver.rollouts.restarts:
+                break
+            time.sleep(1.0)  # a kill that came after the rollout: let the restart finish, try again
+            ray.get(victim.ready.remote())
+            driver.sync.catch_up(victim)
+        assert driver.rollouts.restarts == 1
+        assert len(traj) == 96 * 2 and traj.policy_version == 2 and len(old.logp) == len(traj)
+        assert not (traj.output == driver.codecs.fmt.mask_id).any()
+        assert ray.get(victim.ready.remote()) == 2, "the restarted worker loaded the current weights"
+        assert driver.rollouts.hashes()[1] == driver.learners.weights_hashes()[0]
+    finally:
+        driver.shutdown()
+
+
+def test_stop_after_a_checkpoint_then_resume_continues_at_the_next_step(ray_local, setup, tmp_path):
+    first = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.checkpoint_every=1"])
+    assert first["state"].step == 2
+    out = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=3", "train.resume=true"])
+    assert out["state"].step == 3 and out["state"].policy_version == 3
+    assert out["run_id"] == first["run_id"], "the resumed run keeps logging into the same MLflow run"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(out["run_id"], "reward.mean")] == [0, 1, 2]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(ray_local, setup, tmp_path, capsys):
+    code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'empty'}", "train.resume=true"])
+    assert code == 2 and "holds no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("learner.lrr=1", "unknown config key 'learner.lrr' (did you mean 'lr'?)"),
+    ("model=/nowhere/model", "model folder /nowhere/model does not exist"),
+    ("reward.stats_file=/nowhere/stats.json", "reward stats file /nowhere/stats.json does not exist"),
+    ("cluster.rollout_gpus=1", "the config needs 2 GPUs (the cluster has 0)"),
+])
+def test_bad_input_exits_2_with_one_clear_line(ray_local, setup, tmp_path, capsys, override, message):
+    code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1], err
