@@ -21,4 +21,4 @@ class ClusterConfig:
     call_timeout_s: float = 1800.0  # every remote call has a timeout
     max_restarts: int = 3  # restarts of a failed rollout worker
     mode: str = "sync"  # "sync" or "off_policy" (rollout of step k+1 overlaps learning of step k)
-    sync_bucket_mb: int = 256
+    sync_bucket_mb: int = 64  # smaller buckets pipeline the export with the workers' loads

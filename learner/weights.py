@@ -67,7 +67,9 @@ def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20,
         else:
             gather = contextlib.nullcontext()
         with gather, torch.no_grad():
-            yield [(name, p.detach().to("cpu", dtype=dtype or p.dtype, copy=True)) for name, p in bucket]
+            # Gathered (ZeRO-3) tensors are released after this block, so they are copied out; a
+            # plain CPU parameter is handed out as is (a consumer that keeps it must copy it itself).
+            yield [(name, p.detach().to("cpu", dtype=dtype or p.dtype, copy=_is_zero3(p))) for name, p in bucket]
 
 
 def tensor_digest(t: torch.Tensor) -> str:

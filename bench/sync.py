@@ -1,0 +1,88 @@
+"""Weight sync: seconds to move a ~100M-parameter policy from learner rank 0 into 2 rollout workers.
+
+Timed from the start of the export to both workers confirming the load into their live model (warm
+repeats, median), against the floor: the bytes delivered (model size x 2 workers) divided by this
+machine's warm memcpy bandwidth, measured in the same run. The last line is one JSON object whose
+``ratio`` is sync time / floor (target <= 3). Run: ``.venv/bin/python bench/sync.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                   "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+    os.environ.setdefault(key, value)
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from cluster.config import ClusterConfig  # noqa: E402
+from cluster.rollout_group import RolloutGroup  # noqa: E402
+from cluster.weight_sync import WeightSync  # noqa: E402
+from learner.actor import LearnerGroup  # noqa: E402
+from learner.config import LearnerConfig  # noqa: E402
+from pararl.bundle import ModelBundle  # noqa: E402
+from pararl.config import SamplerConfig  # noqa: E402
+from pararl.formats import world_format  # noqa: E402
+from pararl.image_tokenizers import PaletteCodec  # noqa: E402
+from pararl.models import LLaDAConfig, build_policy  # noqa: E402
+from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
+
+REPEATS = 7
+
+
+def memcpy_bandwidth(nbytes: int) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm
+    times = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp())
+    tok = build_word_tokenizer([f"w{i}" for i in range(7000)])
+    fmt = world_format(len(tok), 8, 16)
+    config = LLaDAConfig(d_model=768, n_heads=12, n_layers=12, mlp_hidden_size=2048, vocab_size=fmt.vocab_size,
+                         embedding_size=fmt.vocab_size, mask_token_id=fmt.mask_id)
+    policy = build_policy(config)
+    params = sum(p.numel() for p in policy.parameters())
+    model_bytes = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
+    ModelBundle(tok, fmt, PaletteCodec(grid=(4, 4), patch=8, codebook_size=8), policy).save(tmp / "model")
+    del policy
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    cluster = ClusterConfig(rollout_workers=2, rollout_cpus=1, call_timeout_s=600)
+    sync = WeightSync(cluster.sync_bucket_mb << 20, cluster.call_timeout_s)
+    learners = LearnerGroup(LearnerConfig(zero_stage=0, beta=0.0), tmp / "model", fmt, world=1, num_cpus=1)
+    rollouts = RolloutGroup(cluster, str(tmp / "model"), SamplerConfig(steps=4, text_len=8), None, sync, fmt.pad_id)
+    sync.broadcast(learners.actors, rollouts.workers, 1)  # warm
+    times = [sync.broadcast(learners.actors, rollouts.workers, v).seconds for v in range(2, 2 + REPEATS)]
+    assert len(set(rollouts.hashes() + learners.weights_hashes())) == 1, "sync did not deliver the learner's weights"
+    ray.shutdown()
+
+    bandwidth = memcpy_bandwidth(model_bytes)
+    floor = 2 * model_bytes / bandwidth
+    median = statistics.median(times)
+    print(f"model {params / 1e6:.1f}M params, {model_bytes / 2**20:.0f} MiB fp32; 2 rollout workers; bucket {cluster.sync_bucket_mb} MiB")
+    print(f"{'memcpy GB/s':>12} {'floor s':>9} {'sync s (median)':>16} {'ratio':>7}")
+    print(f"{bandwidth / 1e9:>12.2f} {floor:>9.3f} {median:>16.3f} {median / floor:>7.2f}")
+    print(json.dumps({"ratio": median / floor, "seconds": median, "floor_seconds": floor, "repeats": times,
+                      "params": params, "model_bytes": model_bytes, "memcpy_bytes_per_s": bandwidth}))
+
+
+if __name__ == "__main__":
+    main()
