@@ -131,7 +131,7 @@ class Driver:
     def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
         if self.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stop_requested = signum
         tqdm.write(f"signal {signum}: finishing this step, writing a checkpoint, then stopping")
 
     # ---------------------------------------------------------------------------------------------
@@ -160,8 +160,9 @@ class Driver:
                 try:
                     learn = ray.get(train_ref, timeout=cfg.cluster.call_timeout_s)[0] if train_ref else {}
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as err:
+                    why = str(err).strip().splitlines()[-1]
                     raise LearnerDied(
-                        f"a learner rank died during step {step}: {err}. The last checkpoint is intact; "
+                        f"a learner rank died during step {step} ({why}). The last checkpoint is intact; "
                         f"rerun with train.resume=true to continue from it"
                     ) from err
                 t_learn = time.perf_counter() - t

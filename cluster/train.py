@@ -17,9 +17,12 @@ def train(config: str | Path | None, overrides: Sequence[str] = ()) -> dict:
     finally:
         driver.shutdown()
     run_dir = Path(cfg.run_dir).resolve()
-    print(f"ParaRL run finished at step {state.step} (policy version {state.policy_version})")
+    stopped = int(driver.stop_requested or 0)
+    what = f"stopped by signal {stopped}, checkpoint written" if stopped else "finished"
+    print(f"ParaRL run {what} at step {state.step} (policy version {state.policy_version})")
     print(f"  checkpoints: {cfg.learner.checkpoint.folder}")
     print(f"  MLflow:      {driver.tracker.uri}")
     if driver.tracker.uri.startswith("sqlite:"):
         print(f"  look at it:  .venv/bin/mlflow ui --backend-store-uri {driver.tracker.uri}")
-    return {"state": state, "run_dir": run_dir, "metrics": getattr(driver, "last_metrics", {}), "run_id": driver.tracker.run_id}
+    return {"state": state, "run_dir": run_dir, "metrics": getattr(driver, "last_metrics", {}), "run_id": driver.tracker.run_id,
+            "signal": stopped}

@@ -30,8 +30,8 @@ def _reward_stats(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from cluster.train import train
 
-    train(args.config, args.overrides)
-    return 0
+    out = train(args.config, args.overrides)
+    return 128 + out["signal"] if out["signal"] else 0  # a run stopped by SIGTERM/SIGINT is not a finished run
 
 
 def _export(args: argparse.Namespace) -> int:
