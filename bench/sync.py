@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from cluster.config import ClusterConfig  # noqa: E402
 from cluster.rollout_group import RolloutGroup  # noqa: E402
-from cluster.weight_sync import WeightSync  # noqa: E402
+from cluster.weight_sync import build_weight_sync  # noqa: E402
 from learner.actor import LearnerGroup  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
 from pararl.bundle import ModelBundle  # noqa: E402
@@ -66,11 +66,12 @@ def main() -> None:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     cluster = ClusterConfig(rollout_workers=2, rollout_cpus=1, call_timeout_s=600)
-    sync = WeightSync(cluster.sync_bucket_mb << 20, cluster.call_timeout_s)
+    sync = build_weight_sync(cluster.sync_transport, bucket_bytes=cluster.sync_bucket_mb << 20, timeout_s=cluster.call_timeout_s)
     learners = LearnerGroup(LearnerConfig(zero_stage=0, beta=0.0), tmp / "model", fmt, world=1, num_cpus=1)
     rollouts = RolloutGroup(cluster, str(tmp / "model"), SamplerConfig(steps=4, text_len=8), None, sync, fmt.pad_id)
-    sync.broadcast(learners.actors, rollouts.workers, 1)  # warm
-    times = [sync.broadcast(learners.actors, rollouts.workers, v).seconds for v in range(2, 2 + REPEATS)]
+    sync.connect(learners.actors, rollouts.workers)
+    sync.broadcast(1)  # warm
+    times = [sync.broadcast(v).seconds for v in range(2, 2 + REPEATS)]
     assert len(set(rollouts.hashes() + learners.weights_hashes())) == 1, "sync did not deliver the learner's weights"
     ray.shutdown()
 

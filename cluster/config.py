@@ -21,4 +21,20 @@ class ClusterConfig:
     call_timeout_s: float = 1800.0  # every remote call has a timeout
     max_restarts: int = 3  # restarts of a failed rollout worker
     mode: str = "sync"  # "sync" or "off_policy" (rollout of step k+1 overlaps learning of step k)
+    sync_transport: str = "object_store"  # object_store | collective (nccl on GPU, gloo on CPU)
     sync_bucket_mb: int = 64  # smaller buckets pipeline the export with the workers' loads
+
+
+def check_cluster_config(cfg: ClusterConfig) -> None:
+    """Refuse values that would only fail once actors are running."""
+    from pararl.errors import ConfigError
+
+    if cfg.mode not in ("sync", "off_policy"):
+        raise ConfigError(f"cluster.mode={cfg.mode!r} is not one of: sync, off_policy")
+    if cfg.sync_transport not in ("object_store", "collective"):
+        raise ConfigError(f"cluster.sync_transport={cfg.sync_transport!r} is not one of: collective, object_store")
+    if cfg.rollout_workers < 1 or cfg.learner_ranks < 1:
+        raise ConfigError("cluster.rollout_workers and cluster.learner_ranks must be >= 1")
+    for name in ("rollout_cpus", "learner_cpus", "rollout_gpus", "learner_gpus"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"cluster.{name} must be >= 0")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from cluster.placement import place, start_ray
 from cluster.rollout_group import RolloutGroup
 from cluster.tracking import Tracker
-from cluster.weight_sync import WeightSync
+from cluster.weight_sync import build_weight_sync
 from learner.actor import LearnerGroup
 from learner.advantages import compute_advantages
 from learner.batch import TrainBatch, iteration_plan
@@ -57,8 +57,9 @@ class Driver:
         c, r = cfg.cluster, cfg.reward
         self.placement = place(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)
         self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model))
-        self.sync = WeightSync(c.sync_bucket_mb << 20, c.call_timeout_s)
         dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
+        self.sync = build_weight_sync(c.sync_transport, bucket_bytes=c.sync_bucket_mb << 20, timeout_s=c.call_timeout_s,
+                                      wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
         # rollout workers take their own bundles first; learner ranks then fill the remaining ones
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
                                      dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu")
@@ -67,6 +68,7 @@ class Driver:
             num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,
             actor_options={"scheduling_strategy": self.placement.strategy(-1)},
         )
+        self.sync.connect(self.learners.actors, self.rollouts.workers)
         self.state = RunState(reward_stats_path=cfg.reward.stats_file)
         if cfg.train.resume:
             self._resume()
@@ -83,7 +85,7 @@ class Driver:
         self.state = self.learners.load_checkpoint(str(ckpt))
         self.prompts.position = self.state.data_position
         # the rollout workers start from the model folder: bring them to the checkpoint's weights
-        self.sync.broadcast(self.learners.actors, self.rollouts.workers, self.state.policy_version)
+        self.sync.broadcast(self.state.policy_version)
 
     def _plan(self, step: int, snapshot_steps: list[int]) -> Any:
         """ParaRL estimates the likelihood at the reward's sampled steps (trace replay) unless configured otherwise."""
@@ -169,7 +171,7 @@ class Driver:
                 t = time.perf_counter()
                 if batch is not None:
                     self.state.policy_version += 1
-                    self.sync.broadcast(self.learners.actors, self.rollouts.workers, self.state.policy_version)
+                    self.sync.broadcast(self.state.policy_version)
                 t_sync = time.perf_counter() - t
                 self.state.step += 1
                 wall = time.perf_counter() - t0

@@ -1,49 +1,111 @@
 """Weight sync from learner rank 0 to every rollout worker, with a policy version.
 
-The lifecycle, once: (1) every learner rank iterates its weights in buckets (a collective under
-ZeRO-3), rank 0 yields each bucket into Ray's object store (put once); (2) each rollout worker gets
-every bucket (shared memory on one node, no per-worker copy by the learner) and copies it into its
-live model; (3) each worker confirms the whole set arrived and moves to the new version. The bucket
-references of the latest version are kept, so a restarted worker can be brought up to date.
+The lifecycle, written once for every transport: ``connect`` (once, and again after a worker
+restarts), ``broadcast(version)`` (all ranks export their weights in buckets, a collective under
+ZeRO-3; rank 0's buckets reach every worker, which copies them into its live model and moves to
+``version``), and ``catch_up(worker)`` (a restarted worker gets the current version before it
+samples). Transports are registered by name:
+
+- ``object_store`` (default): rank 0 yields each bucket into Ray's object store (put once, numpy, so
+  every worker on a node reads it from shared memory); workers load bucket by bucket as they appear.
+  The latest version's bucket references are kept for catch-up.
+- ``collective``: a broadcast in a process group of rank 0 and the workers, built from its own store
+  (``cluster.collective``); NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ray
+
+TRANSPORTS: dict[str, Callable[..., "WeightSync"]] = {}
+
+
+def register_transport(name: str):
+    def add(cls):
+        TRANSPORTS[name] = cls
+        return cls
+
+    return add
+
+
+def build_weight_sync(name: str, **kwargs) -> "WeightSync":
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown weight-sync transport {name!r}; known: {', '.join(sorted(TRANSPORTS))}")
+    return TRANSPORTS[name](**kwargs)
 
 
 @dataclass
 class PublishedWeights:
     version: int
-    buckets: list = field(default_factory=list)  # ObjectRefs, one per bucket
+    buckets: list = field(default_factory=list)  # object store: ObjectRefs, one per bucket
     seconds: float = 0.0
 
 
 class WeightSync:
-    def __init__(self, bucket_bytes: int, timeout_s: float) -> None:
-        self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
+    def __init__(self, bucket_bytes: int, timeout_s: float, wire_dtype: str = "float32", backend: str = "gloo") -> None:
+        self.bucket_bytes, self.timeout_s, self.wire_dtype, self.backend = bucket_bytes, timeout_s, wire_dtype, backend
         self.latest: PublishedWeights | None = None
+        self.learners: Sequence = ()
+        self.workers: Sequence = ()
 
-    def broadcast(self, learner_actors: Sequence, workers: Sequence, version: int) -> PublishedWeights:
-        """Publish version ``version`` from the learner ranks and load it into ``workers``."""
+    def connect(self, learner_actors: Sequence, workers: Sequence) -> None:
+        self.learners, self.workers = list(learner_actors), list(workers)
+
+    def broadcast(self, version: int) -> PublishedWeights:
+        raise NotImplementedError
+
+    def catch_up(self, worker) -> None:
+        raise NotImplementedError
+
+
+@register_transport("object_store")
+class ObjectStoreSync(WeightSync):
+    def broadcast(self, version: int) -> PublishedWeights:
         start = time.perf_counter()
-        stream = learner_actors[0].stream_weights.options(num_returns="streaming").remote(self.bucket_bytes)
-        drains = [a.drain_weights.remote(self.bucket_bytes) for a in learner_actors[1:]]
+        stream = self.learners[0].stream_weights.options(num_returns="streaming").remote(self.bucket_bytes)
+        drains = [a.drain_weights.remote(self.bucket_bytes) for a in self.learners[1:]]
         refs, loads = [], []
         for ref in stream:  # load each bucket as soon as it exists
             refs.append(ref)
-            loads += [w.load_bucket.remote(ref) for w in workers]
-        done = [w.finish_sync.remote(version) for w in workers]
+            loads += [w.load_bucket.remote(ref) for w in self.workers]
+        done = [w.finish_sync.remote(version) for w in self.workers]
         ray.get(loads + done + drains, timeout=self.timeout_s)
         self.latest = PublishedWeights(version, refs, time.perf_counter() - start)
         return self.latest
 
     def catch_up(self, worker) -> None:
-        """Bring one (restarted) worker to the latest published version before it samples again."""
-        if self.latest is None:
+        if self.latest is None:  # nothing published yet: the worker's folder weights are version 0
             return
         loads = [worker.load_bucket.remote(ref) for ref in self.latest.buckets]
         ray.get(loads + [worker.finish_sync.remote(self.latest.version)], timeout=self.timeout_s)
+
+
+@register_transport("collective")
+class CollectiveSync(WeightSync):
+    def connect(self, learner_actors: Sequence, workers: Sequence) -> None:
+        super().connect(learner_actors, workers)
+        self.plan = ray.get(self.learners[0].sync_plan.remote(self.bucket_bytes), timeout=self.timeout_s)
+        ray.get([w.check_sync_plan.remote(self.plan) for w in self.workers], timeout=self.timeout_s)
+        addr, port = ray.get(self.learners[0].node_address.remote(), timeout=self.timeout_s)
+        world = 1 + len(self.workers)
+        joins = [self.learners[0].join_sync_group.remote(addr, port, world, self.backend)]
+        joins += [w.join_sync_group.remote(addr, port, i + 1, world, self.backend) for i, w in enumerate(self.workers)]
+        ray.get(joins, timeout=self.timeout_s)
+
+    def broadcast(self, version: int) -> PublishedWeights:
+        start = time.perf_counter()
+        calls = [self.learners[0].send_weights.remote(self.bucket_bytes, self.wire_dtype)]
+        calls += [a.drain_weights.remote(self.bucket_bytes) for a in self.learners[1:]]
+        calls += [w.receive_weights.remote(self.plan, self.wire_dtype, version) for w in self.workers]
+        ray.get(calls, timeout=self.timeout_s)
+        self.latest = PublishedWeights(version, [], time.perf_counter() - start)
+        return self.latest
+
+    def catch_up(self, worker) -> None:
+        """The restarted worker left the group with its old process: form the group anew, resend the version."""
+        self.connect(self.learners, self.workers)
+        if self.latest is not None:
+            self.broadcast(self.latest.version)

@@ -79,6 +79,25 @@ class LearnerWorker:
     def drain_weights(self, bucket_bytes: int) -> int:
         return sum(1 for _ in self.learner.weight_buckets(bucket_bytes))
 
+    def join_sync_group(self, addr: str, port: int, world: int, backend: str) -> bool:
+        """Rank 0 joins the weight-sync group with the rollout workers (rank 0 of that group)."""
+        from cluster.collective import join_group
+
+        self.sync_group, self.sync_backend = join_group(addr, port, 0, world, backend), backend
+        return True
+
+    def sync_plan(self, bucket_bytes: int) -> list[list[str]]:
+        from cluster.collective import bucket_plan
+
+        return bucket_plan(self.learner.engine.module, bucket_bytes)
+
+    def send_weights(self, bucket_bytes: int, wire_dtype: str) -> int:
+        import torch
+
+        from cluster.collective import send
+
+        return send(self.sync_group, self.learner.weight_buckets(bucket_bytes), self.sync_backend, getattr(torch, wire_dtype))
+
 
 LearnerActor = ray.remote(LearnerWorker)
 

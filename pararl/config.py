@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, check_cluster_config
 from learner.config import LearnerConfig
 from learner.config import validate as validate_learner
 from pararl.errors import ConfigError
@@ -155,6 +155,7 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
     if cfg.learner.checkpoint.folder is None:
         cfg.learner.checkpoint.folder = str(run_dir / "checkpoints")
     validate_learner(cfg.learner)
+    check_cluster_config(cfg.cluster)
     return cfg
 
 

@@ -74,6 +74,28 @@ class RolloutWorker:
         self.version = version
         return version
 
+    def check_sync_plan(self, plan: list[list[str]]) -> bool:
+        """Before any broadcast: the plan must name exactly this policy's tensors (a mismatch would hang a collective)."""
+        planned = [n for names in plan for n in names]
+        missing, extra = sorted(set(self.live) - set(planned)), sorted(set(planned) - set(self.live))
+        if missing or extra or len(planned) != len(set(planned)):
+            raise SyncError(f"the learner's sync plan does not match the rollout policy: missing {missing[:3]}, extra {extra[:3]}")
+        return True
+
+    def join_sync_group(self, addr: str, port: int, rank: int, world: int, backend: str) -> bool:
+        from cluster.collective import join_group
+
+        self.sync_group, self.sync_backend = join_group(addr, port, rank, world, backend), backend
+        return True
+
+    def receive_weights(self, plan: list[list[str]], wire_dtype: str, version: int) -> int:
+        """Collective transport: receive every bucket by broadcast, then move to ``version``."""
+        from cluster.collective import receive
+
+        receive(self.sync_group, self.live, plan, self.sync_backend, getattr(torch, wire_dtype))
+        self.version = version
+        return version
+
     def weights_hash(self) -> str:
         """The hash of the live sampling model (same definition as the learner's)."""
         from learner.weights import weights_hash

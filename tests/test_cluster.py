@@ -73,8 +73,9 @@ def _cfg(setup, tmp_path, **over):
     return load_run_config(setup["config"], overrides)
 
 
-def test_after_a_sync_every_rollout_worker_holds_the_learners_weights(ray_local, setup, tmp_path):
-    driver = Driver(_cfg(setup, tmp_path, **{"train.steps": 1}))
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_after_a_sync_every_rollout_worker_holds_the_learners_weights(ray_local, setup, tmp_path, transport):
+    driver = Driver(_cfg(setup, tmp_path, **{"train.steps": 1, "cluster.sync_transport": transport}))
     try:
         before = set(driver.rollouts.hashes())
         driver.run()
@@ -202,3 +203,13 @@ def test_sigterm_writes_a_checkpoint_before_exiting(setup, tmp_path):
     assert "stopped by signal 15, checkpoint written" in out
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt is not None and 1 <= int(ckpt.name.split("-")[-1]) < 500
+
+
+def test_one_step_off_policy_samples_with_the_previous_weights(ray_local, setup, tmp_path):
+    out = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "cluster.mode=off_policy", "train.steps=3"])
+    assert out["state"].policy_version == 3
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    made_by = [m.value for m in client.get_metric_history(out["run_id"], "rollout.trajectory_version")]
+    assert made_by == [0, 0, 1]  # step k+1 was sampled while step k was being learned
+    ratio = [m.value for m in client.get_metric_history(out["run_id"], "learner.ratio_mean")]
+    assert all(r == r for r in ratio)
