@@ -37,7 +37,7 @@ from pararl.image_tokenizers import PaletteCodec  # noqa: E402
 from pararl.models import LLaDAConfig, build_policy  # noqa: E402
 from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
 
-REPEATS = 7
+REPEATS = 11
 
 
 def memcpy_bandwidth(nbytes: int) -> float:

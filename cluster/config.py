@@ -22,7 +22,7 @@ class ClusterConfig:
     max_restarts: int = 3  # restarts of a failed rollout worker
     mode: str = "sync"  # "sync" or "off_policy" (rollout of step k+1 overlaps learning of step k)
     sync_transport: str = "object_store"  # object_store | collective (nccl on GPU, gloo on CPU)
-    sync_bucket_mb: int = 64  # smaller buckets pipeline the export with the workers' loads
+    sync_bucket_mb: int = 32  # smaller buckets pipeline the export with the workers' loads (bench/sync.py)
 
 
 def check_cluster_config(cfg: ClusterConfig) -> None:
