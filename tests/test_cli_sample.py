@@ -46,7 +46,7 @@ def test_sample_command_refuses_bad_input(tmp_path, capsys):
     png = tmp_path / "small.png"
     Image.new("RGB", (20, 20)).save(png)
     assert main(["sample", "--model", str(folder), "--prompt", "add a red square", "--image", str(png), "--out", out, *small]) == 2
-    assert "is 20x20; the image tokenizer needs 32x32" in capsys.readouterr().err
+    assert "small.png is 20x20; the image tokenizer needs 32x32" in capsys.readouterr().err
     assert main(["sample", "--model", str(folder), "--prompt", "add", "--out", out, "stpes=4"]) == 2
     assert "unknown config key 'sampler.stpes' (did you mean 'steps'?)" in capsys.readouterr().err
     assert main(["sample", "--model", str(folder), "--prompt", "add", "--out", out, "steps=32"]) == 2
