@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from pararl.bundle import load_bundle
 from pararl.config import SampleCommandConfig, build_config
