@@ -177,6 +177,10 @@ class Driver:
                 wall = time.perf_counter() - t0
                 metrics.update(rewards.metrics())
                 metrics.update({f"learner/{k}": v for k, v in learn.items() if isinstance(v, (int, float))})
+                compute = traj.compute_seconds + rewards.compute_seconds + learn.get("compute_seconds", 0.0)
+                metrics.update({"compute/rollout": traj.compute_seconds, "compute/reward": rewards.compute_seconds,
+                                "compute/learner": learn.get("compute_seconds", 0.0),
+                                "overhead": wall / compute - 1 if compute > 0 else float("nan")})
                 metrics.update({"time/rollout": t_roll, "time/reward": t_reward, "time/learner": t_learn,
                                 "time/sync": t_sync, "time/step": wall, "throughput/trajectories_per_s": len(traj) / wall,
                                 "policy_version": self.state.policy_version, "rollout/restarts": self.rollouts.restarts,

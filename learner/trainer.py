@@ -13,6 +13,7 @@ single-process tools use it directly.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -88,6 +89,7 @@ class Learner:
     def train_batch(self, batch: TrainBatch) -> dict:
         """``updates_per_batch`` passes over this rank's shard; returns metrics reduced over all ranks."""
         cfg = self.cfg
+        start = time.perf_counter()
         batch.validate()
         batch = batch.to(self.engine.device)
         mb, gas = cfg.micro_batch_size, cfg.grad_accumulation
@@ -149,6 +151,7 @@ class Learner:
         out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
         out["ratio_mean_last_update"] = updates[-1]["ratio_mean"]
         out.update(updates=updates, optimizer_steps=steps * cfg.updates_per_batch, global_steps=int(self.engine.global_steps))
+        out["compute_seconds"] = time.perf_counter() - start  # forward/backward/step of this rank, reference included
         return out
 
     def _plain_grad_norm(self) -> float | None:

@@ -40,6 +40,7 @@ class Trajectories:
     snapshot_tokens: torch.Tensor | None = None  # [R, S, L_out]
     snapshot_x0: torch.Tensor | None = None  # [R, S, L_out]
     policy_version: int = 0
+    compute_seconds: float = 0.0  # sampling + behaviour log-probs on the worker (the slowest worker, once merged)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -115,4 +116,5 @@ def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajector
         snapshot_tokens=None if first.snapshot_tokens is None else cat("snapshot_tokens"),
         snapshot_x0=None if first.snapshot_x0 is None else cat("snapshot_x0"),
         policy_version=first.policy_version,
+        compute_seconds=max(p.compute_seconds for p in parts),
     )

@@ -39,6 +39,7 @@ class RewardBatch:
     mean_batch_size: float = 0.0
     retries: int = 0
     texts: list[list[str]] = field(default_factory=list)
+    compute_seconds: float = 0.0  # reward-model time of all batches, divided by the replicas that shared them
 
     @property
     def dropped(self) -> int:
@@ -83,7 +84,15 @@ def assemble(results: Sequence[ScoreResult], steps: list[int], nonfinite: str, r
         mean_batch_size=len(results) / sum(1.0 / r.batch_size for r in results),
         retries=retries,
         texts=[r.texts for r in results],
+        compute_seconds=batch_seconds(results),
     )
+
+
+def batch_seconds(results: Sequence[ScoreResult]) -> float:
+    """Compute time of the distinct batches behind these results, per replica (replicas run in parallel)."""
+    batches = {(r.replica, r.compute_seconds) for r in results}
+    replicas = len({r.replica for r in results})
+    return sum(s for _, s in batches) / max(1, replicas)
 
 
 class RewardClient:

@@ -8,6 +8,7 @@ Ray Serve replicas wrap it; a single-process run can call it directly.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -42,6 +43,7 @@ class ScoreResult:
     batch_size: int = 1  # how many requests shared this request's batch
     texts: list[str] = field(default_factory=list)
     replica: int = 0  # process id of the replica that scored it
+    compute_seconds: float = 0.0  # decoding + reward models for the whole batch this request was in
 
 
 def requests_from(traj: Trajectories) -> list[ScoreRequest]:
@@ -78,6 +80,7 @@ class SemanticScorer:
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         if not requests:
             return []
+        start = time.perf_counter()
         counts = [len(r.steps) for r in requests]
         images = self.codecs.decode_images(torch.cat([r.image_ids for r in requests]))
         texts = [t for r in requests for t in self.texts(r.text_ids)]
@@ -87,6 +90,7 @@ class SemanticScorer:
             st = self.stats.get(label)
             r_t[label] = standardise(scores, st.mean, st.std) if st else scores
         combined = combine(r_t, self.weights)
+        seconds = time.perf_counter() - start
         results, start = [], 0
         for req, n in zip(requests, counts):
             part = slice(start, start + n)
@@ -109,5 +113,6 @@ class SemanticScorer:
                 batch_size=len(requests),
                 texts=texts[part],
                 replica=os.getpid(),
+                compute_seconds=seconds,
             ))
         return results

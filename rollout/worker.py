@@ -6,6 +6,7 @@ has arrived, so a trajectory is never sampled from a half-synced model under a v
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -109,6 +110,7 @@ class RolloutWorker:
         the learner's estimator, no CFG, temperature 1, so pi_old is exactly this policy version."""
         if version is not None and version != self.version:
             raise SyncError(f"asked to sample with policy version {version}, but this worker holds {self.version}")
+        start = time.perf_counter()
         traj = self.sampler.sample(requests, group_size=group_size, snapshot_steps=snapshot_steps)
         traj.policy_version = self.version
         old = None
@@ -117,4 +119,5 @@ class RolloutWorker:
 
             with torch.inference_mode():
                 old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan).to("cpu")
+        traj.compute_seconds = time.perf_counter() - start
         return traj.to("cpu"), old
