@@ -1,0 +1,70 @@
+"""System overhead of the ParaRL loop: wall seconds per step against the compute on its critical path.
+
+Runs the same config twice, synchronous and one-step off-policy, and reads the per-step figures
+every component measured where it ran (MLflow): the slowest rollout worker's sampling, the reward
+batches, the learner rank's forward/backward. Synchronous critical path = rollout + reward +
+learner; off-policy = reward + max(rollout, learner) (sampling overlaps learning). The first step
+(warm-up) is left out. Last line: one JSON object, ``overhead`` = the synchronous fraction.
+Run: ``.venv/bin/python bench/e2e.py CONFIG [key=value ...]`` (default: the default run's config,
+after ``make train`` built its cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                   "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+
+
+def histories(db: Path, run_id: str, keys: list[str]) -> dict[str, list[float]]:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
+
+
+def measure(config: str, overrides: list[str], mode: str, steps: int) -> dict:
+    from cluster.train import train
+
+    run_dir = Path(tempfile.mkdtemp()) / mode
+    out = train(config, [*overrides, f"run_dir={run_dir}", f"cluster.mode={mode}", f"train.steps={steps}",
+                         "train.checkpoint_every=0", "tracking.snapshot_every=0"])
+    keys = ["time.step", "compute.rollout", "compute.reward", "compute.learner"]
+    h = {k: v[1:] for k, v in histories(run_dir / "mlflow.db", out["run_id"], keys).items()}
+    if mode == "sync":
+        critical = [r + w + ln for r, w, ln in zip(h["compute.rollout"], h["compute.reward"], h["compute.learner"])]
+    else:
+        critical = [w + max(r, ln) for r, w, ln in zip(h["compute.rollout"], h["compute.reward"], h["compute.learner"])]
+    wall = statistics.mean(h["time.step"])
+    crit = statistics.mean(critical)
+    return {"mode": mode, "steps_timed": len(critical), "wall_s": wall, "critical_s": crit, "overhead": wall / crit - 1,
+            "rollout_s": statistics.mean(h["compute.rollout"]), "reward_s": statistics.mean(h["compute.reward"]),
+            "learner_s": statistics.mean(h["compute.learner"])}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    config = args[0] if args and "=" not in args[0] else str(ROOT / "configs" / "default-resolved.yaml")
+    overrides = [a for a in args if "=" in a]
+    steps = 6
+    rows = [measure(config, overrides, mode, steps) for mode in ("sync", "off_policy")]
+    print(f"{'mode':>11} {'wall s/step':>12} {'critical s':>11} {'overhead':>9} {'rollout':>8} {'reward':>7} {'learner':>8}")
+    for r in rows:
+        print(f"{r['mode']:>11} {r['wall_s']:>12.3f} {r['critical_s']:>11.3f} {r['overhead']:>8.1%} "
+              f"{r['rollout_s']:>8.3f} {r['reward_s']:>7.3f} {r['learner_s']:>8.3f}")
+    sync, off = rows
+    print(json.dumps({"overhead": sync["overhead"], "ratio": sync["overhead"], "off_policy_speedup": sync["wall_s"] / off["wall_s"],
+                      "modes": rows}))
+
+
+if __name__ == "__main__":
+    main()
