@@ -48,8 +48,10 @@ class Codecs:
         return self.tokenizer.decode(keep, skip_special_tokens=True).strip()
 
     def decode_images(self, image_ids: torch.Tensor) -> torch.Tensor:
-        """Image-span token ids [B, N] (no masks) -> images [B, 3, H, W] in [0, 1]."""
-        codes = self.fmt.image_codes(image_ids)
+        """Image-span token ids [B, span] (no masks) -> images [B, 3, H, W] in [0, 1].
+
+        The span may hold structural positions (row newlines): the format drops them."""
+        codes = self.fmt.span_codes(image_ids)
         if bool((codes < 0).any()):
             raise ValueError("image span holds non-image tokens (masks?): decode x̂0, not the revealed tokens")
         return self.image_tokenizer.decode(codes)

@@ -50,8 +50,75 @@ class PromptTokens:
     image_mask: list[bool]
 
 
+class FormatBase:
+    """What every token format offers the sampler, batching, learner and reward, whatever its layout.
+
+    The output image span may hold fixed structural positions (the -A row newlines): they are never
+    masks, so the sampler never reveals them and the learner never scores them; ``span_codes``
+    drops them before an image tokenizer sees the codes, and ``span_ids`` puts them back.
+    Subclasses are frozen dataclasses with at least the fields used here.
+    """
+
+    name: str
+    mask_id: int
+    pad_id: int
+    uncond_id: int
+    text_vocab_size: int
+    image_offset: int
+    codebook_size: int
+    image_tokens: int  # codes per image (a field or a property of the subclass)
+    special_ids: tuple[int, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.text_vocab_size, self.image_offset + self.codebook_size)
+
+    @property
+    def image_span_len(self) -> int:
+        """Positions of the output image span: the codes plus any structural positions between them."""
+        return self.image_tokens
+
+    def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes + self.image_offset
+
+    def image_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Codes of image-span ids; a mask (or any non-image id) becomes -1."""
+        codes = ids - self.image_offset
+        return torch.where((codes >= 0) & (codes < self.codebook_size), codes, torch.full_like(codes, -1))
+
+    def span_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [..., image_tokens] -> the ids of a whole image span [..., image_span_len]."""
+        return self.image_ids(codes)
+
+    def span_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids of a whole image span [..., image_span_len] -> codes [..., image_tokens] (masks: -1).
+
+        What an image tokenizer decodes: structural positions are dropped, row-major order kept."""
+        if ids.shape[-1] != self.image_span_len:
+            raise ValueError(f"an image span of format {self.name!r} has {self.image_span_len} positions, got {ids.shape[-1]}")
+        return self.image_codes(ids)
+
+    def unconditional(self, prompt: "PromptTokens", drop_image: bool = False) -> list[int]:
+        """The CFG sequence of a prompt, same length: prompt text (and, if asked, the input image) blanked."""
+        return [self.uncond_id if t or (i and drop_image) else tok
+                for tok, t, i in zip(prompt.ids, prompt.text_mask, prompt.image_mask)]
+
+    def restrict_text_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over text ids only, specials (mask, structure) impossible: what a text position may draw."""
+        logits = logits[..., : self.text_vocab_size].clone()
+        logits[..., list(self.special_ids)] = float("-inf")
+        return logits
+
+    def restrict_image_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the codebook: index ``c`` is image code ``c``."""
+        return logits[..., self.image_offset : self.image_offset + self.codebook_size]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"special_ids": list(self.special_ids)}
+
+
 @dataclass(frozen=True)
-class ParallelFormat:
+class ParallelFormat(FormatBase):
     """Layout of MMaDA-Parallel style sequences: ``[task, (soi img eoi), prompt, soi IMG eoi bos TEXT]``.
 
     Output image first, reasoning text second (MMaDA-Parallel -M). Text ids are ``< text_vocab_size``;
@@ -79,18 +146,6 @@ class ParallelFormat:
                     self.generate_id, self.edit_id, *self.special_ids}
         object.__setattr__(self, "special_ids", tuple(sorted(i for i in specials if i < self.text_vocab_size)))
 
-    @property
-    def vocab_size(self) -> int:
-        return max(self.text_vocab_size, self.image_offset + self.codebook_size)
-
-    def image_ids(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes + self.image_offset
-
-    def image_codes(self, ids: torch.Tensor) -> torch.Tensor:
-        """Codes of image-span ids; a mask (or any non-image id) becomes -1."""
-        codes = ids - self.image_offset
-        return torch.where((codes >= 0) & (codes < self.codebook_size), codes, torch.full_like(codes, -1))
-
     def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None) -> PromptTokens:
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
@@ -116,19 +171,6 @@ class ParallelFormat:
         """The masked output and the offsets of its image and text spans inside it."""
         ids = [self.soi_id] + [self.mask_id] * self.image_tokens + [self.eoi_id, self.bos_id] + [self.mask_id] * text_len
         return ids, 1, self.image_tokens + 3
-
-    def restrict_text_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits over text ids only, specials (mask, structure) impossible: what a text position may draw."""
-        logits = logits[..., : self.text_vocab_size].clone()
-        logits[..., list(self.special_ids)] = float("-inf")
-        return logits
-
-    def restrict_image_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits over the codebook: index ``c`` is image code ``c``."""
-        return logits[..., self.image_offset : self.image_offset + self.codebook_size]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"special_ids": list(self.special_ids)}
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "ParallelFormat":
