@@ -65,6 +65,14 @@ class LLaDAConfig(PretrainedConfig):
         super().__init__(vocab_size=vocab_size, **kwargs)
         self._check()
 
+    def to_dict(self) -> dict[str, Any]:
+        """As saved in config.json: an MMaDA checkpoint stays model_type ``mmada`` (transformers would write
+        the class's ``llada``), so a policy exported from an -M run is still recognised as -M."""
+        out = super().to_dict()
+        if self.__dict__.get("model_type") in SUPPORTED_MODEL_TYPES:
+            out["model_type"] = self.__dict__["model_type"]
+        return out
+
     # The names transformers' generic code looks for.
     @property
     def hidden_size(self) -> int:
