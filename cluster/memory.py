@@ -99,7 +99,6 @@ def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int) -> Estimate:
     ref_act = _inference_bytes(s, rows, w) + _span_bytes(s, rows, 1) if reference else 0.0
     if reference and lc.reference_offload:  # on the GPU only while its log-probs are computed
         e.parts["activations (peak)"] = max(act, ref_weights + ref_act)
-        e.parts["reference"] = 0.0
     else:
         e.parts["activations (peak)"] = max(act, ref_act)
         e.parts["reference"] = ref_weights
