@@ -18,6 +18,7 @@ must say where it is. Every decision is recorded in ``Detection.how`` for ``para
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,19 @@ def _no_more(options: dict[str, Any], preset: str) -> None:
         raise CheckpointError(f"format preset {preset!r} takes no option(s) {', '.join(sorted(options))}")
 
 
+def format_grid(fmt: FormatBase) -> list[int] | None:
+    """Token rows and columns of the format's images: its own grid, or the square its token count makes."""
+    if hasattr(fmt, "grid"):
+        return [int(g) for g in fmt.grid]
+    side = math.isqrt(fmt.image_tokens)
+    return [side, side] if side * side == fmt.image_tokens else None
+
+
+GRIDDED = ("vqmodel", "magvit2")  # image tokenizers whose grid is a free choice (fully convolutional)
+
+
 def preset_image_tokenizer(folder: Path, preset: str | None, fmt: FormatBase) -> tuple[dict[str, Any], str]:
-    grid = [int(g) for g in getattr(fmt, "grid", ())] or None
+    grid = format_grid(fmt)
     if preset == "mmada-parallel-a":
         if not (folder / A_VQ_FOLDER / "config.json").is_file():
             raise CheckpointError(f"{folder}: an -A checkpoint keeps its image tokenizer in {A_VQ_FOLDER}/ "
@@ -115,7 +127,7 @@ def preset_image_tokenizer(folder: Path, preset: str | None, fmt: FormatBase) ->
                 f"(showlab/magvitv2) in {folder / M_VQ_FOLDER} or name them in {BUNDLE_FILE}: "
                 f"{{\"image_tokenizer\": {{\"type\": \"magvit2\", \"path\": \"/path/to/magvitv2\"}}}}"
             )
-        return {"type": "magvit2", "path": str(folder / M_VQ_FOLDER)}, f"MAGVIT-v2 in {M_VQ_FOLDER}/"
+        return {"type": "magvit2", "path": str(folder / M_VQ_FOLDER), "grid": grid}, f"MAGVIT-v2 in {M_VQ_FOLDER}/"
     raise CheckpointError(f"{folder}: {BUNDLE_FILE} records a format but no image_tokenizer")
 
 
@@ -169,4 +181,7 @@ def detect(path: str | Path, tokenizer: Any, preset: str | None = None, options:
     else:
         spec, where = preset_image_tokenizer(folder, preset, fmt)
         how.append(f"image tokenizer: {where}")
-    return Detection(fmt, absolute_paths(spec, folder), preset, how)
+    spec = absolute_paths(spec, folder)
+    if spec.get("type") in GRIDDED and "grid" not in spec and format_grid(fmt):
+        spec["grid"] = format_grid(fmt)  # the image size follows the format's token grid
+    return Detection(fmt, spec, preset, how)

@@ -109,15 +109,29 @@ def write_a_checkpoint(folder: Path, grid: int = 4, seed: int = 0) -> Path:
     return folder
 
 
-def write_m_checkpoint(folder: Path, image_tokens: int = 16, seed: int = 0) -> Path:
+def tiny_magvit2(seed: int = 0):
+    """MAGVIT-v2 with the released structure at a tiny width: 13-bit LFQ (8192 codes), downsampling 2."""
+    from pararl.image_tokenizers.magvit2 import MagvitConfig, MagvitV2
+
+    torch.manual_seed(seed)
+    cfg = MagvitConfig(ch=32, encoder_ch_mult=(1, 2), encoder_res_blocks=(1, 1), decoder_ch_mult=(1, 2),
+                       decoder_res_blocks=(1, 1), resolution=8)
+    return MagvitV2(cfg).eval()
+
+
+def write_m_checkpoint(folder: Path, image_tokens: int = 16, seed: int = 0, magvit: bool = True) -> Path:
     """-M: model_type ``mmada`` with LLaDA's fields plus MMaDA's vocabulary fields, and a tokenizer.
 
-    The released -M folder ships no image tokenizer (MAGVIT-v2 is a separate download): callers add
-    one (``magvitv2/``) or name it in ``pararl.json``."""
+    The released -M folder ships no image tokenizer (MAGVIT-v2 is a separate download): with
+    ``magvit`` a tiny one is put where detection looks for it, ``magvitv2/``."""
     folder.mkdir(parents=True, exist_ok=True)
     mmada = {"model_type": "mmada", "architectures": ["MMadaModelLM"], "llm_vocab_size": LLADA_VOCAB,
              "codebook_size": 8192, "num_vq_tokens": image_tokens, "num_new_special_tokens": 0,
              "new_vocab_size": MMADA_VOCAB}
     write_policy(folder, tiny_llada_fields(vocab_size=MMADA_VOCAB), seed, mmada)
     id_tokenizer(M_SPECIALS).save_pretrained(folder)
+    if magvit:
+        from pararl.image_tokenizers.magvit2 import save_magvit2
+
+        save_magvit2(tiny_magvit2(seed), folder / "magvitv2")
     return folder

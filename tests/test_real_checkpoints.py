@@ -11,7 +11,7 @@ from pararl.bundle import load_bundle, load_codecs
 from pararl.config import SamplerConfig
 from pararl.detect import detect
 from pararl.formats import DimooFormat, ParallelFormat
-from pararl.image_tokenizers import VQModelTokenizer
+from pararl.image_tokenizers import Magvit2Tokenizer, VQModelTokenizer
 from pararl.models import CheckpointError
 from pararl.snapshots import snapshot_grid
 from pararl.types import GenerationRequest
@@ -90,19 +90,30 @@ def test_a_folder_is_detected_from_its_files_alone(a_folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def m_folder(tmp_path_factory):
-    folder = write_m_checkpoint(tmp_path_factory.mktemp("ckpt") / "mmada-parallel-m")
-    return folder
+    return write_m_checkpoint(tmp_path_factory.mktemp("ckpt") / "mmada-parallel-m")
 
 
-def test_m_checkpoint_is_detected_from_its_mmada_config(m_folder):
+def test_m_checkpoint_loads_samples_and_decodes(m_folder):
     config = json.loads((m_folder / "config.json").read_text())
     assert config["model_type"] == "mmada" and config["llm_vocab_size"] == 126464 and config["num_vq_tokens"] == 16
-    with pytest.raises(CheckpointError, match="do not ship their image tokenizer"):
-        load_codecs(m_folder)
+    bundle = load_bundle(m_folder)  # no pararl.json: everything from the files
+    fmt = bundle.fmt
+    assert isinstance(fmt, ParallelFormat) and fmt.name == "mmada-parallel-m"
+    assert fmt.image_offset == 126464 and fmt.image_tokens == 16 and fmt.codebook_size == 8192
+    assert (fmt.soi_id, fmt.eoi_id, fmt.edit_id, fmt.generate_id) == (126084, 126085, 126095, 126096)
+    assert isinstance(bundle.image_tokenizer, Magvit2Tokenizer) and bundle.image_tokenizer.grid == (4, 4)
+    traj = sample(bundle)
+    lay = traj.layout
+    assert lay.image_len == 16 and not (traj.output == MASK).any()
+    assert (traj.image_tokens >= 126464).all() and (traj.step_map[:, lay.image] >= 0).all()
+    check_decodes(bundle, traj)
+
+
+def test_m_folder_without_magvit_says_where_to_put_it(tmp_path):
+    folder = write_m_checkpoint(tmp_path / "m", magvit=False)
+    with pytest.raises(CheckpointError, match="do not ship their image tokenizer: put the MAGVIT-v2 weights"):
+        load_codecs(folder)
     from transformers import AutoTokenizer
 
-    found = detect(m_folder, AutoTokenizer.from_pretrained(str(m_folder)), image_tokenizer={"type": "palette"})
-    fmt = found.fmt
-    assert isinstance(fmt, ParallelFormat) and fmt.name == "mmada-parallel-m" and found.preset == "mmada-parallel-m"
-    assert fmt.image_offset == 126464 and fmt.image_tokens == 16 and fmt.codebook_size == 8192
-    assert fmt.soi_id == 126084 and fmt.edit_id == 126095 and fmt.generate_id == 126096
+    found = detect(folder, AutoTokenizer.from_pretrained(str(folder)), image_tokenizer={"type": "magvit2", "path": "elsewhere"})
+    assert found.image_tokenizer == {"type": "magvit2", "path": str(folder / "elsewhere"), "grid": [4, 4]}
