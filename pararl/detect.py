@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pararl.bundle import BUNDLE_FILE
 from pararl.formats import FormatBase, format_from_dict, mmada_a_format, mmada_m_format
 from pararl.models import CheckpointError
 
-BUNDLE_FILE = "pararl.json"
 PRESETS = ("mmada-parallel-a", "mmada-parallel-m")
 A_VQ_FOLDER = "vqvae"
 M_VQ_FOLDER = "magvitv2"

@@ -284,7 +284,8 @@ class DimooFormat(FormatBase):
 
     def span_ids(self, codes: torch.Tensor) -> torch.Tensor:
         rows, cols = self.grid
-        ids = self.image_ids(torch.as_tensor(codes)).reshape(*codes.shape[:-1], rows, cols)
+        ids = self.image_ids(torch.as_tensor(codes))
+        ids = ids.reshape(*ids.shape[:-1], rows, cols)
         newline = torch.full((*ids.shape[:-1], 1), self.newline_id, dtype=ids.dtype, device=ids.device)
         return torch.cat([ids, newline], -1).flatten(-2)
 

@@ -3,7 +3,6 @@ import argparse
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cluster.doctor import add_doctor_arguments, doctor_main
