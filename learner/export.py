@@ -4,8 +4,8 @@ The weights come from DeepSpeed's fp32 master copy under ZeRO 1-3 (through DeepS
 ``zero_to_fp32`` reader), and from the saved module under ZeRO-0 (``zero_to_fp32`` cannot read
 the bf16 optimizer's files: a bf16 run without ZeRO exports its bf16 weights, cast up); keys keep
 LLaDA's names, tensors are written as sharded safetensors next to ``config.json``. Files that make
-the source folder a full model bundle (tokenizer, ``pararl.json``) are copied along when the source
-folder still exists. The folder is written under a temporary name and renamed when complete.
+the source folder a full model bundle (tokenizer, ``pararl.json``, the image tokenizer's folder such
+as -A's ``vqvae/``) are copied along when the source folder still exists. The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def export_policy(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
     source = json.loads((checkpoint / "meta.json").read_text()).get("source")
     if source and Path(source).is_dir():
         for f in Path(source).iterdir():
-            if f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
+            if f.is_dir() and not f.name.startswith("."):  # the image tokenizer's folder (-A: vqvae/)
+                shutil.copytree(f, tmp / f.name)
+            elif f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, tmp / f.name)
     if out.exists():
         out.rmdir()

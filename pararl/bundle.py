@@ -2,7 +2,8 @@
 
 ``config.json`` + safetensors hold the policy (LLaDA layout), the tokenizer files sit beside them as in
 any hub checkpoint, and ``pararl.json`` records what a LLaDA checkpoint cannot say about itself: its
-token format and the image tokenizer that turns its codes into pixels.
+token format and the image tokenizer that turns its codes into pixels. A released MMaDA-Parallel
+checkpoint has no ``pararl.json``: its format is detected from its files (``pararl.detect``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pararl.formats import ParallelFormat
+from pararl.formats import FormatBase
 from pararl.image_tokenizers import ImageTokenizer, build_image_tokenizer
 from pararl.models import CheckpointError, LLaDAModelLM, load_policy
 
@@ -29,7 +30,7 @@ class Codecs:
     """
 
     tokenizer: PreTrainedTokenizerBase
-    fmt: ParallelFormat
+    fmt: FormatBase
     image_tokenizer: ImageTokenizer
 
     def save(self, path: str | Path) -> None:
@@ -48,8 +49,10 @@ class Codecs:
         return self.tokenizer.decode(keep, skip_special_tokens=True).strip()
 
     def decode_images(self, image_ids: torch.Tensor) -> torch.Tensor:
-        """Image-span token ids [B, N] (no masks) -> images [B, 3, H, W] in [0, 1]."""
-        codes = self.fmt.image_codes(image_ids)
+        """Image-span token ids [B, span] (no masks) -> images [B, 3, H, W] in [0, 1].
+
+        The span may hold structural positions (row newlines): the format drops them."""
+        codes = self.fmt.span_codes(image_ids)
         if bool((codes < 0).any()):
             raise ValueError("image span holds non-image tokens (masks?): decode x̂0, not the revealed tokens")
         return self.image_tokenizer.decode(codes)
@@ -65,18 +68,33 @@ class ModelBundle(Codecs):
 
 
 def load_codecs(path: str | Path) -> Codecs:
+    """Tokenizer, format and image tokenizer of a model folder: ``pararl.json`` where it says, else
+    detected from the folder's files (``pararl.detect``: a released -A or -M checkpoint as it is)."""
+    from pararl.detect import detect
+
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model folder {path} does not exist")
-    meta_file = path / BUNDLE_FILE
-    if not meta_file.is_file():
-        raise CheckpointError(f"{path} has no {BUNDLE_FILE}: its token format and image tokenizer are unknown")
-    meta = json.loads(meta_file.read_text())
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot load the text tokenizer: {err}") from err
-    return Codecs(tokenizer, ParallelFormat.from_dict(meta["format"]), build_image_tokenizer(meta["image_tokenizer"]))
+    found = detect(path, tokenizer)
+    try:
+        image_tokenizer = build_image_tokenizer(found.image_tokenizer)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: cannot build the image tokenizer {found.image_tokenizer}: {err}") from err
+    check_image_tokenizer(found.fmt, image_tokenizer, path)
+    return Codecs(tokenizer, found.fmt, image_tokenizer)
+
+
+def check_image_tokenizer(fmt: FormatBase, image_tokenizer: ImageTokenizer, where: Path) -> None:
+    """A codebook or grid that differs from the format's would decode garbage without an error."""
+    if image_tokenizer.codebook_size != fmt.codebook_size or image_tokenizer.num_tokens != fmt.image_tokens:
+        raise CheckpointError(
+            f"{where}: the image tokenizer has {image_tokenizer.codebook_size} codes and {image_tokenizer.num_tokens} "
+            f"tokens per image; format {fmt.name!r} has {fmt.codebook_size} codes and {fmt.image_tokens}"
+        )
 
 
 def load_bundle(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> ModelBundle:

@@ -28,7 +28,7 @@ def to_pil(image: torch.Tensor, size: int = CELL) -> Image.Image:
 
 def decode_partial(fmt: ParallelFormat, tok: ImageTokenizer, image_ids: torch.Tensor) -> torch.Tensor:
     """Decode image ids with masks; masked patches become a grey checker so they read as 'not yet'."""
-    codes = fmt.image_codes(image_ids)
+    codes = fmt.span_codes(image_ids)
     masked = codes < 0
     images = tok.decode(codes.clamp(min=0))
     rows, cols = tok.grid
@@ -56,7 +56,7 @@ def snapshot_grid(
     draw = ImageDraw.Draw(grid)
     for r_i, r in enumerate(rows):
         y0 = pad + r_i * (cell_h + pad)
-        x0_imgs = image_tokenizer.decode(fmt.image_codes(traj.snapshot_x0[r, :, rimg]).clamp(min=0))
+        x0_imgs = image_tokenizer.decode(fmt.span_codes(traj.snapshot_x0[r, :, rimg]).clamp(min=0))
         shown = decode_partial(fmt, image_tokenizer, traj.snapshot_tokens[r, :, rimg])
         for c, step in enumerate(steps):
             x = pad + c * (CELL + pad)

@@ -2,7 +2,9 @@
 
 Left padding puts every row's output region in the same columns, so spans are plain slices and the
 sampler never loops over rows; the attention mask (and position ids derived from it) make padding
-invisible to the model.
+invisible to the model. What an unconditional (CFG) row holds is the format's choice
+(``fmt.unconditional``); the image span's length is ``fmt.image_span_len`` (codes plus any fixed
+structural positions such as row newlines).
 """
 from __future__ import annotations
 
@@ -38,12 +40,10 @@ def build_batch(
     out = torch.tensor(output)
     for row, p in enumerate(prompts):  # building token lists, once per call: not the sampling loop
         start = width - len(p.ids)
-        cond_row = torch.tensor(p.ids)
-        blank = torch.tensor(p.text_mask) | (torch.tensor(p.image_mask) & drop_input_image)
-        ids[row, start:width] = cond_row
-        uncond[row, start:width] = torch.where(blank, fmt.uncond_id, cond_row)
+        ids[row, start:width] = torch.tensor(p.ids)
+        uncond[row, start:width] = torch.tensor(fmt.unconditional(p, drop_input_image))
         mask[row, start:] = 1
     ids[:, width:] = out
     uncond[:, width:] = out
-    layout = OutputLayout(length, width, width + image_off, fmt.image_tokens, width + text_off, text_len)
+    layout = OutputLayout(length, width, width + image_off, fmt.image_span_len, width + text_off, text_len)
     return PromptBatch(ids, uncond, mask, layout)

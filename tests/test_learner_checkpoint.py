@@ -95,6 +95,8 @@ def test_a_checkpoint_cut_off_mid_write_is_never_loaded(folder, batches, tmp_pat
 
 def test_export_writes_a_model_folder_that_load_policy_reads(folder, batches, tmp_path):
     (folder / "pararl.json").write_text(json.dumps({"format": FMT.to_dict()}))  # a bundle file to carry along
+    (folder / "vqvae").mkdir(exist_ok=True)  # an image tokenizer's folder (as -A checkpoints have) to carry along
+    (folder / "vqvae" / "config.json").write_text("{}")
     learner = Learner(learner_config(zero_stage=3), folder, FMT)
     learner.train_batch(batches[0])
     learner.save_checkpoint(RunState(step=1), tmp_path / "run")
@@ -104,7 +106,7 @@ def test_export_writes_a_model_folder_that_load_policy_reads(folder, batches, tm
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1, "sharded"
     assert "model.transformer.blocks.0.q_proj.weight" in index["weight_map"]
-    assert (out / "pararl.json").is_file()
+    assert (out / "pararl.json").is_file() and (out / "vqvae" / "config.json").is_file()
     exported = load_policy(out)
     live = full_weights(learner)
     state = exported.state_dict()

@@ -65,6 +65,8 @@ def build_image_tokenizer(spec: dict[str, Any]) -> ImageTokenizer:
     return IMAGE_TOKENIZERS[kind](**spec)
 
 
+from pararl.image_tokenizers.magvit2 import Magvit2Tokenizer  # noqa: E402  (registers itself)
 from pararl.image_tokenizers.palette import PaletteCodec  # noqa: E402  (registers itself)
+from pararl.image_tokenizers.vqmodel import VQModelTokenizer  # noqa: E402  (registers itself; imports diffusers lazily)
 
-__all__ = ["ImageTokenizer", "PaletteCodec", "IMAGE_TOKENIZERS", "build_image_tokenizer", "register_image_tokenizer"]
+__all__ = ["ImageTokenizer", "Magvit2Tokenizer", "PaletteCodec", "VQModelTokenizer", "IMAGE_TOKENIZERS", "build_image_tokenizer", "register_image_tokenizer"]

@@ -65,6 +65,14 @@ class LLaDAConfig(PretrainedConfig):
         super().__init__(vocab_size=vocab_size, **kwargs)
         self._check()
 
+    def to_dict(self) -> dict[str, Any]:
+        """As saved in config.json: an MMaDA checkpoint stays model_type ``mmada`` (transformers would write
+        the class's ``llada``), so a policy exported from an -M run is still recognised as -M."""
+        out = super().to_dict()
+        if self.__dict__.get("model_type") in SUPPORTED_MODEL_TYPES:
+            out["model_type"] = self.__dict__["model_type"]
+        return out
+
     # The names transformers' generic code looks for.
     @property
     def hidden_size(self) -> int:
@@ -109,6 +117,31 @@ class LLaDAConfig(PretrainedConfig):
             problems.append("only RoPE position encoding is supported (rope=true, alibi=false)")
         if problems:
             raise ValueError("unsupported LLaDA config: " + "; ".join(problems))
+
+
+# LLaDA-8B's architecture (its released config.json); the MMaDA-Parallel checkpoints keep it and grow
+# the embedding to 126464 + 8192 rows for the image codes (``llada_8b_config(embedding_size=134656)``).
+LLADA_8B = dict(
+    d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, rope_theta=500000.0,
+    rms_norm_eps=1e-5, vocab_size=126464, embedding_size=126464, weight_tying=False, include_bias=False,
+    include_qkv_bias=False, mask_token_id=126336, max_sequence_length=4096,
+)
+
+
+def llada_8b_config(**overrides: Any) -> LLaDAConfig:
+    return LLaDAConfig(**{**LLADA_8B, **overrides})
+
+
+def parameter_count(config: LLaDAConfig) -> int:
+    """Parameters of the policy a config describes, counted from its fields (no model is built)."""
+    d, f, v = config.d_model, config.ffn_hidden_size, config.output_size
+    kv = config.kv_heads * (d // config.n_heads)
+    bias, qkv_bias = config.include_bias, config.include_bias or config.include_qkv_bias
+    attn = d * d + 2 * d * kv + d * d + (d + 2 * kv if qkv_bias else 0) + (d if bias else 0)
+    mlp = 3 * d * f + (2 * f + d if bias else 0)
+    block = attn + mlp + 2 * d
+    head = 0 if config.weight_tying else d * v + (v if bias else 0)
+    return config.n_layers * block + v * d + d + head
 
 
 def _register() -> None:

@@ -1,0 +1,209 @@
+"""How much memory each actor of a run needs, computed from the model size and the run config.
+
+An estimate written down once (the formulas are in ``docs/gpu-cluster.md``), used by ``pararl doctor``
+before any GPU time is spent and by ``python -m cluster.memory CONFIG`` to print the table. Counted:
+weights, fp32 master weights and Adam states, gradients (ZeRO partitions what its stage partitions),
+the frozen reference, activations of one micro-batch with and without gradient checkpointing, the
+logits (over the whole sequence: the policy's head runs on every position) and the float32 copies
+the samplers and estimators make of the two output spans. Not counted: allocator fragmentation
+beyond a fixed slack, and NCCL buffers beyond it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pararl.models.config import LLaDAConfig, parameter_count
+
+GiB = float(1 << 30)
+CUDA_SLACK = 2.0 * GiB  # CUDA context, NCCL and allocator slack per GPU process
+ZERO3_LIVE_PARAMS = 1e9  # DeepSpeed's stage3_max_live_parameters default: gathered parameters in flight
+
+
+@dataclass
+class Shapes:
+    """What the estimate needs to know about the model and one sequence."""
+
+    params: int
+    d_model: int
+    n_layers: int
+    ffn: int
+    vocab: int  # logits columns (embedding_size)
+    text_vocab: int
+    codebook: int
+    seq_len: int  # longest sequence: prompt + input image (editing) + output
+    text_len: int
+    image_span: int
+
+    @classmethod
+    def of(cls, config: LLaDAConfig, seq_len: int, text_len: int, image_span: int, text_vocab: int = 126464,
+           codebook: int = 8192) -> "Shapes":
+        return cls(parameter_count(config), config.d_model, config.n_layers, config.ffn_hidden_size,
+                   config.output_size, text_vocab, codebook, seq_len, text_len, image_span)
+
+
+def sequence_length(output_len: int, image_span: int, prompt_tokens: int = 128, editing: bool = True) -> int:
+    """Prompt (template + instruction) + the input image span with its two markers when editing + output."""
+    return prompt_tokens + (image_span + 2 if editing else 0) + output_len
+
+
+@dataclass
+class Estimate:
+    actor: str
+    parts: dict[str, float] = field(default_factory=dict)  # bytes
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def line(self) -> str:
+        items = ", ".join(f"{k} {v / GiB:.1f}" for k, v in self.parts.items() if v)
+        return f"{self.actor}: {self.total / GiB:.1f} GiB ({items})"
+
+
+def _block_bytes_per_token(s: Shapes, wbytes: int) -> float:
+    """Tensors one block keeps for its backward: norms, q/k/v, attention output, the SwiGLU intermediates."""
+    return (9 * s.d_model + 4 * s.ffn) * wbytes + 8 * s.d_model
+
+
+def _span_bytes(s: Shapes, rows: int, copies: int) -> float:
+    """Float32 copies of the restricted span logits (text over the text vocabulary, image over the codebook)."""
+    return copies * 4.0 * rows * (s.text_len * s.text_vocab + s.image_span * s.codebook)
+
+
+def _inference_bytes(s: Shapes, rows: int, wbytes: int) -> float:
+    """One forward without gradients: the residual stream, one block's intermediates, the logits."""
+    per_token = (2 * s.d_model + 4 * s.d_model + 3 * s.ffn) * wbytes
+    return rows * s.seq_len * (per_token + s.vocab * wbytes)
+
+
+def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int) -> Estimate:
+    """One DeepSpeed rank: ZeRO-partitioned states, one micro-batch's activations, the reference."""
+    z, n, p = lc.zero_stage, max(1, ranks), s.params
+    w = 2 if lc.precision in ("bf16", "fp16") else 4
+    part = lambda nbytes, stage: nbytes / n if z >= stage else nbytes  # noqa: E731
+    e = Estimate("learner rank")
+    e.parts["weights"] = part(w * p, 3)
+    e.parts["fp32 master + Adam"] = part((12 if w == 2 else 8) * p, 1)
+    e.parts["gradients"] = part(w * p, 2) + (part(4 * p, 1) if w == 2 else 0)  # + their fp32 partition (bf16)
+    e.parts["ZeRO-3 gathered params"] = min(p, ZERO3_LIVE_PARAMS) * w if z == 3 else 0.0
+    rows = lc.micro_batch_size * windows
+    tokens = rows * s.seq_len
+    if lc.gradient_checkpointing:
+        act = s.n_layers * tokens * s.d_model * w + 2 * tokens * _block_bytes_per_token(s, w)
+    else:
+        act = (s.n_layers + 1) * tokens * _block_bytes_per_token(s, w)
+    act += 2 * tokens * s.vocab * w + _span_bytes(s, rows, 2)  # logits and their gradient, fp32 log-softmax
+    reference = lc.beta > 0 and lc.kl_reference == "reference"
+    ref_weights = w * p if reference else 0.0
+    ref_act = _inference_bytes(s, rows, w) + _span_bytes(s, rows, 1) if reference else 0.0
+    if reference and lc.reference_offload:  # on the GPU only while its log-probs are computed
+        e.parts["activations (peak)"] = max(act, ref_weights + ref_act)
+    else:
+        e.parts["activations (peak)"] = max(act, ref_act)
+        e.parts["reference"] = ref_weights
+    e.parts["CUDA slack"] = CUDA_SLACK
+    return e
+
+
+def rollout_worker(s: Shapes, trajectories: int, cfg_rows: bool, windows: int, wbytes: int = 2) -> Estimate:
+    """A sampling policy in bf16: the batched sampler (CFG rows ride along) or the behaviour log-probs."""
+    e = Estimate("rollout worker")
+    e.parts["weights"] = wbytes * s.params
+    rows = trajectories * (2 if cfg_rows else 1)
+    sampling = _inference_bytes(s, rows, wbytes) + _span_bytes(s, trajectories, 3)  # softmax, cdf, tempered copy
+    logprobs = _inference_bytes(s, trajectories * windows, wbytes) + _span_bytes(s, trajectories * windows, 2)
+    e.parts["activations (peak)"] = max(sampling, logprobs)
+    e.parts["CUDA slack"] = CUDA_SLACK
+    return e
+
+
+def reward_replica(images: int, image_size: tuple[int, int], weights_bytes: float, top_channels: int = 128) -> Estimate:
+    """Image tokenizer + reward models, and the VQ decoder's full-resolution feature maps for a batch."""
+    e = Estimate("reward replica")
+    e.parts["weights"] = weights_bytes
+    e.parts["VQ decode activations"] = images * top_channels * image_size[0] * image_size[1] * 4.0 * 6
+    e.parts["CLIP activations"] = 1.0 * GiB
+    e.parts["CUDA slack"] = CUDA_SLACK
+    return e
+
+
+def host_memory(s: Shapes, lc: Any, learner_ranks: int, rollout_workers: int, reward_weights: float, replicas: int) -> float:
+    """Host RAM at start-up, when every actor loads at once: each learner rank reads the policy in
+    float32 before DeepSpeed partitions it, an offloaded reference stays in host RAM, rollout workers
+    read their copy before moving it to the GPU."""
+    reference = lc.beta > 0 and lc.kl_reference == "reference" and lc.reference_offload
+    w = 2 if lc.precision in ("bf16", "fp16") else 4
+    per_rank = 4 * s.params + (w * s.params if reference else 0)
+    return learner_ranks * per_rank + rollout_workers * 2 * s.params + replicas * reward_weights
+
+
+def windows_per_trajectory(lc: Any, reward_sampled_steps: int, sampler_steps: int) -> int:
+    """Rows each trajectory becomes in a log-prob forward (the driver's plan: the reward's steps by default)."""
+    if lc.logprob_estimator == "random_mask":
+        return 1
+    if lc.sampled_steps:
+        return lc.sampled_steps
+    if lc.merge_steps == 1:
+        return reward_sampled_steps
+    return -(-sampler_steps // lc.merge_steps)
+
+
+def preset_lengths(preset: str, text_len: int) -> tuple[int, int]:
+    """(output length, image span) of a released layout at 512x512 (32x32 codes)."""
+    if preset == "mmada-parallel-a":
+        return 2 + 1056 + 1 + text_len + 1, 1056
+    return 1 + 1024 + 2 + text_len, 1024
+
+
+def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int, image_size: tuple[int, int] = (512, 512),
+                 reward_weights: float = 2.5 * GiB, prompt_tokens: int = 128, text_vocab: int = 126464,
+                 codebook: int = 8192) -> tuple[list[Estimate], float, Shapes]:
+    """Per-actor GPU estimates and the host RAM of a run config (``pararl.config.RunConfig``)."""
+    s = Shapes.of(config, sequence_length(output_len, image_span, prompt_tokens), cfg.sampler.text_len, image_span,
+                  text_vocab, codebook)
+    c, lc, r = cfg.cluster, cfg.learner, cfg.reward
+    windows = windows_per_trajectory(lc, r.sampled_steps, cfg.sampler.steps)
+    prompts_per_worker = -(-cfg.data.prompts_per_step // c.rollout_workers)
+    cfg_rows = cfg.sampler.cfg_image > 0 or cfg.sampler.cfg_text > 0
+    estimates = [
+        learner_rank(s, lc, c.learner_ranks, windows),
+        rollout_worker(s, prompts_per_worker * cfg.data.group_size, cfg_rows, windows),
+        reward_replica(r.max_batch_size * r.sampled_steps, image_size, reward_weights),
+    ]
+    host = host_memory(s, lc, c.learner_ranks, c.rollout_workers, reward_weights, r.replicas)
+    return estimates, host, s
+
+
+def markdown_table(estimates: list[Estimate]) -> str:
+    keys: list[str] = []
+    for e in estimates:
+        keys += [k for k in e.parts if k not in keys]
+    head = "| actor | " + " | ".join(keys) + " | total |"
+    rule = "| --- " * (len(keys) + 2) + "|"
+    rows = ["| " + e.actor + " | " + " | ".join(f"{e.parts[k] / GiB:.1f}" if e.parts.get(k) else "-" for k in keys)
+            + f" | **{e.total / GiB:.1f}** |" for e in estimates]
+    return "\n".join([head, rule, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cluster.memory CONFIG [preset]``: the table for an 8B MMaDA-Parallel policy."""
+    import sys
+
+    from pararl.config import load_run_config
+    from pararl.models.config import llada_8b_config
+
+    args = sys.argv[1:] if argv is None else argv
+    cfg = load_run_config(args[0])
+    preset = args[1] if len(args) > 1 else ("mmada-parallel-a" if "-a-" in args[0] else "mmada-parallel-m")
+    out_len, span = preset_lengths(preset, cfg.sampler.text_len)
+    estimates, host, s = estimate_run(cfg, llada_8b_config(embedding_size=134656), out_len, span,
+                                      text_vocab=126356 if preset == "mmada-parallel-a" else 126464)
+    print(f"{preset}: {s.params / 1e9:.2f}B parameters, longest sequence {s.seq_len} tokens (GiB per GPU)\n")
+    print(markdown_table(estimates))
+    print(f"\nhost RAM at start-up, whole cluster: {host / GiB:.0f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

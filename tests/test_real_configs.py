@@ -1,0 +1,34 @@
+"""The 8B cluster configs load through the run-config schema, and the README's memory table is theirs."""
+from pathlib import Path
+
+import pytest
+
+from cluster.memory import GiB, estimate_run, markdown_table, preset_lengths
+from cluster.placement import required
+from pararl.config import load_run_config
+from pararl.models import llada_8b_config
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("preset", ["mmada-parallel-a", "mmada-parallel-m"])
+def test_8b_config_loads_and_fits_80gb_gpus(preset):
+    cfg = load_run_config(ROOT / "configs" / f"{preset}-8b.yaml")
+    lc, c, r, s = cfg.learner, cfg.cluster, cfg.reward, cfg.sampler
+    assert (lc.zero_stage, lc.precision, lc.device, lc.gradient_checkpointing, lc.reference_offload) == (3, "bf16", "cuda", True, True)
+    assert (lc.lr, lc.eps_low, lc.eps_high, lc.beta, lc.kl_estimator, lc.kl_reference) == (1e-6, 0.2, 0.2, 0.01, "k3", "reference")
+    assert (cfg.data.group_size, r.sampled_steps, s.steps, s.text_len, s.cfg_image) == (8, 3, 128, 256, 4.0)
+    assert c.address == "auto" and c.rollout_gpus == 1 and c.learner_gpus == 1 and r.gpus_per_replica == 1
+    assert required(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)["GPU"] == 26
+    unit = lc.micro_batch_size * lc.grad_accumulation * c.learner_ranks
+    assert cfg.data.prompts_per_step * cfg.data.group_size == unit, "one optimizer step uses the whole batch"
+    assert cfg.reward.stats_file.endswith("reward_stats.json")
+
+    out, span = preset_lengths(preset, s.text_len)
+    estimates, _, shapes = estimate_run(cfg, llada_8b_config(embedding_size=134656), out, span,
+                                        text_vocab=126356 if preset == "mmada-parallel-a" else 126464)
+    assert shapes.params == 8_082_690_048
+    assert all(e.total < 80e9 * 0.9 for e in estimates), [e.line() for e in estimates]
+    doc = (ROOT / "docs" / "gpu-cluster.md").read_text()
+    assert markdown_table(estimates) in doc, "docs/gpu-cluster.md: rerun python -m cluster.memory on the config"
+    assert max(e.total for e in estimates) / GiB > 40  # 40 GB GPUs do not fit, as the page says
