@@ -14,6 +14,7 @@ class ClusterConfig:
     rollout_cpus: float = 1.0
     rollout_gpus: float = 0.0
     rollout_threads: Optional[int] = None  # torch threads per rollout worker (None: its CPUs, at least 1)
+    rollout_logprob_chunk_rows: Optional[int] = None  # rows per forward of the behaviour log-probs (None: one forward)
     learner_ranks: int = 1
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0

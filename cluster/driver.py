@@ -44,7 +44,7 @@ class Driver:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.codecs = load_codecs(require(cfg.model, "model"))
+        self.codecs = load_codecs(require(cfg.model, "model"), cfg.model_format.named())
         if any(m.standardize for m in cfg.reward.models.values()):
             load_stats(cfg.reward.stats_file)  # a missing or unreadable stats file fails here, before any actor starts
         records = read_records(require(cfg.data.train, "data.train"))
@@ -56,13 +56,14 @@ class Driver:
         start_ray(cfg.cluster)
         c, r = cfg.cluster, cfg.reward
         self.placement = place(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)
-        self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model))
+        self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model, cfg.model_format.named()))
         dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
         self.sync = build_weight_sync(c.sync_transport, bucket_bytes=c.sync_bucket_mb << 20, timeout_s=c.call_timeout_s,
                                       wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
         # rollout workers take their own bundles first; learner ranks then fill the remaining ones
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
-                                     dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu")
+                                     dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
+                                     named_format=cfg.model_format.named())
         self.learners = LearnerGroup(
             cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
             num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,

@@ -35,7 +35,8 @@ def split(requests: Sequence[GenerationRequest], parts: int) -> list[list[Genera
 
 class RolloutGroup:
     def __init__(self, cfg: ClusterConfig, model_folder: str, sampler: SamplerConfig, placement: Placement | None,
-                 sync: WeightSync, pad_id: int, dtype: str | None = None, device: str = "cpu") -> None:
+                 sync: WeightSync, pad_id: int, dtype: str | None = None, device: str = "cpu",
+                 named_format: dict[str, Any] | None = None) -> None:
         self.cfg, self.sync, self.pad_id = cfg, sync, pad_id
         self.restarts = 0
         remote = ray.remote(RolloutWorker)
@@ -46,7 +47,8 @@ class RolloutGroup:
                                        "max_restarts": cfg.max_restarts, "max_task_retries": 0}
             if placement is not None:
                 options["scheduling_strategy"] = placement.strategy(placement.rollout_bundles[i])
-            self.workers.append(remote.options(**options).remote(model_folder, sampler, device, dtype, threads))
+            self.workers.append(remote.options(**options).remote(model_folder, sampler, device, dtype, threads,
+                                                                 cfg.rollout_logprob_chunk_rows, named_format))
         ray.get([w.ready.remote() for w in self.workers], timeout=cfg.call_timeout_s)
 
     def _recover(self, index: int, err: Exception) -> None:

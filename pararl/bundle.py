@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -67,9 +68,10 @@ class ModelBundle(Codecs):
         super().save(path)
 
 
-def load_codecs(path: str | Path) -> Codecs:
+def load_codecs(path: str | Path, named: dict[str, Any] | None = None) -> Codecs:
     """Tokenizer, format and image tokenizer of a model folder: ``pararl.json`` where it says, else
-    detected from the folder's files (``pararl.detect``: a released -A or -M checkpoint as it is)."""
+    detected from the folder's files (``pararl.detect``: a released -A or -M checkpoint as it is).
+    ``named`` (``preset``, ``options``, ``image_tokenizer``: a run config's ``model_format``) overrides both."""
     from pararl.detect import detect
 
     path = Path(path)
@@ -79,7 +81,8 @@ def load_codecs(path: str | Path) -> Codecs:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot load the text tokenizer: {err}") from err
-    found = detect(path, tokenizer)
+    named = {k: v for k, v in (named or {}).items() if v}
+    found = detect(path, tokenizer, **named)
     try:
         image_tokenizer = build_image_tokenizer(found.image_tokenizer)
     except (OSError, ValueError, TypeError) as err:
@@ -97,9 +100,10 @@ def check_image_tokenizer(fmt: FormatBase, image_tokenizer: ImageTokenizer, wher
         )
 
 
-def load_bundle(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> ModelBundle:
+def load_bundle(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
+                named: dict[str, Any] | None = None) -> ModelBundle:
     policy = load_policy(path, dtype=dtype, device=device)
-    codecs = load_codecs(path)
+    codecs = load_codecs(path, named)
     if codecs.fmt.vocab_size > policy.config.output_size:
         raise CheckpointError(
             f"{path}: format {codecs.fmt.name!r} needs {codecs.fmt.vocab_size} ids, the policy has {policy.config.output_size}"

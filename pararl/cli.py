@@ -40,6 +40,12 @@ def _export(args: argparse.Namespace) -> int:
     return export_main(args) or 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from cluster.doctor import doctor_main
+
+    return doctor_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pararl", description="ParaRL for parallel text+image diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a checkpoint's policy as a model folder that load_policy loads")
     add_export_arguments(e)
     e.set_defaults(run=_export)
+
+    from cluster.doctor import add_doctor_arguments
+
+    d = sub.add_parser("doctor", help="check a run config against the model folder, reward, stats and the Ray cluster "
+                                      "before spending GPU time")
+    add_doctor_arguments(d)
+    d.set_defaults(run=_doctor)
     return parser
 
 

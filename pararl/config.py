@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Dict, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -128,12 +128,25 @@ class TrainConfig:
 
 
 @dataclass
+class ModelFormatConfig:
+    """Name a model folder's token format and image tokenizer instead of detecting them (``pararl.detect``)."""
+
+    preset: Optional[str] = None  # e.g. mmada-parallel-a, mmada-parallel-m
+    options: Dict[str, Any] = field(default_factory=dict)  # preset options, e.g. {grid: [32, 32]}
+    image_tokenizer: Dict[str, Any] = field(default_factory=dict)  # e.g. {type: magvit2, path: /shared/magvitv2}
+
+    def named(self) -> dict[str, Any]:
+        return {"preset": self.preset, "options": dict(self.options), "image_tokenizer": dict(self.image_tokenizer)}
+
+
+@dataclass
 class RunConfig:
     """A whole ParaRL run: what ``pararl train / eval / reward-stats`` read."""
 
     name: str = "pararl"
     run_dir: str = "runs/pararl"
     model: str = ""  # model folder: policy weights, tokenizer, pararl.json
+    model_format: ModelFormatConfig = field(default_factory=ModelFormatConfig)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -42,10 +42,11 @@ def decode_images(payload: str) -> torch.Tensor:
 
 @serve.deployment
 class RewardReplica:
-    def __init__(self, model_folder: str, cfg: RewardConfig, http_token: str | None) -> None:
+    def __init__(self, model_folder: str, cfg: RewardConfig, http_token: str | None,
+                 named_format: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))  # a replica's threads follow its CPUs
-        self.scorer = SemanticScorer(load_codecs(model_folder), self.cfg)
+        self.scorer = SemanticScorer(load_codecs(model_folder, named_format), self.cfg)
         self.score.set_max_batch_size(self.cfg.max_batch_size)
         self.score.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.http_token = http_token
@@ -91,7 +92,8 @@ def resolve_token(cfg: RewardConfig) -> str | None:
     return token
 
 
-def start_reward_pool(cfg: RewardConfig, model_folder: str) -> serve.handle.DeploymentHandle:
+def start_reward_pool(cfg: RewardConfig, model_folder: str,
+                      named_format: dict[str, Any] | None = None) -> serve.handle.DeploymentHandle:
     """Deploy the pool into the running Ray; returns the handle rollout workers and the driver call."""
     check_reward_config(cfg)
     token = resolve_token(cfg)
@@ -105,7 +107,7 @@ def start_reward_pool(cfg: RewardConfig, model_folder: str) -> serve.handle.Depl
         # the concurrency limit must let a full batch form, with room for the next one to queue
         max_ongoing_requests=max(2 * cfg.max_batch_size, 8),
     )
-    app = replica.bind(str(model_folder), cfg, token)
+    app = replica.bind(str(model_folder), cfg, token, named_format)
     try:
         return serve.run(app, name=APP_NAME, route_prefix=cfg.http.route if cfg.http.enabled else None)
     except RuntimeError as err:

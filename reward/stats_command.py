@@ -13,7 +13,7 @@ from reward.stats import ModelStats, compute_stats, save_stats
 
 def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int = 32) -> Path:
     cfg = load_run_config(config, overrides)
-    codecs = load_codecs(require(cfg.model, "model"))
+    codecs = load_codecs(require(cfg.model, "model"), cfg.model_format.named())
     records = read_records(require(cfg.data.train, "data.train"))
     cache = CodeCache(cfg.data.cache_dir, codecs.image_tokenizer)
     total = sum(1 for r in records if r.output_image and r.output_text)

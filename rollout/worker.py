@@ -38,11 +38,14 @@ class SyncError(RuntimeError):
 
 class RolloutWorker:
     def __init__(self, model_folder: str, sampler_cfg: SamplerConfig, device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, logprob_chunk_rows: int | None = None,
+                 named_format: dict[str, Any] | None = None) -> None:
+        self.logprob_chunk_rows = logprob_chunk_rows
         if threads:
             torch.set_num_threads(threads)
         self.device = device
-        self.bundle = load_bundle(model_folder, dtype=getattr(torch, dtype) if dtype else None, device=device)
+        self.bundle = load_bundle(model_folder, dtype=getattr(torch, dtype) if dtype else None, device=device,
+                                  named=named_format)
         self.policy = self.bundle.policy
         self.sampler = ParallelSampler(self.policy, self.bundle.fmt, sampler_cfg)
         self.live = {name: t for name, t in self.policy.state_dict(keep_vars=True).items()}
@@ -118,6 +121,7 @@ class RolloutWorker:
             from learner.logprobs import trajectory_logprobs
 
             with torch.inference_mode():
-                old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan).to("cpu")
+                old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan,
+                                          chunk_rows=self.logprob_chunk_rows).to("cpu")
         traj.compute_seconds = time.perf_counter() - start
         return traj.to("cpu"), old

@@ -117,3 +117,32 @@ def test_m_folder_without_magvit_says_where_to_put_it(tmp_path):
 
     found = detect(folder, AutoTokenizer.from_pretrained(str(folder)), image_tokenizer={"type": "magvit2", "path": "elsewhere"})
     assert found.image_tokenizer == {"type": "magvit2", "path": str(folder / "elsewhere"), "grid": [4, 4]}
+
+
+def test_a_format_named_in_the_run_config_overrides_detection(tmp_path):
+    """A -A folder whose config says nothing recognisable (no vqvae/ name, plain architecture) is refused by
+    detection, and loads once the run config names ``model_format.preset`` and its image tokenizer."""
+    import json
+    import shutil
+
+    import pytest
+
+    from pararl.bundle import load_codecs
+    from pararl.config import load_run_config
+    from pararl.models import CheckpointError
+    from tests.real_tiny import write_a_checkpoint
+
+    folder = write_a_checkpoint(tmp_path / "a")
+    (tmp_path / "vq-elsewhere").mkdir()
+    shutil.move(str(folder / "vqvae"), str(tmp_path / "vq-elsewhere" / "vqvae"))
+    (folder / "pararl.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["LLaDAModelLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError):
+        load_codecs(folder)
+    cfg = load_run_config(None, ["model_format.preset=mmada-parallel-a", "model_format.options.grid=[4,4]",
+                                 "model_format.image_tokenizer.type=vqmodel",
+                                 f"model_format.image_tokenizer.path={tmp_path / 'vq-elsewhere'}"])
+    codecs = load_codecs(folder, cfg.model_format.named())
+    assert codecs.fmt.name.startswith("mmada-parallel-a") and codecs.image_tokenizer.num_tokens == 16
