@@ -23,11 +23,21 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The default run is offline and loopback-only (shared/reference/stack-notes.md); on a real cluster
+# use `pararl train CONFIG` with your own environment instead.
+OFFLINE := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HTTP_PROXY=http://127.0.0.1:9 NO_PROXY=127.0.0.1,localhost \
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+	HF_HUB_DISABLE_TELEMETRY=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DS_ACCELERATOR=cpu \
+	TOKENIZERS_PARALLELISM=false
+
 train: $(STAMP)
-	$(PY) -m pararl.cli train configs/default.yaml
+	env $(OFFLINE) $(PY) -m pararl.cli default-run
 
 bench: $(STAMP)
 	$(PY) bench/sampler.py
+	$(PY) bench/learner.py
+	env $(OFFLINE) $(PY) bench/reward.py
+	env $(OFFLINE) $(PY) bench/sync.py
 
 clean:
 	rm -rf $(VENV)

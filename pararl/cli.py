@@ -40,6 +40,13 @@ def _export(args: argparse.Namespace) -> int:
     return export_main(args) or 0
 
 
+def _default_run(args: argparse.Namespace) -> int:
+    from cluster.default_run import default_run
+
+    default_run(overrides=args.overrides, cache_dir=args.cache)
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from cluster.doctor import doctor_main
 
@@ -74,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a checkpoint's policy as a model folder that load_policy loads")
     add_export_arguments(e)
     e.set_defaults(run=_export)
+
+    dr = sub.add_parser("default-run", help="the default run (make train): world, warm-up, CLIP, ParaRL, evaluation")
+    dr.add_argument("--cache", default=".cache/pararl-default", help="where the world, warm-up and CLIP are kept")
+    dr.add_argument("overrides", nargs="*", help="run config overrides as dotted key=value")
+    dr.set_defaults(run=_default_run)
 
     from cluster.doctor import add_doctor_arguments
 

@@ -1,0 +1,198 @@
+"""Everything the default run needs before ParaRL starts, built once into a cache folder.
+
+Three stages, each in its own subfolder: the world (JSONL + PNGs), the SFT warm-up (a model bundle),
+and the CLIP reward (open_clip config + weights, the reward statistics over the training data and a
+check that held-out matched pairs outscore mismatched ones). A stage is built in a temporary folder
+whose ``DONE.json`` marker is written last, then renamed into place, so a crash never leaves a stage
+that looks complete. The marker records a fingerprint of the stage's settings (and of the stages it
+was built from): a second call with the same settings skips the stage; other settings rebuild it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.sft import SFTConfig
+from pararl.world.dataset import EVAL_FILE, TRAIN_FILE, WorldConfig
+from pararl.world.scene import EOS, WorldSpec
+from reward.train_clip import ClipTrainConfig
+
+MARKER = "DONE.json"
+REWARD_LABEL = "clip"  # the label of the CLIP reward model in RewardConfig.models (and in the stats file)
+
+
+@dataclass
+class PolicyArch:
+    """The warm-up policy's LLaDA architecture (vocabulary sizes come from the world's format)."""
+
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    mlp_hidden_size: int = 336
+    rope_theta: float = 100.0  # sequences are ~100 tokens: a small base spreads RoPE's frequencies over them
+    # LLaDA's 0.02 suits d_model 4096; at d_model 128 it leaves attention logits near zero and the
+    # warm-up never learns to read the prompt in its budget. About 1/sqrt(d_model).
+    init_std: float = 0.088
+
+
+@dataclass
+class PrepareConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    policy: PolicyArch = field(default_factory=PolicyArch)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    stats_batch: int = 256
+    # What the reward statistics are measured on: "full" training pairs (the paper's E[r_CLIP] and Z), or
+    # "partial" ones, the training pairs as the reward sees them at a sampled step (a random share of the
+    # words still masked). With "full", every partial or imperfect snapshot lands far below the mean of
+    # perfect pairs and R_t is clipped at 0 for most of them.
+    stats_texts: str = "partial"
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _done(folder: Path, key: str) -> dict | None:
+    marker = folder / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return None
+    return meta if meta.get("fingerprint") == key else None
+
+
+def _stage(folder: Path, key: str, build, log) -> tuple[dict, bool]:
+    """(marker contents, built?) of a stage: skip it when complete with this fingerprint, else build it."""
+    meta = _done(folder, key)
+    if meta is not None:
+        log(f"{folder.name}: complete, skipped ({MARKER} {key})")
+        return meta, False
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    info = build(tmp)
+    meta = {"fingerprint": key, "seconds": round(time.perf_counter() - start, 2), **info}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=1, default=str))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    log(f"{folder.name}: built in {meta['seconds']:.1f}s")
+    return meta, True
+
+
+def default_config(seed: int = 0) -> PrepareConfig:
+    cfg = PrepareConfig()
+    return replace(cfg, world=replace(cfg.world, seed=seed), sft=replace(cfg.sft, seed=seed), clip=replace(cfg.clip, seed=seed))
+
+
+def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | None = None, progress: bool = True,
+                    log=print) -> dict[str, Any]:
+    """Build (or find) the world, the warm-up policy and the CLIP reward in ``cache_dir``.
+
+    Returns the paths a run config needs (``train``, ``eval``, ``model``, ``codes``, ``reward_stats``,
+    ``clip_kwargs`` for ``RewardConfig.models['clip'].kwargs``), ``built``: the stages built by this
+    call (empty when everything was cached), and the stages' figures.
+    """
+    from pararl.bundle import Codecs
+    from pararl.data import CodeCache, read_records
+    from pararl.world.dataset import world_token_format, world_tokenizer, write_world
+
+    cfg = cfg or default_config(seed)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    spec: WorldSpec = cfg.world.spec
+    codes_dir = cache / "codes"
+    built = []
+
+    world_key = fingerprint("world", cfg.world.to_dict())
+    world_meta, b = _stage(cache / "world", world_key,
+                           lambda tmp: {"records": {k: str(v.name) for k, v in write_world(tmp, cfg.world, progress).items()}},
+                           log)
+    built += ["world"] if b else []
+    data = cache / "world"
+    train_records = read_records(data / TRAIN_FILE)
+    eval_records = read_records(data / EVAL_FILE)
+
+    tokenizer = world_tokenizer(spec)
+    codecs = Codecs(tokenizer, world_token_format(spec, tokenizer), spec.codec())
+
+    def build_policy_stage(tmp: Path) -> dict:
+        from learner.sft import train_sft
+        from pararl.models import LLaDAConfig
+
+        fmt = codecs.fmt
+        arch = LLaDAConfig(vocab_size=fmt.vocab_size, embedding_size=fmt.vocab_size, mask_token_id=fmt.mask_id,
+                           max_sequence_length=512, **asdict(cfg.policy))
+        figures = train_sft(tmp, train_records, codecs, arch, cfg.sft, spec.text_len, codes_dir, EOS, progress)
+        (tmp / "world.json").write_text(json.dumps(cfg.world.to_dict(), indent=1))  # which world it speaks
+        return figures
+
+    policy_key = fingerprint("policy", world_key, asdict(cfg.policy), asdict(cfg.sft))
+    policy_meta, b = _stage(cache / "policy", policy_key, build_policy_stage, log)
+    built += ["policy"] if b else []
+
+    def build_clip_stage(tmp: Path) -> dict:
+        from pararl.world.tasks import mismatched_description
+        from reward.clip_models import OpenClipReward
+        from reward.stats import compute_stats, save_stats
+        from reward.train_clip import drop_words, separation, train_clip
+        from pararl.data import reference_pairs
+
+        code_cache = CodeCache(codes_dir, codecs.image_tokenizer)
+        pairs = {}
+        for rec in train_records:  # distinct (image, text) pairs: a pair is never its own negative
+            pairs.setdefault(rec.output_text, rec.output_image)
+        texts = sorted(pairs)
+        images = codecs.image_tokenizer.decode(torch.stack([code_cache.codes(pairs[t]) for t in texts]))
+        result = train_clip(tmp, images, texts, cfg.clip, progress)
+        model = OpenClipReward(**result["kwargs"])
+        batches = reference_pairs(train_records, code_cache, cfg.stats_batch)
+        if cfg.stats_texts == "partial":
+            words = random.Random(cfg.clip.seed + 1)
+            batches = ((imgs, [drop_words(t, words) for t in txts]) for imgs, txts in batches)
+        elif cfg.stats_texts != "full":
+            raise ValueError(f"stats_texts must be 'full' or 'partial', got {cfg.stats_texts!r}")
+        stats = compute_stats(model, batches, total=len(train_records), desc="reward stats")
+        save_stats(tmp / "reward_stats.json", {REWARD_LABEL: stats})
+        rng = random.Random(cfg.clip.seed)
+        held = [r for r in eval_records if r.output_text]
+        held_codes = torch.stack([code_cache.codes(r.output_image) for r in held])
+        negatives = [mismatched_description(spec, spec.parse_image(c).objects, rng) for c in held_codes]
+        check = separation(model, codecs.image_tokenizer.decode(held_codes), [r.output_text for r in held], negatives)
+        shuffled = [held[(i + 1) % len(held)].output_text for i in range(len(held))]
+        check_random = separation(model, codecs.image_tokenizer.decode(held_codes), [r.output_text for r in held], shuffled)
+        return {"clip_loss": result["loss"], "pairs": result["pairs"], "stats": asdict(stats),
+                "heldout_one_attribute_changed": check, "heldout_other_text": check_random,
+                "kwargs_files": {"config_file": Path(result["kwargs"]["config_file"]).name,
+                                 "pretrained": Path(result["kwargs"]["pretrained"]).name}}
+
+    clip_key = fingerprint("clip", world_key, asdict(cfg.clip), cfg.stats_batch, cfg.stats_texts)
+    clip_meta, b = _stage(cache / "clip", clip_key, build_clip_stage, log)
+    built += ["clip"] if b else []
+    clip_dir = cache / "clip"
+    return {
+        "cache_dir": str(cache),
+        "train": str(data / TRAIN_FILE),
+        "eval": str(data / EVAL_FILE),
+        "world": str(data / "world.json"),
+        "codes": str(codes_dir),
+        "model": str(cache / "policy"),
+        "reward_label": REWARD_LABEL,
+        "clip_kwargs": {"model": cfg.clip.name, "config_file": str(clip_dir / clip_meta["kwargs_files"]["config_file"]),
+                        "pretrained": str(clip_dir / clip_meta["kwargs_files"]["pretrained"])},
+        "reward_stats": str(clip_dir / "reward_stats.json"),
+        "text_len": spec.text_len,
+        "built": built,
+        "stages": {"world": world_meta, "policy": policy_meta, "clip": clip_meta},
+    }

@@ -1,0 +1,112 @@
+"""The default run's preparation on tiny sizes: SFT warm-up on the DeepSpeed engine, the CLIP reward,
+the cached prepare step, and the held-out evaluation."""
+import json
+import random
+
+import pytest
+import torch
+
+from learner.sft import SFTConfig, encode_records, held_loss, train_sft
+from pararl.bundle import Codecs, load_bundle
+from pararl.config import SamplerConfig
+from pararl.data import CodeCache, read_records
+from pararl.models import LLaDAConfig
+from pararl.types import GenerationRequest
+from pararl.world import EOS, WorldConfig, world_token_format, world_tokenizer, write_world
+from pararl.world_prepare import PolicyArch, PrepareConfig, prepare_default
+from reward.clip_models import OpenClipReward
+from reward.train_clip import ClipTrainConfig, drop_words, train_clip
+from rollout.sampler import ParallelSampler
+
+WORLD = WorldConfig(train_size=64, eval_size=8)
+ARCH = PolicyArch(d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=48)
+TINY_CLIP = ClipTrainConfig(name="pararl-test-world-clip", embed_dim=16, vision_width=16, vision_layers=1,
+                            vision_head_width=8, text_width=16, text_layers=1, text_heads=2, context_length=16,
+                            steps=4, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    paths = write_world(root / "data", WORLD)
+    spec = WORLD.spec
+    tok = world_tokenizer(spec)
+    return root, paths, Codecs(tok, world_token_format(spec, tok), spec.codec())
+
+
+def policy_config(codecs: Codecs, arch: PolicyArch = ARCH) -> LLaDAConfig:
+    fmt = codecs.fmt
+    return LLaDAConfig(vocab_size=fmt.vocab_size, embedding_size=fmt.vocab_size, mask_token_id=fmt.mask_id,
+                       max_sequence_length=256, d_model=arch.d_model, n_heads=arch.n_heads, n_layers=arch.n_layers,
+                       mlp_hidden_size=arch.mlp_hidden_size, rope_theta=arch.rope_theta)
+
+
+def test_sft_lowers_the_loss_and_saves_a_bundle_the_sampler_uses(world):
+    root, paths, codecs = world
+    records = read_records(paths["train"])
+    spec = WORLD.spec
+    figures = train_sft(root / "sft", records, codecs, policy_config(codecs),
+                        SFTConfig(steps=40, batch_size=16, lr=1e-2, warmup=4), spec.text_len, root / "codes",
+                        progress=False)
+    assert figures["loss_after"] < 0.8 * figures["loss_before"]
+    bundle = load_bundle(root / "sft")
+    assert bundle.fmt == codecs.fmt and bundle.tokenizer.convert_tokens_to_ids(EOS) == codecs.tokenizer.convert_tokens_to_ids(EOS)
+    cache = CodeCache(root / "codes", bundle.image_tokenizer)
+    rec = next(r for r in records if r.task == "edit")
+    req = GenerationRequest(bundle.encode_text(rec.prompt), cache.codes(rec.input_image), seed=1)
+    traj = ParallelSampler(bundle.policy, bundle.fmt, SamplerConfig(steps=4, text_len=spec.text_len)).sample([req], 2, [1, 3])
+    assert traj.tokens.shape[0] == 2 and (traj.image_tokens >= bundle.fmt.image_offset).all()
+    assert held_loss(bundle.policy, bundle.fmt, encode_records(records, codecs, cache, spec.text_len)) == pytest.approx(
+        figures["loss_after"], rel=1e-4)
+
+
+def test_sft_refuses_texts_longer_than_the_text_span(world):
+    root, paths, codecs = world
+    records = read_records(paths["train"])
+    with pytest.raises(ValueError, match="exceeds text_len"):
+        encode_records(records, codecs, CodeCache(root / "codes", codecs.image_tokenizer), text_len=3)
+
+
+def test_clip_training_saves_what_the_reward_service_loads(world, tmp_path):
+    root, paths, codecs = world
+    records = read_records(paths["train"])
+    cache = CodeCache(root / "codes", codecs.image_tokenizer)
+    images = codecs.image_tokenizer.decode(torch.stack([cache.codes(r.output_image) for r in records[:32]]))
+    texts = [r.output_text for r in records[:32]]
+    result = train_clip(tmp_path / "clip", images, texts, TINY_CLIP, progress=False)
+    model = OpenClipReward(**result["kwargs"])
+    scores = model.score(images[:5], texts[:5])
+    assert scores.shape == (5,) and torch.isfinite(scores).all()
+    state = torch.load(result["kwargs"]["pretrained"])
+    assert torch.equal(state["logit_scale"], model.model.logit_scale.detach())
+    assert json.loads((tmp_path / "clip" / f"{TINY_CLIP.name}.json").read_text())["vision_cfg"]["image_size"] == 24
+
+
+def test_partial_texts_keep_word_order_and_at_least_one_word():
+    rng = random.Random(0)
+    text = "red square top left and blue plus bottom right"
+    for _ in range(50):
+        part = drop_words(text, rng).split()
+        assert part and all(w in text.split() for w in part)
+        assert [text.split().index(w) for w in part if text.split().count(w) == 1] == sorted(
+            text.split().index(w) for w in part if text.split().count(w) == 1)
+
+
+def test_prepare_default_builds_once_then_skips(tmp_path):
+    cfg = PrepareConfig(world=WORLD, policy=ARCH, sft=SFTConfig(steps=3, batch_size=8), clip=TINY_CLIP, stats_batch=32)
+    first = prepare_default(tmp_path / "cache", cfg=cfg, progress=False, log=lambda *_: None)
+    assert first["built"] == ["world", "policy", "clip"]
+    files = [tmp_path / "cache" / stage / "DONE.json" for stage in ("world", "policy", "clip")]
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    second = prepare_default(tmp_path / "cache", cfg=cfg, progress=False, log=lambda *_: None)
+    assert second["built"] == [] and [f.stat().st_mtime_ns for f in files] == mtimes
+    assert second["clip_kwargs"] == first["clip_kwargs"] and second["model"] == first["model"]
+    load_bundle(second["model"])
+    OpenClipReward(**second["clip_kwargs"])
+    stats = json.loads((tmp_path / "cache" / "clip" / "reward_stats.json").read_text())["models"]
+    assert list(stats) == [first["reward_label"]] and stats["clip"]["std"] > 0
+    # Other SFT settings rebuild the policy (and only it).
+    third = prepare_default(tmp_path / "cache", cfg=PrepareConfig(world=WORLD, policy=ARCH, sft=SFTConfig(steps=4, batch_size=8),
+                                                                   clip=TINY_CLIP, stats_batch=32),
+                            progress=False, log=lambda *_: None)
+    assert third["built"] == ["policy"]
