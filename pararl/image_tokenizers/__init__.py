@@ -46,6 +46,18 @@ class ImageTokenizer(ABC):
             raise ValueError(f"codes must lie in [0, {self.codebook_size})")
 
 
+class ModuleImageTokenizer(ImageTokenizer):
+    """An image tokenizer backed by a torch module ``self.model`` (VQModel, MAGVIT-v2)."""
+
+    model: torch.nn.Module
+
+    @property
+    def _where(self) -> tuple[torch.device, torch.dtype]:
+        """Where the module's weights live: inputs are moved there, outputs come back."""
+        p = next(self.model.parameters())
+        return p.device, p.dtype
+
+
 IMAGE_TOKENIZERS: dict[str, Callable[..., ImageTokenizer]] = {}
 
 
@@ -69,4 +81,4 @@ from pararl.image_tokenizers.magvit2 import Magvit2Tokenizer  # noqa: E402  (reg
 from pararl.image_tokenizers.palette import PaletteCodec  # noqa: E402  (registers itself)
 from pararl.image_tokenizers.vqmodel import VQModelTokenizer  # noqa: E402  (registers itself; imports diffusers lazily)
 
-__all__ = ["ImageTokenizer", "Magvit2Tokenizer", "PaletteCodec", "VQModelTokenizer", "IMAGE_TOKENIZERS", "build_image_tokenizer", "register_image_tokenizer"]
+__all__ = ["ImageTokenizer", "ModuleImageTokenizer", "Magvit2Tokenizer", "PaletteCodec", "VQModelTokenizer", "IMAGE_TOKENIZERS", "build_image_tokenizer", "register_image_tokenizer"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pararl.image_tokenizers import ImageTokenizer, register_image_tokenizer
+from pararl.image_tokenizers import ModuleImageTokenizer, register_image_tokenizer
 
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.bin")
 
@@ -272,7 +272,7 @@ def load_magvit2(folder: str | Path) -> MagvitV2:
 
 
 @register_image_tokenizer("magvit2")
-class Magvit2Tokenizer(ImageTokenizer):
+class Magvit2Tokenizer(ModuleImageTokenizer):
     def __init__(self, path: str, grid: Sequence[int] = (32, 32), device: str = "auto", dtype: str = "float32") -> None:
         self.path, self.device_name, self.dtype_name = str(path), device, dtype
         self.model = load_magvit2(path)
@@ -282,11 +282,6 @@ class Magvit2Tokenizer(ImageTokenizer):
         self.grid = (int(grid[0]), int(grid[1]))
         scale = self.model.config.downsampling
         self.image_size = (self.grid[0] * scale, self.grid[1] * scale)
-
-    @property
-    def _where(self) -> tuple[torch.device, torch.dtype]:
-        p = next(self.model.parameters())
-        return p.device, p.dtype
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

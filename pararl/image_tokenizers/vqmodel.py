@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pararl.image_tokenizers import ImageTokenizer, register_image_tokenizer
+from pararl.image_tokenizers import ModuleImageTokenizer, register_image_tokenizer
 
 
 def _device(device: str) -> torch.device:
@@ -23,7 +23,7 @@ def _device(device: str) -> torch.device:
 
 
 @register_image_tokenizer("vqmodel")
-class VQModelTokenizer(ImageTokenizer):
+class VQModelTokenizer(ModuleImageTokenizer):
     def __init__(
         self,
         path: str,
@@ -47,11 +47,6 @@ class VQModelTokenizer(ImageTokenizer):
         self.codebook_size = int(cfg.num_vq_embeddings)
         self.grid = (int(grid[0]), int(grid[1]))
         self.image_size = (self.grid[0] * self.scale, self.grid[1] * self.scale)
-
-    @property
-    def _where(self) -> tuple[torch.device, torch.dtype]:
-        p = next(self.model.parameters())
-        return p.device, p.dtype
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
