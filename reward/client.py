@@ -7,7 +7,7 @@ the trajectory is dropped and counted, or the step fails naming the reward model
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
@@ -112,11 +112,14 @@ class RewardClient:
         results, retries = self.score_requests(requests)
         return assemble(results, requests[0].steps, self.cfg.nonfinite, retries)
 
-    def score_requests(self, requests: Sequence[ScoreRequest], on_retry: Callable[[int], None] | None = None) -> tuple[list[ScoreResult], int]:
-        """All requests in flight at once; a request whose replica died is sent again, up to ``retries``."""
-        pending = {i: self.handle.score.remote(r) for i, r in enumerate(requests)}
-        results: list[ScoreResult | None] = [None] * len(requests)
-        attempts = [0] * len(requests)
+    def score_requests(self, requests: Sequence[ScoreRequest]) -> tuple[list[ScoreResult], int]:
+        """All requests in flight at once, ``request_size`` trajectories each; a chunk whose replica
+        died is sent again, up to ``retries`` times. Results come back in the order given."""
+        size = self.cfg.request_size
+        chunks = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+        pending = {i: self.handle.score.remote(c) for i, c in enumerate(chunks)}
+        results: list[list[ScoreResult] | None] = [None] * len(chunks)
+        attempts = [0] * len(chunks)
         retried = 0
         while pending:
             for i, response in list(pending.items()):
@@ -125,14 +128,13 @@ class RewardClient:
                     del pending[i]
                 except RETRYABLE as err:
                     attempts[i] += 1
+                    keys = [r.key for r in chunks[i]]
                     if attempts[i] > self.cfg.retries:
-                        raise RewardError(f"reward request for trajectory {requests[i].key} failed "
+                        raise RewardError(f"reward request for trajectories {keys} failed "
                                           f"{attempts[i]} times; last error: {err}") from err
                     retried += 1
-                    if on_retry:
-                        on_retry(i)
-                    pending[i] = self.handle.score.remote(requests[i])
+                    pending[i] = self.handle.score.remote(chunks[i])
                 except (GetTimeoutError, TimeoutError) as err:
                     raise RewardError(f"reward pool gave no answer within {self.cfg.request_timeout_s}s "
-                                      f"(trajectory {requests[i].key})") from err
-        return results, retried  # type: ignore[return-value]
+                                      f"(trajectories {[r.key for r in chunks[i]]})") from err
+        return [r for chunk in results for r in chunk], retried  # type: ignore[union-attr]

@@ -36,6 +36,12 @@ class RewardConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_batch_size: int = 16  # trajectories per batch
+    # trajectories per pool request: Serve costs about a millisecond per request here, so the client
+    # packs trajectories; @serve.batch still merges requests from all callers up to max_batch_size
+    request_size: int = 8
+    # per replica; when every slot is taken Serve's router backs off and retries (measured: a 4 s
+    # step took 23 s), so the queue belongs in the replica: room for every request of a step
+    max_ongoing_requests: int = 1024
     batch_wait_timeout_s: float = 0.01
     retries: int = 3
     request_timeout_s: float = 300.0
@@ -54,3 +60,9 @@ def check_reward_config(cfg: RewardConfig) -> None:
         raise ValueError(f"reward.nonfinite must be 'drop' or 'fail', got {cfg.nonfinite!r}")
     if cfg.max_batch_size < 1 or cfg.replicas < 1:
         raise ValueError("reward.max_batch_size and reward.replicas must be >= 1")
+    if not 1 <= cfg.request_size <= cfg.max_batch_size:
+        raise ValueError(f"reward.request_size must be between 1 and reward.max_batch_size ({cfg.max_batch_size}), "
+                         f"got {cfg.request_size}")
+    if cfg.max_ongoing_requests < -(-cfg.max_batch_size // cfg.request_size):
+        raise ValueError(f"reward.max_ongoing_requests ({cfg.max_ongoing_requests}) is too small for a full batch "
+                         f"of {cfg.max_batch_size} trajectories in requests of {cfg.request_size}")

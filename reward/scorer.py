@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pararl.bundle import Codecs
@@ -22,8 +23,36 @@ from reward.semantic import combine, standardise, trajectory_reward
 from reward.stats import load_stats, stats_for
 
 
+def _to_numpy(value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    return value
+
+
+def _to_torch(value):
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    return value
+
+
+class CheapPickle:
+    """Requests and results cross process boundaries by the hundred per step: pickling a small torch
+    tensor costs about 100 us, a numpy array a few, so their tensors travel as numpy arrays."""
+
+    def __getstate__(self) -> dict:
+        return {k: _to_numpy(v) for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({k: _to_torch(v) for k, v in state.items()})
+
+
 @dataclass
-class ScoreRequest:
+class ScoreRequest(CheapPickle):
     """One trajectory's sampled snapshots, as token ids (never pixels)."""
 
     image_ids: torch.Tensor  # [s, N_img] x̂0 image span
@@ -33,7 +62,7 @@ class ScoreRequest:
 
 
 @dataclass
-class ScoreResult:
+class ScoreResult(CheapPickle):
     key: int
     raw: dict[str, torch.Tensor]  # per reward model: its raw score at each step [s]
     r_t: dict[str, torch.Tensor]  # per reward model: R_t after standardisation and clip [s]

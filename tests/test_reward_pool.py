@@ -50,8 +50,11 @@ def user_cfg(**kw) -> RewardConfig:
     return RewardConfig(models=models, **kw)
 
 
-def test_64_requests_form_full_batches_and_each_gets_its_own_score(ray_local, folder):
-    cfg = user_cfg(max_batch_size=16, batch_wait_timeout_s=0.5, replicas=1, cpus_per_replica=1, delay_s=0.05)
+@pytest.mark.parametrize("request_size", [1, 4])
+def test_64_requests_form_full_batches_and_each_gets_its_own_score(ray_local, folder, request_size):
+    """One trajectory per request (Serve merges 16 requests), and chunks of 4 (it merges 4)."""
+    cfg = user_cfg(max_batch_size=16, batch_wait_timeout_s=0.5, replicas=1, cpus_per_replica=1, delay_s=0.05,
+                   request_size=request_size)
     handle = start_reward_pool(cfg, str(folder))
     try:
         codecs = load_codecs(folder)
@@ -61,10 +64,18 @@ def test_64_requests_form_full_batches_and_each_gets_its_own_score(ray_local, fo
         assert [r.key for r in results] == list(range(64)) and retries == 0
         for got, want in zip(results, local):
             assert torch.allclose(got.raw["words"], want.raw["words"])
+        assert max(r.batch_size for r in results) <= 16
         batches = 64 / sum(1 / r.batch_size for r in results)
-        assert batches >= 14, f"mean batch size {batches:.1f} for 64 requests with max 16"
+        assert batches >= 14, f"mean batch size {batches:.1f} for 64 trajectories with max 16"
     finally:
         stop_reward_pool()
+
+
+def test_request_size_larger_than_the_batch_is_refused():
+    from reward.config import check_reward_config
+
+    with pytest.raises(ValueError, match="request_size must be between 1 and reward.max_batch_size"):
+        check_reward_config(user_cfg(max_batch_size=4, request_size=8))
 
 
 def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, folder):
@@ -83,9 +94,11 @@ def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, f
             time.sleep(0.6)  # batches are being scored (0.4 s each)
             ray.kill(victim, no_restart=False)
 
+        client = RewardClient(cfg, handle=handle)
+        client.score_requests(requests[:2])  # the handle's router is set up before the clock starts
         killer = threading.Thread(target=kill_soon)
         killer.start()
-        results, retries = RewardClient(cfg, handle=handle).score_requests(requests)
+        results, retries = client.score_requests(requests)
         killer.join()
         local = SemanticScorer(codecs, cfg).score_batch(requests)
         assert [r.key for r in results] == list(range(48))
