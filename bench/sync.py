@@ -7,6 +7,7 @@ machine's warm memcpy bandwidth, measured in the same run. The last line is one 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from cluster.config import ClusterConfig  # noqa: E402
+from cluster.placement import start_ray  # noqa: E402
 from cluster.rollout_group import RolloutGroup  # noqa: E402
 from cluster.weight_sync import build_weight_sync  # noqa: E402
 from learner.actor import LearnerGroup  # noqa: E402
@@ -40,6 +42,7 @@ from pararl.models import LLaDAConfig, build_policy  # noqa: E402
 from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
 
 REPEATS = 11
+WARMUP = 3
 
 
 def memcpy_bandwidth(nbytes: int) -> float:
@@ -55,6 +58,12 @@ def memcpy_bandwidth(nbytes: int) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bucket-mb", type=float, default=ClusterConfig.sync_bucket_mb)
+    parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per rollout worker (the copy into the live model)")
+    parser.add_argument("--object-store-mb", type=int, default=2048,
+                        help="local object store, preallocated (cluster.preallocate_object_store); 0: Ray's default, not preallocated")
+    args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp())
     tok = build_word_tokenizer([f"w{i}" for i in range(7000)])
     fmt = world_format(len(tok), 8, 16)
@@ -65,25 +74,31 @@ def main() -> None:
     model_bytes = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
     ModelBundle(tok, fmt, PaletteCodec(grid=(4, 4), patch=8, codebook_size=8), policy).save(tmp / "model")
     del policy
+    bandwidth = memcpy_bandwidth(model_bytes)  # before Ray starts: the quiet machine's figure, the strict floor
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    cluster = ClusterConfig(rollout_workers=2, rollout_cpus=1, call_timeout_s=600)
-    sync = build_weight_sync(cluster.sync_transport, bucket_bytes=cluster.sync_bucket_mb << 20, timeout_s=cluster.call_timeout_s)
+    cluster = ClusterConfig(rollout_workers=2, rollout_cpus=1, rollout_threads=args.worker_threads, call_timeout_s=600, num_cpus=4,
+                            object_store_mb=args.object_store_mb or None, preallocate_object_store=args.object_store_mb > 0,
+                            sync_bucket_mb=args.bucket_mb)
+    start_ray(cluster)
+    sync = build_weight_sync(cluster.sync_transport, bucket_bytes=int(cluster.sync_bucket_mb * 2**20), timeout_s=cluster.call_timeout_s)
     learners = LearnerGroup(LearnerConfig(zero_stage=0, beta=0.0), tmp / "model", fmt, world=1, num_cpus=1)
     rollouts = RolloutGroup(cluster, str(tmp / "model"), SamplerConfig(steps=4, text_len=8), None, sync, fmt.pad_id)
     sync.connect(learners.actors, rollouts.workers)
-    sync.broadcast(1)  # warm
-    times = [sync.broadcast(v).seconds for v in range(2, 2 + REPEATS)]
+    for v in range(1, 1 + WARMUP):  # warm: the object store has regions for two versions to settle into
+        sync.broadcast(v)
+    times = [sync.broadcast(v).seconds for v in range(1 + WARMUP, 1 + WARMUP + REPEATS)]
     assert len(set(rollouts.hashes() + learners.weights_hashes())) == 1, "sync did not deliver the learner's weights"
     ray.shutdown()
 
-    bandwidth = memcpy_bandwidth(model_bytes)
     floor = 2 * model_bytes / bandwidth
     median = statistics.median(times)
-    print(f"model {params / 1e6:.1f}M params, {model_bytes / 2**20:.0f} MiB fp32; 2 rollout workers; bucket {cluster.sync_bucket_mb} MiB")
+    store = f"{args.object_store_mb} MiB preallocated" if args.object_store_mb else "Ray's default, not preallocated"
+    print(f"model {params / 1e6:.1f}M params, {model_bytes / 2**20:.0f} MiB fp32; 2 rollout workers; "
+          f"bucket {cluster.sync_bucket_mb} MiB; object store {store}")
     print(f"{'memcpy GB/s':>12} {'floor s':>9} {'sync s (median)':>16} {'ratio':>7}")
     print(f"{bandwidth / 1e9:>12.2f} {floor:>9.3f} {median:>16.3f} {median / floor:>7.2f}")
     print(json.dumps({"ratio": median / floor, "seconds": median, "floor_seconds": floor, "repeats": times,
+                      "bucket_mb": cluster.sync_bucket_mb, "object_store_mb": args.object_store_mb,
                       "params": params, "model_bytes": model_bytes, "memcpy_bytes_per_s": bandwidth}))
 
 

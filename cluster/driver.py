@@ -58,7 +58,7 @@ class Driver:
         self.placement = place(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)
         self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model, cfg.model_format.named()))
         dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
-        self.sync = build_weight_sync(c.sync_transport, bucket_bytes=c.sync_bucket_mb << 20, timeout_s=c.call_timeout_s,
+        self.sync = build_weight_sync(c.sync_transport, bucket_bytes=int(c.sync_bucket_mb * 2**20), timeout_s=c.call_timeout_s,
                                       wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
         # rollout workers take their own bundles first; learner ranks then fill the remaining ones
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,

@@ -25,7 +25,10 @@ def start_ray(cfg: ClusterConfig) -> None:
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=False)
+        store = None if cfg.object_store_mb is None else cfg.object_store_mb << 20
+        system = {"preallocate_plasma_memory": True} if cfg.preallocate_object_store else None
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=store, _system_config=system)
 
 
 def required(cfg: ClusterConfig, reward_replicas: int = 0, reward_cpus: float = 0.0, reward_gpus: float = 0.0) -> dict[str, float]:

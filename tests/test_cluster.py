@@ -75,10 +75,14 @@ def _cfg(setup, tmp_path, **over):
 
 @pytest.mark.parametrize("transport", ["object_store", "collective"])
 def test_after_a_sync_every_rollout_worker_holds_the_learners_weights(ray_local, setup, tmp_path, transport):
-    driver = Driver(_cfg(setup, tmp_path, **{"train.steps": 1, "cluster.sync_transport": transport}))
+    # buckets of 64 KiB: the tiny policy travels in several, streamed and loaded one by one
+    driver = Driver(_cfg(setup, tmp_path, **{"train.steps": 1, "cluster.sync_transport": transport,
+                                             "cluster.sync_bucket_mb": 0.0625}))
     try:
         before = set(driver.rollouts.hashes())
         driver.run()
+        if transport == "object_store":
+            assert len(driver.sync.latest.buckets) > 1
         learner_hashes = driver.learners.weights_hashes()
         worker_hashes = driver.rollouts.hashes()
         assert len(set(learner_hashes)) == 1 and worker_hashes == learner_hashes * 2
@@ -138,6 +142,8 @@ def test_resume_without_a_checkpoint_is_a_clear_error(ray_local, setup, tmp_path
     ("model=/nowhere/model", "model folder /nowhere/model does not exist"),
     ("reward.stats_file=/nowhere/stats.json", "reward stats file /nowhere/stats.json does not exist"),
     ("cluster.rollout_gpus=1", "the config needs 2 GPUs (the cluster has 0)"),
+    ("cluster.sync_bucket_mb=0", "cluster.sync_bucket_mb=0.0 must be positive"),
+    ("reward.request_size=100", "reward.request_size must be between 1 and reward.max_batch_size"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(ray_local, setup, tmp_path, capsys, override, message):
     code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", override])
@@ -213,3 +219,12 @@ def test_one_step_off_policy_samples_with_the_previous_weights(ray_local, setup,
     assert made_by == [0, 0, 1]  # step k+1 was sampled while step k was being learned
     ratio = [m.value for m in client.get_metric_history(out["run_id"], "learner.ratio_mean")]
     assert all(r == r for r in ratio)
+
+
+def test_object_store_options_are_refused_when_joining_a_running_cluster():
+    from cluster.config import ClusterConfig, check_cluster_config
+    from pararl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="apply to a local Ray only"):
+        check_cluster_config(ClusterConfig(address="auto", object_store_mb=2048, preallocate_object_store=True))
+    check_cluster_config(ClusterConfig(object_store_mb=2048, preallocate_object_store=True))
