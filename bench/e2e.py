@@ -5,8 +5,8 @@ every component measured where it ran (MLflow): the slowest rollout worker's sam
 batches, the learner rank's forward/backward. Synchronous critical path = rollout + reward +
 learner; off-policy = reward + max(rollout, learner) (sampling overlaps learning). The first step
 (warm-up) is left out. Last line: one JSON object, ``overhead`` = the synchronous fraction.
-Run: ``.venv/bin/python bench/e2e.py CONFIG [key=value ...]`` (default: the default run's config,
-after ``make train`` built its cache).
+Run: ``.venv/bin/python bench/e2e.py [CONFIG] [key=value ...]`` (default: ``runs/default/config.yaml``,
+the resolved config that ``make train`` writes, its paths pointing into the cache it built).
 """
 from __future__ import annotations
 
@@ -53,7 +53,10 @@ def measure(config: str, overrides: list[str], mode: str, steps: int) -> dict:
 
 def main() -> None:
     args = sys.argv[1:]
-    config = args[0] if args and "=" not in args[0] else str(ROOT / "configs" / "default-resolved.yaml")
+    config = args[0] if args and "=" not in args[0] else str(ROOT / "runs" / "default" / "config.yaml")
+    if not Path(config).is_file():
+        raise SystemExit(f"no run config at {config}: run `make train` first (it writes runs/default/config.yaml), "
+                         "or give a config path")
     overrides = [a for a in args if "=" in a]
     steps = 6
     rows = [measure(config, overrides, mode, steps) for mode in ("sync", "off_policy")]

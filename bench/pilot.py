@@ -49,10 +49,10 @@ from reward.semantic import choose_steps  # noqa: E402
 from rollout.sampler import ParallelSampler  # noqa: E402
 
 
-def reward_config(paths: dict, sampled_steps: int) -> RewardConfig:
+def reward_config(paths: dict, sampled_steps: int, first_step: float) -> RewardConfig:
     return RewardConfig(models={paths["reward_label"]: RewardModelConfig(name="open_clip", kwargs=dict(paths["clip_kwargs"]))},
                         stats_file=paths["reward_stats"], sampled_steps=sampled_steps, include_final=True,
-                        step_sampling="random", max_batch_size=256)
+                        step_sampling="random", first_step=first_step, max_batch_size=256)
 
 
 def run_seed(args, seed: int) -> dict:
@@ -66,7 +66,7 @@ def run_seed(args, seed: int) -> dict:
     fmt = bundle.fmt
     cache = CodeCache(paths["codes"], bundle.image_tokenizer)
     train_records, eval_records = read_records(paths["train"]), read_records(paths["eval"])
-    rcfg = reward_config(paths, args.sampled_steps)
+    rcfg = reward_config(paths, args.sampled_steps, args.first_step)
     client = RewardClient(rcfg, scorer=SemanticScorer(bundle, rcfg))
     scfg = SamplerConfig(steps=args.sampler_steps, text_len=paths["text_len"], text_temperature=args.text_temperature,
                          image_temperature=args.image_temperature, image_noise=args.image_noise, cfg_image=0.0, cfg_text=0.0)
@@ -96,7 +96,7 @@ def run_seed(args, seed: int) -> dict:
         t0 = time.perf_counter()
         idx = rng.sample(range(len(train_records)), args.B)
         reqs = [replace(train_requests[i], seed=rng.getrandbits(31)) for i in idx]
-        steps = choose_steps(scfg.steps, args.sampled_steps, True, "random", rng)
+        steps = choose_steps(scfg.steps, args.sampled_steps, True, "random", rng, args.first_step)
         traj = sampler.sample(reqs, group_size=args.G, snapshot_steps=steps)
         t1 = time.perf_counter()
         scored = client.score(traj)
@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument("--B", type=int, default=8, help="prompts per iteration")
     p.add_argument("--G", type=int, default=8, help="trajectories per prompt (group size)")
     p.add_argument("--sampled-steps", type=int, default=3, help="s: snapshot steps scored per trajectory")
+    p.add_argument("--first-step", type=float, default=0.0, help="earliest sampled step, as a share of the trajectory")
     p.add_argument("--sampler-steps", type=int, default=8)
     p.add_argument("--text-temperature", type=float, default=1.0)
     p.add_argument("--image-temperature", type=float, default=1.0)

@@ -53,7 +53,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     from pararl.world_prepare import prepare_default
 
     seed = load_run_config(config, overrides).seed
-    paths = prepare_default(cache_dir, seed=seed, cfg=prepare_cfg)
+    paths = prepare_default(Path(cache_dir) / f"seed{seed}", seed=seed, cfg=prepare_cfg)  # one cache per seed
     cfg = load_run_config(config, [*resolved_overrides(paths), *overrides])
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

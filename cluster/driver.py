@@ -98,7 +98,7 @@ class Driver:
     def _rollout(self, step: int):
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
         r = self.cfg.reward
-        steps = choose_steps(self.cfg.sampler.steps, r.sampled_steps, r.include_final, r.step_sampling, rng)
+        steps = choose_steps(self.cfg.sampler.steps, r.sampled_steps, r.include_final, r.step_sampling, rng, r.first_step)
         plan = self._plan(step, steps)
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
         t = time.perf_counter()

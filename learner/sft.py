@@ -34,10 +34,10 @@ from rollout.batching import build_batch
 
 @dataclass
 class SFTConfig:
-    steps: int = 600
+    steps: int = 3000
     batch_size: int = 32
-    lr: float = 2e-3
-    warmup: int = 30  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
+    lr: float = 3e-3
+    warmup: int = 100  # linear warm-up steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -46,7 +46,7 @@ class SFTConfig:
     # "shared": one t for both spans (the -M recipe); "independent": one t per span. The sampler reveals
     # text linearly and the image on a cosine, so mid-trajectory states mix a mostly masked image with a
     # mostly revealed text (and the reverse); independent ratios train on such states too.
-    span_ratios: str = "shared"
+    span_ratios: str = "independent"
     zero_stage: int = 0
     seed: int = 0
 

@@ -95,7 +95,7 @@ def evaluate(policy: torch.nn.Module, codecs: Codecs, sampler_cfg: SamplerConfig
     if isinstance(reward, SemanticScorer):
         reward = RewardClient(reward_cfg or reward.cfg, scorer=reward)
     cfg = reward.cfg
-    steps = choose_steps(sampler_cfg.steps, cfg.sampled_steps, True, "uniform", random.Random(0))
+    steps = choose_steps(sampler_cfg.steps, cfg.sampled_steps, True, "uniform", random.Random(0), cfg.first_step)
     sampler = ParallelSampler(policy, codecs.fmt, sampler_cfg)
     requests = requests_for(records, codecs, cache, seed)
     inputs = [r.input_codes for r in requests]

@@ -34,10 +34,10 @@ class PolicyArch:
     """The warm-up policy's LLaDA architecture (vocabulary sizes come from the world's format)."""
 
     d_model: int = 128
-    n_heads: int = 4
+    n_heads: int = 8  # head_dim 16: more heads learned the image layout far faster than 4 in the warm-up budget
     n_layers: int = 4
     mlp_hidden_size: int = 336
-    rope_theta: float = 100.0  # sequences are ~100 tokens: a small base spreads RoPE's frequencies over them
+    rope_theta: float = 1000.0  # sequences are ~60 tokens; LLaDA's 500000 leaves most frequencies unused here
     # LLaDA's 0.02 suits d_model 4096; at d_model 128 it leaves attention logits near zero and the
     # warm-up never learns to read the prompt in its budget. About 1/sqrt(d_model).
     init_std: float = 0.088

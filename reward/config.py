@@ -31,6 +31,7 @@ class RewardConfig:
     sampled_steps: int = 3  # s: snapshot steps scored per trajectory
     include_final: bool = True  # the last denoising step is always one of them
     step_sampling: str = "random"  # "random" (fresh per iteration) or "uniform" (evenly spaced)
+    first_step: float = 0.0  # earliest step that may be sampled, as a share of the trajectory
     nonfinite: str = "drop"  # "drop": the trajectory is dropped and counted; "fail": the step stops
     replicas: int = 1
     cpus_per_replica: float = 1.0

@@ -23,19 +23,28 @@ def trajectory_reward(r_t: torch.Tensor) -> torch.Tensor:
     return r_t.mean(-1)
 
 
-def choose_steps(total_steps: int, count: int, include_final: bool, mode: str, rng: random.Random) -> list[int]:
-    """Which denoising steps get snapshots and scores: sparse on purpose, scoring all is too costly."""
+def choose_steps(total_steps: int, count: int, include_final: bool, mode: str, rng: random.Random,
+                 first: float = 0.0) -> list[int]:
+    """Which denoising steps get snapshots and scores: sparse on purpose, scoring all is too costly.
+
+    ``first`` (a share of the trajectory) is the earliest step that may be drawn: in the first steps
+    almost every token is masked and the score of a nearly empty text says little about the trajectory.
+    """
     if count < 1:
         raise ValueError("sampled_steps must be >= 1")
+    if not 0.0 <= first < 1.0:
+        raise ValueError(f"first_step must be in [0, 1), got {first}")
+    lo = int(first * total_steps)
     last = total_steps - 1 if include_final else total_steps - 2
-    if count > last + 1:
-        raise ValueError(f"sampled_steps {count} exceed the {last + 1} denoising steps that can be sampled")
+    if count > last - lo + 1:
+        raise ValueError(f"sampled_steps {count} exceed the {max(0, last - lo + 1)} denoising steps that can be sampled"
+                         f" (steps {lo}..{last})")
     if mode == "uniform":  # evenly spaced, ending at the last available step
-        return [last] if count == 1 else [round(i * last / (count - 1)) for i in range(count)]
+        return [last] if count == 1 else [lo + round(i * (last - lo) / (count - 1)) for i in range(count)]
     if mode != "random":
         raise ValueError(f"step_sampling must be 'random' or 'uniform', got {mode!r}")
     final = [total_steps - 1] if include_final else []
-    return sorted(rng.sample(range(total_steps - 1), count - len(final)) + final)
+    return sorted(rng.sample(range(lo, total_steps - 1), count - len(final)) + final)
 
 
 def clipped_shares(r_t: torch.Tensor) -> tuple[float, float]:

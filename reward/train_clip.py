@@ -37,7 +37,9 @@ class ClipTrainConfig:
     text_layers: int = 2
     text_heads: int = 2
     context_length: int = 24
-    steps: int = 400
+    # 400 steps left a CLIP that told a one-attribute change apart in 86% of held-out pairs and whose
+    # score barely tracked exact alignment inside a group of policy samples; 2000 (95 s here): 93%
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 20

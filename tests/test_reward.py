@@ -35,6 +35,11 @@ def test_sampled_steps_from_config():
         assert len(set(steps)) == 3 and steps[-1] == 15 and steps == sorted(steps)
     assert choose_steps(16, 4, True, "uniform", rng) == [0, 5, 10, 15]
     assert 15 not in choose_steps(16, 3, False, "random", rng)
+    for _ in range(20):  # the earliest step drawn is first_step x steps
+        assert min(choose_steps(16, 3, True, "random", rng, first=0.75)) >= 12
+    assert choose_steps(16, 3, True, "uniform", rng, first=0.5) == [8, 12, 15]
+    with pytest.raises(ValueError, match=r"steps 14..15"):
+        choose_steps(16, 3, True, "random", rng, first=0.9)
     with pytest.raises(ValueError, match="exceed"):
         choose_steps(4, 5, True, "random", rng)
 

@@ -10,7 +10,7 @@ from pararl.world import (EOS, Obj, WorldConfig, WorldSpec, follows, make_scene,
                           world_tokenizer, write_world)
 from pararl.world.tasks import PromptError, sample_example
 
-SPEC = WorldSpec()
+SPEC = WorldSpec(cell=3, shapes=("square", "plus", "triangle"))  # 3x3-token cells: shapes easy to read in asserts
 RED_SQUARE_TL = Obj(0, 0, "red", "square")
 BLUE_PLUS_BR = Obj(1, 1, "blue", "plus")
 
@@ -32,9 +32,11 @@ def test_world_is_deterministic_from_its_seed_and_splits_do_not_overlap():
 
 def test_every_drawn_example_follows_its_prompt_and_its_description_is_aligned():
     rng = random.Random(0)
-    for spec in (SPEC, WorldSpec(cell=2, shapes=("square", "triangle", "bar"), max_objects=3)):
+    for spec in (SPEC, WorldSpec(), WorldSpec(max_objects=3)):
         for _ in range(300):
             ex = sample_example(spec, rng)
+            if ex.task == "edit":
+                assert len(ex.prompt.split()) == 7, ex.prompt  # fixed slots
             assert follows(spec, ex.prompt, ex.input, ex.output), ex
             text = spec.describe(ex.output)
             assert spec.aligned(text, spec.render(ex.output)) and spec.agreement(text, spec.render(ex.output)) == 1.0
@@ -69,6 +71,7 @@ def test_tokenizer_puts_specials_first_and_decoding_drops_text_padding():
     ids = tok(text, add_special_tokens=False)["input_ids"] + [eos] * 3
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert fmt.image_tokens == 36 and fmt.codebook_size == 8
+    assert world_token_format(WorldSpec(), tok).image_tokens == 16  # the default run's 4x4-token images
     assert all(tok.convert_tokens_to_ids(w) != tok.unk_token_id for w in SPEC.words())
 
 
@@ -115,10 +118,17 @@ def test_image_parse_refuses_garbled_cells_and_empty_images():
 
 def test_prompt_following_checks_edits_and_free_choices():
     inp = make_scene([RED_SQUARE_TL])
-    assert follows(SPEC, "make the square blue", inp, make_scene([Obj(0, 0, "blue", "square")]))
-    assert not follows(SPEC, "make the square blue", inp, make_scene([Obj(0, 0, "green", "square")]))
-    assert follows(SPEC, "move the red shape", inp, make_scene([Obj(1, 0, "red", "square")]))
-    assert not follows(SPEC, "move the red shape", inp, inp)
+    paint = "paint the top left shape in blue"
+    assert follows(SPEC, paint, inp, make_scene([Obj(0, 0, "blue", "square")]))
+    assert not follows(SPEC, paint, inp, make_scene([Obj(0, 0, "green", "square")]))
+    assert follows(SPEC, "make the top left shape a plus", inp, make_scene([Obj(0, 0, "red", "plus")]))
+    assert follows(SPEC, "move top left shape to any place", inp, make_scene([Obj(1, 0, "red", "square")]))
+    assert not follows(SPEC, "move top left shape to any place", inp, inp)
+    assert not follows(SPEC, "move top left shape to bottom right", inp, make_scene([Obj(1, 0, "red", "square")]))
+    assert follows(SPEC, "remove the shape at the top left", make_scene([RED_SQUARE_TL, BLUE_PLUS_BR]),
+                   make_scene([BLUE_PLUS_BR]))
+    with pytest.raises(PromptError):
+        follows(SPEC, "remove the shape at the top right", inp, ())
     add = "add a coloured plus at any place"
     assert follows(SPEC, add, inp, make_scene([RED_SQUARE_TL, Obj(0, 1, "yellow", "plus")]))
     assert not follows(SPEC, add, inp, make_scene([RED_SQUARE_TL, Obj(0, 1, "yellow", "square")]))

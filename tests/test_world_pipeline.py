@@ -79,7 +79,7 @@ def test_clip_training_saves_what_the_reward_service_loads(world, tmp_path):
     assert scores.shape == (5,) and torch.isfinite(scores).all()
     state = torch.load(result["kwargs"]["pretrained"])
     assert torch.equal(state["logit_scale"], model.model.logit_scale.detach())
-    assert json.loads((tmp_path / "clip" / f"{TINY_CLIP.name}.json").read_text())["vision_cfg"]["image_size"] == 24
+    assert json.loads((tmp_path / "clip" / f"{TINY_CLIP.name}.json").read_text())["vision_cfg"]["image_size"] == 16
 
 
 def test_partial_texts_keep_word_order_and_at_least_one_word():

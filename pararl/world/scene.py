@@ -74,9 +74,9 @@ class WorldSpec:
     """Geometry and vocabulary of a world; everything that parses or renders it follows from this."""
 
     cells: tuple[int, int] = (2, 2)
-    cell: int = 3  # tokens per side of a cell
+    cell: int = 2  # tokens per side of a cell (2 or 3)
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
-    shapes: tuple[str, ...] = ("square", "plus", "triangle")
+    shapes: tuple[str, ...] = ("square", "triangle", "bar")
     background: str = "black"
     patch: int = 4  # pixels per token side
     codebook_size: int = 8  # palette codes (the first named colours)

@@ -1,11 +1,17 @@
 """Generation prompts and editing instructions of the world, drawn at random and parsed back.
 
-Prompts name only some attributes on purpose ("draw a red shape", "add a square", "move the plus"):
-the rest are the model's free choice, and the reasoning text must make the same choice as the
-image. That is the part a parallel text+image sampler gets wrong when text and image commit
-independently, and what ParaRL's alignment reward teaches. Every prompt parses back into what it
-asks, so ``follows`` can say whether an output obeys it (a guard that alignment is not bought by
-ignoring the prompt).
+Prompts name only some attributes on purpose ("draw a red shape at any place", "add a coloured
+square at top left", "move top left shape to any place"): the rest are the model's free choice,
+and the reasoning text must make the same choice as the image. That is the part a parallel
+text+image sampler gets wrong when text and image commit independently, and what ParaRL's alignment
+reward teaches. Every prompt parses back into what it asks, so ``follows`` can say whether an output
+obeys it (a guard that alignment is not bought by ignoring the prompt).
+
+Prompts have fixed slots: each object phrase is ``a <colour> <shape> at <row> <col>`` (a free
+attribute says so: "coloured", "shape", "any place"), and every editing instruction is seven words
+naming its object by cell ("paint the top left shape in blue", "move top left shape to any place").
+The policy is a RoPE-only transformer (no absolute positions); fixed slots put each prompt word, and
+the input image, at a fixed distance from the output, which it learns far faster than free word order.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from dataclasses import dataclass, replace
 from pararl.world.scene import COL_NAMES, ROW_NAMES, Obj, Scene, WorldSpec, make_scene, scene_key
 
 FREE_COLOUR, FREE_SHAPE, FREE_PLACE = "coloured", "shape", ("any", "place")
-INSTRUCTION_WORDS = ("draw", "a", "at", FREE_COLOUR, FREE_SHAPE, *FREE_PLACE, "and", "add", "make", "the", "turn", "into",
+INSTRUCTION_WORDS = ("draw", "a", "at", FREE_COLOUR, FREE_SHAPE, *FREE_PLACE, "and", "add", "paint", "the", "in", "make",
                      "move", "to", "remove")
 EDITS = ("add", "recolour", "reshape", "move", "remove")
 
@@ -61,19 +67,8 @@ def object_phrase(spec: WorldSpec, p: Partial) -> str:
     return " ".join(["a", p.colour or FREE_COLOUR, p.shape or FREE_SHAPE, "at", *where])
 
 
-def reference(spec: WorldSpec, scene: Scene, o: Obj, rng: random.Random) -> str:
-    """A phrase that picks out ``o`` in ``scene``: its shape or colour when unique there, or its cell."""
-    forms = ["position"]
-    if sum(x.shape == o.shape for x in scene) == 1:
-        forms.append("shape")
-    if sum(x.colour == o.colour for x in scene) == 1:
-        forms.append("colour")
-    form = rng.choice(forms)
-    if form == "shape":
-        return o.shape
-    if form == "colour":
-        return f"{o.colour} shape"
-    return " ".join(spec.position_words(o.pos) + ["shape"])
+def cell_words(spec: WorldSpec, pos: tuple[int, int]) -> str:
+    return " ".join(spec.position_words(pos))
 
 
 def sample_generation(spec: WorldSpec, rng: random.Random, given: float) -> Example:
@@ -106,19 +101,19 @@ def sample_edit(spec: WorldSpec, rng: random.Random, given: float) -> Example:
         return Example("edit", "add " + object_phrase(spec, partial), scene, make_scene(scene + (new,)))
     target = rng.choice(scene)
     rest = tuple(o for o in scene if o != target)
-    ref = reference(spec, scene, target, rng)
+    at = cell_words(spec, target.pos)
     if op == "recolour":
         colour = rng.choice([c for c in spec.colours if c != target.colour])
-        return Example("edit", f"make the {ref} {colour}", scene, make_scene(rest + (replace(target, colour=colour),)))
+        return Example("edit", f"paint the {at} shape in {colour}", scene, make_scene(rest + (replace(target, colour=colour),)))
     if op == "reshape":
         shape = rng.choice([s for s in spec.shapes if s != target.shape])
-        return Example("edit", f"turn the {ref} into a {shape}", scene, make_scene(rest + (replace(target, shape=shape),)))
+        return Example("edit", f"make the {at} shape a {shape}", scene, make_scene(rest + (replace(target, shape=shape),)))
     if op == "move":
         row, col = rng.choice(empty)
         moved = replace(target, row=row, col=col)
-        where = " to the " + " ".join(spec.position_words((row, col))) if rng.random() < given else ""
-        return Example("edit", f"move the {ref}{where}", scene, make_scene(rest + (moved,)))
-    return Example("edit", f"remove the {ref}", scene, make_scene(rest))
+        where = cell_words(spec, (row, col)) if rng.random() < given else " ".join(FREE_PLACE)
+        return Example("edit", f"move {at} shape to {where}", scene, make_scene(rest + (moved,)))
+    return Example("edit", f"remove the shape at the {at}", scene, make_scene(rest))
 
 
 def sample_example(spec: WorldSpec, rng: random.Random, edit_share: float = 0.5, given: float = 0.5) -> Example:
@@ -184,36 +179,28 @@ class _Words:
                 raise PromptError(f"expected a cell or 'any place' at word {self.i} of {' '.join(self.words)!r}")
         return Partial(None if colour == FREE_COLOUR else colour, None if shape == FREE_SHAPE else shape, pos)
 
-    def ref(self) -> Partial:
-        word = self.peek()
-        if word in self.spec.shapes:
-            return Partial(shape=self.take())
-        if word in self.spec.colours:
-            colour = self.take()
-            self.take("shape")
-            return Partial(colour=colour)
+    def cell(self) -> tuple[int, int]:
         pos = self.position()
         if pos is None:
-            raise PromptError(f"no object reference at word {self.i} of {' '.join(self.words)!r}")
-        self.take("shape")
-        return Partial(pos=pos)
+            raise PromptError(f"expected a cell at word {self.i} of {' '.join(self.words)!r}")
+        return pos
 
     def end(self) -> None:
         if self.peek() is not None:
             raise PromptError(f"unexpected {self.peek()!r} at word {self.i} of {' '.join(self.words)!r}")
 
 
-def _target(scene: Scene, ref: Partial) -> Obj:
-    hits = [o for o in scene if ref.admits(o)]
-    if len(hits) != 1:
-        raise PromptError(f"the reference {ref} picks {len(hits)} objects of the input, not one")
+def _at(scene: Scene, pos: tuple[int, int]) -> Obj:
+    hits = [o for o in scene if o.pos == pos]
+    if not hits:
+        raise PromptError(f"the input has no object in cell {pos}")
     return hits[0]
 
 
 def follows(spec: WorldSpec, prompt: str, input_scene: Scene | None, output: Scene) -> bool:
     """Whether ``output`` (e.g. parsed from a sampled image) is a valid result of the instruction."""
     w = _Words(spec, prompt)
-    verb = w.take("draw", "add", "make", "turn", "move", "remove")
+    verb = w.take("draw", "add", "paint", "make", "move", "remove")
     if verb == "draw":
         partials = [w.partial()]
         while w.peek() == "and":
@@ -231,29 +218,36 @@ def follows(spec: WorldSpec, prompt: str, input_scene: Scene | None, output: Sce
         new = set(output) - set(input_scene)
         return (set(input_scene) <= set(output) and len(output) == len(input_scene) + 1
                 and partial.admits(next(iter(new))))
-    w.take("the")
-    target = _target(input_scene, w.ref())
-    rest = set(input_scene) - {target}
+    if verb != "move":
+        w.take("the")
     if verb == "remove":
+        w.take("shape")
+        w.take("at")
+        w.take("the")
+        target = _at(input_scene, w.cell())
         w.end()
+        rest = set(input_scene) - {target}
         return set(output) == rest and len(output) == len(rest)
-    if verb == "make":
+    target = _at(input_scene, w.cell())
+    w.take("shape")
+    rest = set(input_scene) - {target}
+    if verb == "paint":
+        w.take("in")
         colour = w.take(*spec.colours)
         w.end()
         return set(output) == rest | {replace(target, colour=colour)} and len(output) == len(input_scene)
-    if verb == "turn":
-        w.take("into")
+    if verb == "make":
         w.take("a")
         shape = w.take(*spec.shapes)
         w.end()
         return set(output) == rest | {replace(target, shape=shape)} and len(output) == len(input_scene)
-    dest = None
-    if w.peek() == "to":
-        w.take()
-        w.take("the")
-        dest = w.position()
-        if dest is None:
-            raise PromptError(f"'move ... to the' needs a cell in {prompt!r}")
+    w.take("to")
+    if w.peek() == FREE_PLACE[0]:
+        w.take(FREE_PLACE[0])
+        w.take(FREE_PLACE[1])
+        dest = None
+    else:
+        dest = w.cell()
     w.end()
     if len(output) != len(input_scene) or not rest <= set(output):
         return False
