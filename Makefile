@@ -30,8 +30,9 @@ OFFLINE := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HTTP_PROXY=http://127.0.0.1:9 NO_
 	HF_HUB_DISABLE_TELEMETRY=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true DS_ACCELERATOR=cpu \
 	TOKENIZERS_PARALLELISM=false
 
+# overrides: make train ARGS="seed=1 run_dir=runs/seed1"
 train: $(STAMP)
-	env $(OFFLINE) $(PY) -m pararl.cli default-run
+	env $(OFFLINE) $(PY) -m pararl.cli default-run $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/sampler.py

@@ -169,7 +169,21 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
         cfg.learner.checkpoint.folder = str(run_dir / "checkpoints")
     validate_learner(cfg.learner)
     check_cluster_config(cfg.cluster)
+    check_sampled_steps(cfg)
     return cfg
+
+
+def check_sampled_steps(cfg: RunConfig) -> None:
+    """The reward's sampled steps must fit the sampler's steps: found now, not at the first step on Ray."""
+    import random
+
+    from reward.semantic import choose_steps
+
+    r = cfg.reward
+    try:
+        choose_steps(cfg.sampler.steps, r.sampled_steps, r.include_final, r.step_sampling, random.Random(0), r.first_step)
+    except ValueError as err:
+        raise ConfigError(f"reward.sampled_steps / reward.first_step do not fit sampler.steps={cfg.sampler.steps}: {err}") from err
 
 
 def require(value: Any, key: str) -> Any:

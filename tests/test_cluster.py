@@ -144,6 +144,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(ray_local, setup, tmp_path
     ("cluster.rollout_gpus=1", "the config needs 2 GPUs (the cluster has 0)"),
     ("cluster.sync_bucket_mb=0", "cluster.sync_bucket_mb=0.0 must be positive"),
     ("reward.request_size=100", "reward.request_size must be between 1 and reward.max_batch_size"),
+    ("reward.first_step=0.9", "reward.sampled_steps / reward.first_step do not fit sampler.steps=4"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(ray_local, setup, tmp_path, capsys, override, message):
     code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", override])

@@ -17,7 +17,7 @@ def test_shortened_default_run_end_to_end(ray_local, tmp_path):
     results = default_run(
         overrides=[f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.checkpoint_every=1", "train.eval_prompts=4",
                    "data.prompts_per_step=2", "data.group_size=2", "learner.micro_batch_size=2", "sampler.steps=4",
-                   "reward.sampled_steps=2"],
+                   "reward.sampled_steps=2", "reward.first_step=0.5"],
         cache_dir=str(tmp_path / "cache"), eval_samples=1, prepare_cfg=prepare,
     )
     for when in ("before", "after"):

@@ -81,7 +81,9 @@ def test_request_size_larger_than_the_batch_is_refused():
 def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, folder):
     import ray
 
-    cfg = user_cfg(max_batch_size=8, batch_wait_timeout_s=0.05, replicas=2, cpus_per_replica=0.5, delay_s=0.4, retries=5)
+    # batches of 1 s: the kill at 0.5 s lands inside the first batch of whichever replica it hits
+    cfg = user_cfg(max_batch_size=8, batch_wait_timeout_s=0.05, replicas=2, cpus_per_replica=0.5, delay_s=1.0, retries=5,
+                   request_size=1)
     handle = start_reward_pool(cfg, str(folder))
     try:
         codecs = load_codecs(folder)
@@ -91,7 +93,7 @@ def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, f
         victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
 
         def kill_soon():
-            time.sleep(0.6)  # batches are being scored (0.4 s each)
+            time.sleep(0.5)  # both replicas are scoring their first batch
             ray.kill(victim, no_restart=False)
 
         client = RewardClient(cfg, handle=handle)
