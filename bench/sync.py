@@ -42,7 +42,7 @@ from pararl.models import LLaDAConfig, build_policy  # noqa: E402
 from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
 
 REPEATS = 11
-WARMUP = 3
+WARMUP = 8  # each worker faults in the object-store pages of every region the allocator cycles through
 
 
 def memcpy_bandwidth(nbytes: int) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
     learners = LearnerGroup(LearnerConfig(zero_stage=0, beta=0.0), tmp / "model", fmt, world=1, num_cpus=1)
     rollouts = RolloutGroup(cluster, str(tmp / "model"), SamplerConfig(steps=4, text_len=8), None, sync, fmt.pad_id)
     sync.connect(learners.actors, rollouts.workers)
-    for v in range(1, 1 + WARMUP):  # warm: the object store has regions for two versions to settle into
+    for v in range(1, 1 + WARMUP):  # warm: steady state, as in a run of hundreds of syncs
         sync.broadcast(v)
     times = [sync.broadcast(v).seconds for v in range(1 + WARMUP, 1 + WARMUP + REPEATS)]
     assert len(set(rollouts.hashes() + learners.weights_hashes())) == 1, "sync did not deliver the learner's weights"
