@@ -28,7 +28,7 @@ for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HTTP_PROXY": "http
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from cluster.config import ClusterConfig  # noqa: E402
+from cluster.config import ClusterConfig, sync_bucket_bytes  # noqa: E402
 from cluster.placement import start_ray  # noqa: E402
 from cluster.rollout_group import RolloutGroup  # noqa: E402
 from cluster.weight_sync import build_weight_sync  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
                             object_store_mb=args.object_store_mb or None, preallocate_object_store=args.object_store_mb > 0,
                             sync_bucket_mb=args.bucket_mb)
     start_ray(cluster)
-    sync = build_weight_sync(cluster.sync_transport, bucket_bytes=int(cluster.sync_bucket_mb * 2**20), timeout_s=cluster.call_timeout_s)
+    sync = build_weight_sync(cluster.sync_transport, bucket_bytes=sync_bucket_bytes(cluster), timeout_s=cluster.call_timeout_s)
     learners = LearnerGroup(LearnerConfig(zero_stage=0, beta=0.0), tmp / "model", fmt, world=1, num_cpus=1)
     rollouts = RolloutGroup(cluster, str(tmp / "model"), SamplerConfig(steps=4, text_len=8), None, sync, fmt.pad_id)
     sync.connect(learners.actors, rollouts.workers)

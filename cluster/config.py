@@ -34,6 +34,10 @@ class ClusterConfig:
     preallocate_object_store: bool = False
 
 
+def sync_bucket_bytes(cfg: ClusterConfig) -> int:
+    return int(cfg.sync_bucket_mb * 2**20)
+
+
 def check_cluster_config(cfg: ClusterConfig) -> None:
     """Refuse values that would only fail once actors are running."""
     from pararl.errors import ConfigError

@@ -16,6 +16,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from cluster.config import sync_bucket_bytes
 from cluster.placement import place, start_ray
 from cluster.rollout_group import RolloutGroup
 from cluster.tracking import Tracker
@@ -30,7 +31,7 @@ from pararl.config import RunConfig, require
 from pararl.data import CodeCache, PromptSource, read_records
 from pararl.snapshots import snapshot_grid
 from reward.client import RewardClient
-from reward.semantic import choose_steps
+from reward.semantic import run_steps
 from reward.service import start_reward_pool, stop_reward_pool
 from reward.stats import load_stats
 
@@ -58,7 +59,7 @@ class Driver:
         self.placement = place(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)
         self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model, cfg.model_format.named()))
         dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
-        self.sync = build_weight_sync(c.sync_transport, bucket_bytes=int(c.sync_bucket_mb * 2**20), timeout_s=c.call_timeout_s,
+        self.sync = build_weight_sync(c.sync_transport, bucket_bytes=sync_bucket_bytes(c), timeout_s=c.call_timeout_s,
                                       wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
         # rollout workers take their own bundles first; learner ranks then fill the remaining ones
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
@@ -98,7 +99,7 @@ class Driver:
     def _rollout(self, step: int):
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
         r = self.cfg.reward
-        steps = choose_steps(self.cfg.sampler.steps, r.sampled_steps, r.include_final, r.step_sampling, rng, r.first_step)
+        steps = run_steps(r, self.cfg.sampler.steps, rng)
         plan = self._plan(step, steps)
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
         t = time.perf_counter()

@@ -177,11 +177,10 @@ def check_sampled_steps(cfg: RunConfig) -> None:
     """The reward's sampled steps must fit the sampler's steps: found now, not at the first step on Ray."""
     import random
 
-    from reward.semantic import choose_steps
+    from reward.semantic import run_steps
 
-    r = cfg.reward
     try:
-        choose_steps(cfg.sampler.steps, r.sampled_steps, r.include_final, r.step_sampling, random.Random(0), r.first_step)
+        run_steps(cfg.reward, cfg.sampler.steps, random.Random(0))
     except ValueError as err:
         raise ConfigError(f"reward.sampled_steps / reward.first_step do not fit sampler.steps={cfg.sampler.steps}: {err}") from err
 

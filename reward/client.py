@@ -128,9 +128,8 @@ class RewardClient:
                     del pending[i]
                 except RETRYABLE as err:
                     attempts[i] += 1
-                    keys = [r.key for r in chunks[i]]
                     if attempts[i] > self.cfg.retries:
-                        raise RewardError(f"reward request for trajectories {keys} failed "
+                        raise RewardError(f"reward request for trajectories {[r.key for r in chunks[i]]} failed "
                                           f"{attempts[i]} times; last error: {err}") from err
                     retried += 1
                     pending[i] = self.handle.score.remote(chunks[i])

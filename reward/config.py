@@ -37,7 +37,7 @@ class RewardConfig:
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
     max_batch_size: int = 16  # trajectories per batch
-    # trajectories per pool request: Serve costs about a millisecond per request here, so the client
+    # trajectories per pool request: Serve costs 1.5-2.5 ms of CPU per request here, so the client
     # packs trajectories; @serve.batch still merges requests from all callers up to max_batch_size
     request_size: int = 8
     # per replica; when every slot is taken Serve's router backs off and retries (measured: a 4 s

@@ -47,6 +47,11 @@ def choose_steps(total_steps: int, count: int, include_final: bool, mode: str, r
     return sorted(rng.sample(range(lo, total_steps - 1), count - len(final)) + final)
 
 
+def run_steps(cfg, total_steps: int, rng: random.Random) -> list[int]:
+    """The sampled steps of one iteration as a ``RewardConfig`` asks for them."""
+    return choose_steps(total_steps, cfg.sampled_steps, cfg.include_final, cfg.step_sampling, rng, cfg.first_step)
+
+
 def clipped_shares(r_t: torch.Tensor) -> tuple[float, float]:
     """Shares of finite R_t at exactly 0 and 1: if most are clipped, the stats do not fit the steps."""
     finite = r_t[torch.isfinite(r_t)]

@@ -2,7 +2,7 @@
 
 ``@serve.batch`` gathers requests from every rollout worker into batches of up to ``max_batch_size``
 trajectories, so a CLIP forward always sees a full batch however the work was split upstream. The
-replica's event loop stays free while a batch is scored (in the replica's scoring thread), so health checks
+replica's event loop stays free while a batch is scored (``asyncio.to_thread``), so health checks
 and the next batch's requests are not held up. An optional HTTP route, protected by a bearer token,
 serves raw scores to other machines (the ``remote`` reward backend).
 """
@@ -13,7 +13,6 @@ import base64
 import hmac
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,15 +55,11 @@ class RewardReplica:
         self.score.set_max_batch_size(self.cfg.max_batch_size)
         self.score.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.http_token = http_token
-        # one long-lived scoring thread: torch's OpenMP team belongs to the thread that calls it, and a
-        # thread from the event loop's pool may be cold (measured: half the throughput of a warm one)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-score")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=trajectory_count)
     async def score(self, chunks: list[list[ScoreRequest]]) -> list[list[ScoreResult]]:
         """One scoring pass over every trajectory of the merged requests, answered per request."""
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self.executor, self.scorer.score_batch, [r for chunk in chunks for r in chunk])
+        results = await asyncio.to_thread(self.scorer.score_batch, [r for chunk in chunks for r in chunk])
         out, start = [], 0
         for chunk in chunks:
             out.append(results[start : start + len(chunk)])
@@ -92,8 +87,7 @@ class RewardReplica:
                 raise ValueError(f"{len(images)} images for {len(texts)} texts")
         except (ValueError, KeyError, TypeError) as err:
             return JSONResponse({"error": f"bad request: {err}"}, status_code=400)
-        loop = asyncio.get_running_loop()
-        scores = await loop.run_in_executor(self.executor, self.scorer.raw_scores, images, texts) if texts else {}
+        scores = await asyncio.to_thread(self.scorer.raw_scores, images, texts) if texts else {}
         return JSONResponse({
             "identities": self.identities(),
             "scores": {label: s.tolist() for label, s in scores.items()},
