@@ -65,16 +65,19 @@ class LearnerWorker:
         return self.learner.weights_hash()
 
     def stream_weights(self, bucket_bytes: int):
-        """Rank 0's weights for sync, one bucket per yielded object (numpy: zero-copy in the object store).
+        """Rank 0's weights for sync, one bucket per yielded object (numpy: zero-copy in the object store),
+        as runs of tensors that are contiguous in the learner's memory (``rollout.worker.encode_run``).
 
         A Ray streaming generator: rollout workers start loading the first bucket while later ones are
         still being gathered. Every other rank runs ``drain_weights`` at the same time (ZeRO-3 gathers
         are collective).
         """
-        from rollout.worker import encode_tensor
+        from learner.weights import contiguous_runs, run_span
+        from rollout.worker import encode_run
 
         for bucket in self.learner.weight_buckets(bucket_bytes):
-            yield [(name, encode_tensor(t)) for name, t in bucket]
+            # tensors that sit back to back travel as one array: one copy into the store per run
+            yield [encode_run([(n, tuple(t.shape)) for n, t in run], run_span(run)) for run in contiguous_runs(bucket)]
 
     def drain_weights(self, bucket_bytes: int) -> int:
         return sum(1 for _ in self.learner.weight_buckets(bucket_bytes))

@@ -105,6 +105,10 @@ def build_engine(model: torch.nn.Module, cfg: LearnerConfig, world: int, device:
     model = model.to(device).train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.zero_stage == 0:  # ZeRO 1-3 lay the parameters out in their own buffers
+        from learner.weights import flatten_parameters
+
+        flatten_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))

@@ -18,6 +18,10 @@ from pararl.types import GenerationRequest, Trajectories
 from rollout.sampler import ParallelSampler
 
 
+class SyncError(RuntimeError):
+    """A weight sync that did not deliver exactly the policy's tensors."""
+
+
 def encode_tensor(t: torch.Tensor) -> Any:
     """A CPU tensor as what the object store moves without copies: a numpy array (bf16 travels as int16 bits)."""
     t = t.detach().to("cpu").contiguous()
@@ -32,8 +36,30 @@ def decode_array(value: Any) -> torch.Tensor:
     return torch.from_numpy(np.asarray(value))
 
 
-class SyncError(RuntimeError):
-    """A weight sync that did not deliver exactly the policy's tensors."""
+RUN = "__run__"
+
+
+def encode_run(manifest: Sequence[tuple[str, tuple[int, ...]]], span: torch.Tensor) -> tuple:
+    """Several tensors as one flat array plus their (name, shape) list: one buffer for the object store."""
+    return (RUN, list(manifest), encode_tensor(span))
+
+
+def bucket_items(bucket: Sequence) -> list[tuple[str, Any]]:
+    """(name, tensor or array) pairs of a bucket whose entries are pairs or runs (``encode_run``)."""
+    items = []
+    for entry in bucket:
+        if len(entry) == 3 and entry[0] == RUN:
+            _, manifest, value = entry
+            flat, offset = decode_array(value), 0
+            sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in manifest]
+            if sum(sizes) != flat.numel():
+                raise SyncError(f"weight sync run of {flat.numel()} elements for tensors of {sum(sizes)}, e.g. {manifest[0][0]!r}")
+            for (name, shape), numel in zip(manifest, sizes):
+                items.append((name, flat[offset : offset + numel].view(shape)))
+                offset += numel
+        else:
+            items.append(tuple(entry))
+    return items
 
 
 class RolloutWorker:
@@ -58,8 +84,9 @@ class RolloutWorker:
     # -- weight sync -------------------------------------------------------------------------
     @torch.no_grad()
     def load_bucket(self, bucket: Sequence[tuple[str, Any]]) -> int:
-        """Copy one bucket ((name, array) pairs) into the live tensors; returns the tensors copied."""
-        for name, value in bucket:
+        """Copy one bucket ((name, array) pairs or runs) into the live tensors; returns the tensors copied."""
+        items = bucket_items(bucket)
+        for name, value in items:
             live = self.live.get(name)
             if live is None:
                 raise SyncError(f"weight sync sent {name!r}, which the rollout policy does not have")
@@ -68,7 +95,7 @@ class RolloutWorker:
                 raise SyncError(f"weight sync sent {name!r} with shape {tuple(src.shape)}, the policy has {tuple(live.shape)}")
             live.data.copy_(src, non_blocking=False)
             self._received.add(name)
-        return len(bucket)
+        return len(items)
 
     def finish_sync(self, version: int) -> int:
         missing = sorted(set(self.live) - self._received)

@@ -93,11 +93,12 @@ def test_a_checkpoint_cut_off_mid_write_is_never_loaded(folder, batches, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000003", "step-00000004", "step-00000005"]
 
 
-def test_export_writes_a_model_folder_that_load_policy_reads(folder, batches, tmp_path):
+@pytest.mark.parametrize("stage", [0, 3])  # ZeRO-0: the module's own (flattened) parameters are saved
+def test_export_writes_a_model_folder_that_load_policy_reads(folder, batches, tmp_path, stage):
     (folder / "pararl.json").write_text(json.dumps({"format": FMT.to_dict()}))  # a bundle file to carry along
     (folder / "vqvae").mkdir(exist_ok=True)  # an image tokenizer's folder (as -A checkpoints have) to carry along
     (folder / "vqvae" / "config.json").write_text("{}")
-    learner = Learner(learner_config(zero_stage=3), folder, FMT)
+    learner = Learner(learner_config(zero_stage=stage), folder, FMT)
     learner.train_batch(batches[0])
     learner.save_checkpoint(RunState(step=1), tmp_path / "run")
     args = argparse.Namespace(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "model"), dtype=None, max_shard_size="20KB")
@@ -118,3 +119,28 @@ def test_export_writes_a_model_folder_that_load_policy_reads(folder, batches, tm
     assert weights_hash(p for b in buckets for p in b) == learner.weights_hash()
     with pytest.raises(ValueError, match="exists and is not empty"):
         export_main(args)
+
+
+def test_zero0_weights_travel_as_contiguous_runs_and_arrive_whole(folder):
+    """Under ZeRO-0 the learner lays its parameters out back to back, so a sync bucket is one array
+    (one copy into the object store); the worker side splits it back into the named tensors."""
+    from learner.weights import contiguous_runs, run_span
+    from rollout.worker import SyncError, bucket_items, encode_run
+
+    learner = Learner(learner_config(zero_stage=0), folder, FMT)
+    before = load_policy(folder).state_dict()
+    assert all(torch.equal(before[k], v) for k, v in full_weights(learner).items()), "flattening changed a value"
+    buckets = list(iter_weight_buckets(learner.engine, 1 << 30))
+    runs = contiguous_runs(buckets[0])
+    assert len(buckets) == 1 and len(runs) == 1 and len(runs[0]) == len(buckets[0]) > 10
+    wire = [encode_run([(n, tuple(t.shape)) for n, t in run], run_span(run)) for run in runs]
+    arrived = bucket_items(wire)
+    assert [n for n, _ in arrived] == [n for n, _ in buckets[0]]
+    assert weights_hash(arrived) == learner.weights_hash()
+    # a run whose array does not match its manifest is refused, never loaded off by some elements
+    manifest, array = wire[0][1], wire[0][2]
+    with pytest.raises(SyncError, match="weight sync run of"):
+        bucket_items([(wire[0][0], manifest, array[:-1])])
+    # ZeRO-3 gathers copy every tensor out: each is its own run, and the same items arrive
+    zero3 = list(iter_weight_buckets(Learner(learner_config(zero_stage=3), folder, FMT).engine, 1 << 30))
+    assert len(contiguous_runs(zero3[0])) == len(zero3[0])
