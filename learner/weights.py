@@ -67,9 +67,24 @@ def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20,
         else:
             gather = contextlib.nullcontext()
         with gather, torch.no_grad():
-            # Gathered (ZeRO-3) tensors are released after this block, so they are copied out; a
-            # plain CPU parameter is handed out as is (a consumer that keeps it must copy it itself).
-            yield [(name, p.detach().to("cpu", dtype=dtype or p.dtype, copy=_is_zero3(p))) for name, p in bucket]
+            # Gathered (ZeRO-3) tensors are released after this block, so they are copied out, into
+            # one buffer per bucket (the sync then moves it as one run); a plain CPU parameter is
+            # handed out as is (a consumer that keeps it must copy it itself).
+            if params and len(params) == len(bucket) and len({dtype or p.dtype for p in params}) == 1:
+                yield _copy_out(bucket, dtype or params[0].dtype)
+            else:
+                yield [(name, p.detach().to("cpu", dtype=dtype or p.dtype, copy=_is_zero3(p))) for name, p in bucket]
+
+
+def _copy_out(bucket: Bucket, dtype: torch.dtype) -> Bucket:
+    flat = torch.empty(sum(p.numel() for _, p in bucket), dtype=dtype)
+    out, offset = [], 0
+    for name, p in bucket:
+        view = flat[offset : offset + p.numel()].view(p.shape)
+        view.copy_(p.detach())
+        out.append((name, view))
+        offset += p.numel()
+    return out
 
 
 def flatten_parameters(module: torch.nn.Module) -> int:
