@@ -2,9 +2,9 @@
 
 For the tiny open_clip model and ViT-B-32 (random weights), trajectories of SNAPSHOTS sampled steps
 each, as the driver sends them: the floor is the reward model scoring the same images in batches of
-``max_batch_size`` trajectories in this process; the pool is one replica (2 CPUs, 2 torch threads)
-fed every trajectory at once in requests of ``request_size`` trajectories, merged by
-``@serve.batch``; and the pool again with one image per request and per batch.
+``max_batch_size`` trajectories in this process (2 torch threads); the pool is one replica per
+core (1 CPU, 1 torch thread each) fed every trajectory at once in requests of ``--request-size``
+trajectories, merged by ``@serve.batch``; and the pool again with one image per request and per batch.
 The last line is one JSON object; ``ratio`` is the lower pool / bare figure of the two models.
 Run: ``.venv/bin/python bench/reward.py``.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -40,8 +41,8 @@ from tests.tiny import tiny_clip  # noqa: E402
 
 WORDS = "a red green blue yellow square circle triangle top bottom left right".split()
 BATCH = 64  # trajectories per reward-model call (configs/default.yaml's reward.max_batch_size)
-REQUEST = 32  # trajectories per pool request (configs/default.yaml's reward.request_size)
 SNAPSHOTS = 3  # sampled steps per trajectory (the default run's s)
+PASSES = 5  # timed passes over all the images, median (one pass of the tiny model is under a second)
 
 
 def make_requests(codecs: Codecs, n: int, snapshots: int = SNAPSHOTS) -> list[ScoreRequest]:
@@ -56,14 +57,17 @@ def make_requests(codecs: Codecs, n: int, snapshots: int = SNAPSHOTS) -> list[Sc
 
 
 def pool_rate(cfg: RewardConfig, folder: str, requests: list[ScoreRequest]) -> float:
-    """Images per second through the pool, every request in flight at once."""
+    """Images per second through the pool, every request in flight at once (median of PASSES passes)."""
     handle = start_reward_pool(cfg, folder)
     try:
         client = RewardClient(cfg, handle=handle)
         client.score_requests(requests[: 2 * BATCH])  # warm-up
-        t = time.perf_counter()
-        client.score_requests(requests)
-        return sum(len(r.steps) for r in requests) / (time.perf_counter() - t)
+        rates = []
+        for _ in range(PASSES):
+            t = time.perf_counter()
+            client.score_requests(requests)
+            rates.append(sum(len(r.steps) for r in requests) / (time.perf_counter() - t))
+        return statistics.median(rates)
     finally:
         stop_reward_pool()
 
@@ -73,21 +77,35 @@ def bare_rate(model, images: torch.Tensor, texts: list[str]) -> float:
     torch.set_num_threads(2)
     per_call = BATCH * SNAPSHOTS
     model.score(images[:per_call], texts[:per_call])  # warm-up
-    t = time.perf_counter()
-    for i in range(0, len(images), per_call):
-        model.score(images[i : i + per_call], texts[i : i + per_call])
-    return len(images) / (time.perf_counter() - t)
+    rates = []
+    for _ in range(PASSES):
+        t = time.perf_counter()
+        for i in range(0, len(images), per_call):
+            model.score(images[i : i + per_call], texts[i : i + per_call])
+        rates.append(len(images) / (time.perf_counter() - t))
+    return statistics.median(rates)
 
 
 def main() -> None:
+    import argparse
+
     import ray
     from ray import serve
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, default=2, help="default: one per core")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="each replica's torch threads follow its CPUs")
+    parser.add_argument("--request-size", type=int, default=BATCH,
+                        help="trajectories per pool request (default: a batch; configs/default.yaml has 32 to spread a step's 64 over replicas)")
+    parser.add_argument("--models", default="tiny open_clip,ViT-B-32", help="comma-separated subset of the two models")
+    args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp())
     tok = build_word_tokenizer(WORDS)
     codecs = Codecs(tok, world_format(len(tok), 8, 16), PaletteCodec(grid=(4, 4), patch=8, codebook_size=8))
     codecs.save(tmp / "codecs")
     models = {"tiny open_clip": (tiny_clip(tmp), 2048), "ViT-B-32": ({"model": "ViT-B-32"}, 64)}
+    models = {name: models[name] for name in args.models.split(",")}
     work = {}
     for name, (kwargs, n) in models.items():
         requests = make_requests(codecs, n)
@@ -103,8 +121,8 @@ def main() -> None:
         requests, images, texts, alone = work[name]
         bare = bare_rate(build_reward_model("open_clip", kwargs), images, texts)
         base = dict(models={"clip": RewardModelConfig("open_clip", kwargs, standardize=False)},
-                    replicas=1, cpus_per_replica=2, batch_wait_timeout_s=0.05)
-        batched = pool_rate(RewardConfig(max_batch_size=BATCH, request_size=REQUEST, **base), str(tmp / "codecs"), requests)
+                    replicas=args.replicas, cpus_per_replica=args.cpus_per_replica, batch_wait_timeout_s=0.05)
+        batched = pool_rate(RewardConfig(max_batch_size=BATCH, request_size=args.request_size, **base), str(tmp / "codecs"), requests)
         single = pool_rate(RewardConfig(max_batch_size=1, request_size=1, **base), str(tmp / "codecs"),
                            make_requests(codecs, max(32, n // 16), snapshots=1))
         rows.append({"model": name, "images": len(images), "bare_alone_per_s": alone, "bare_per_s": bare,
@@ -112,8 +130,8 @@ def main() -> None:
                      "pool_over_bare_alone": batched / alone, "pool_over_bare": batched / bare,
                      "batched_over_one_per_request": batched / single})
     ray.shutdown()
-    print(f"images/s; {BATCH} trajectories of {SNAPSHOTS} snapshots per batch, {REQUEST} per request; "
-          "1 replica with 2 CPUs, torch threads 2")
+    print(f"images/s; {BATCH} trajectories of {SNAPSHOTS} snapshots per batch, {args.request_size} per request; "
+          f"{args.replicas} replica(s) with {args.cpus_per_replica:g} CPUs each (as many torch threads); bare: 2 torch threads")
     print("bare alone: nothing else running; bare: the same with Ray and Serve idle on the machine")
     print(f"{'model':>15} {'bare alone':>11} {'bare':>9} {'pool':>9} {'pool/alone':>11} {'pool/bare':>10} {'1 per req':>10} {'batched gain':>13}")
     for r in rows:

@@ -15,7 +15,8 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 
 from pararl.types import Trajectories
 from reward.config import RewardConfig
-from reward.scorer import ScoreRequest, ScoreResult, SemanticScorer, requests_from
+from reward.messages import ChunkResult, ScoreRequest, ScoreResult, chunk_requests
+from reward.scorer import SemanticScorer, requests_from
 from reward.semantic import clipped_shares
 
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
@@ -113,12 +114,12 @@ class RewardClient:
         return assemble(results, requests[0].steps, self.cfg.nonfinite, retries)
 
     def score_requests(self, requests: Sequence[ScoreRequest]) -> tuple[list[ScoreResult], int]:
-        """All requests in flight at once, ``request_size`` trajectories each; a chunk whose replica
-        died is sent again, up to ``retries`` times. Results come back in the order given."""
-        size = self.cfg.request_size
-        chunks = [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+        """All requests in flight at once, ``request_size`` trajectories each (stacked in one
+        ``ScoreChunk``); a chunk whose replica died is sent again, up to ``retries`` times. Results
+        come back in the order given."""
+        chunks = chunk_requests(requests, self.cfg.request_size)
         pending = {i: self.handle.score.remote(c) for i, c in enumerate(chunks)}
-        results: list[list[ScoreResult] | None] = [None] * len(chunks)
+        results: list[ChunkResult | None] = [None] * len(chunks)
         attempts = [0] * len(chunks)
         retried = 0
         while pending:
@@ -129,11 +130,11 @@ class RewardClient:
                 except RETRYABLE as err:
                     attempts[i] += 1
                     if attempts[i] > self.cfg.retries:
-                        raise RewardError(f"reward request for trajectories {[r.key for r in chunks[i]]} failed "
+                        raise RewardError(f"reward request for trajectories {chunks[i].keys} failed "
                                           f"{attempts[i]} times; last error: {err}") from err
                     retried += 1
                     pending[i] = self.handle.score.remote(chunks[i])
                 except (GetTimeoutError, TimeoutError) as err:
                     raise RewardError(f"reward pool gave no answer within {self.cfg.request_timeout_s}s "
-                                      f"(trajectories {[r.key for r in chunks[i]]})") from err
-        return [r for chunk in results for r in chunk], retried  # type: ignore[union-attr]
+                                      f"(trajectories {chunks[i].keys})") from err
+        return [r for chunk in results for r in chunk.results()], retried  # type: ignore[union-attr]

@@ -9,70 +9,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from pararl.bundle import Codecs
 from pararl.types import Trajectories
 from reward.base import RewardModel, build_reward_model
 from reward.config import RewardConfig, check_reward_config
+from reward.messages import ChunkResult, ScoreChunk, ScoreRequest, ScoreResult, chunk_requests
 from reward.semantic import combine, standardise, trajectory_reward
 from reward.stats import load_stats, stats_for
-
-
-def _to_numpy(value):
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    if isinstance(value, dict):
-        return {k: _to_numpy(v) for k, v in value.items()}
-    return value
-
-
-def _to_torch(value):
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    if isinstance(value, dict):
-        return {k: _to_torch(v) for k, v in value.items()}
-    return value
-
-
-class CheapPickle:
-    """Requests and results cross process boundaries by the hundred per step: pickling a small torch
-    tensor costs about 100 us, a numpy array a few, so their tensors travel as numpy arrays."""
-
-    def __getstate__(self) -> dict:
-        return {k: _to_numpy(v) for k, v in self.__dict__.items()}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({k: _to_torch(v) for k, v in state.items()})
-
-
-@dataclass
-class ScoreRequest(CheapPickle):
-    """One trajectory's sampled snapshots, as token ids (never pixels)."""
-
-    image_ids: torch.Tensor  # [s, N_img] x̂0 image span
-    text_ids: torch.Tensor  # [s, N_txt] revealed text span (masks still in place)
-    steps: list[int]
-    key: int = 0  # the caller's index of the trajectory
-
-
-@dataclass
-class ScoreResult(CheapPickle):
-    key: int
-    raw: dict[str, torch.Tensor]  # per reward model: its raw score at each step [s]
-    r_t: dict[str, torch.Tensor]  # per reward model: R_t after standardisation and clip [s]
-    combined: torch.Tensor  # weighted sum over reward models [s]
-    reward: float  # mean of combined over the steps (NaN when any step is non-finite)
-    problem: str | None = None  # what was non-finite, for the caller's drop/fail policy
-    batch_size: int = 1  # how many requests shared this request's batch
-    texts: list[str] = field(default_factory=list)
-    replica: int = 0  # process id of the replica that scored it
-    compute_seconds: float = 0.0  # decoding + reward models for the whole batch this request was in
 
 
 def requests_from(traj: Trajectories) -> list[ScoreRequest]:
@@ -107,12 +54,17 @@ class SemanticScorer:
         return {label: model.score(images, texts) for label, model in self.models.items()}
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        if not requests:
+        """One scoring pass over the requests (in one process: the pilot, tests)."""
+        chunks = chunk_requests(requests, max(1, len(requests)))
+        return [r for result in self.score_chunks(chunks) for r in result.results()]
+
+    def score_chunks(self, chunks: Sequence[ScoreChunk]) -> list[ChunkResult]:
+        """Every snapshot of every chunk in one call per reward model, answered per chunk."""
+        if not chunks:
             return []
         start = time.perf_counter()
-        counts = [len(r.steps) for r in requests]
-        images = self.codecs.decode_images(torch.cat([r.image_ids for r in requests]))
-        texts = [t for r in requests for t in self.texts(r.text_ids)]
+        images = self.codecs.decode_images(torch.cat([c.image_ids.flatten(0, 1) for c in chunks]))
+        texts = [self.codecs.decode_text(row) for c in chunks for row in c.text_ids.flatten(0, 1)]
         raw = self.raw_scores(images, texts)
         r_t = {}
         for label, scores in raw.items():
@@ -120,28 +72,25 @@ class SemanticScorer:
             r_t[label] = standardise(scores, st.mean, st.std) if st else scores
         combined = combine(r_t, self.weights)
         seconds = time.perf_counter() - start
-        results, start = [], 0
-        for req, n in zip(requests, counts):
-            part = slice(start, start + n)
-            start += n
-            comb = combined[part]
-            problem = None
-            for label, scores in raw.items():
-                bad = ~torch.isfinite(scores[part])
-                if bad.any():
-                    steps = [req.steps[i] for i in bad.nonzero().flatten().tolist()]
-                    problem = f"reward model {label!r} returned a non-finite score at step(s) {steps}"
-                    break
-            results.append(ScoreResult(
-                key=req.key,
-                raw={k: v[part] for k, v in raw.items()},
-                r_t={k: v[part] for k, v in r_t.items()},
-                combined=comb,
-                reward=float(trajectory_reward(comb)) if problem is None else float("nan"),
-                problem=problem,
-                batch_size=len(requests),
-                texts=texts[part],
-                replica=os.getpid(),
-                compute_seconds=seconds,
+        size = sum(len(c) for c in chunks)
+        out, offset = [], 0
+        for c in chunks:
+            n, s = c.image_ids.shape[:2]
+            part = slice(offset, offset + n * s)
+            offset += n * s
+            rows = lambda v: v[part].reshape(n, s)  # noqa: E731
+            c_raw, c_comb = {k: rows(v) for k, v in raw.items()}, rows(combined)
+            problems: list[str | None] = [None] * n
+            for label, scores in c_raw.items():
+                for i in (~torch.isfinite(scores)).any(-1).nonzero().flatten().tolist():
+                    if problems[i] is None:
+                        steps = [c.steps[j] for j in (~torch.isfinite(scores[i])).nonzero().flatten().tolist()]
+                        problems[i] = f"reward model {label!r} returned a non-finite score at step(s) {steps}"
+            rewards = trajectory_reward(c_comb)
+            rewards[torch.tensor([p is not None for p in problems], dtype=torch.bool)] = float("nan")
+            out.append(ChunkResult(
+                keys=list(c.keys), raw=c_raw, r_t={k: rows(v) for k, v in r_t.items()}, combined=c_comb,
+                rewards=rewards, problems=problems, texts=[texts[part][i * s : (i + 1) * s] for i in range(n)],
+                batch_size=size, replica=os.getpid(), compute_seconds=seconds,
             ))
-        return results
+        return out

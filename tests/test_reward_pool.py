@@ -1,6 +1,7 @@
 """The reward pool on real Ray Serve: batching, results to the right trajectory, replica death, HTTP."""
 import json
 import threading
+from collections import Counter
 import time
 import urllib.error
 import urllib.request
@@ -76,6 +77,22 @@ def test_request_size_larger_than_the_batch_is_refused():
 
     with pytest.raises(ValueError, match="request_size must be between 1 and reward.max_batch_size"):
         check_reward_config(user_cfg(max_batch_size=4, request_size=8))
+
+
+def test_a_burst_of_requests_is_spread_over_the_replicas(ray_local, folder):
+    """Serve's default router sent 63 and 64 of these 64 requests to one of the two replicas; ours splits them."""
+    cfg = user_cfg(max_batch_size=4, batch_wait_timeout_s=0.01, replicas=2, cpus_per_replica=0.5, delay_s=0.02,
+                   request_size=1)
+    handle = start_reward_pool(cfg, str(folder))
+    try:
+        client = RewardClient(cfg, handle=handle)
+        requests = word_requests(load_codecs(folder), 64)
+        client.score_requests(requests)  # the handle learns both replicas (a first burst may still lean)
+        results, _ = client.score_requests(requests)
+        per_replica = sorted(Counter(r.replica for r in results).values())
+        assert len(per_replica) == 2 and per_replica[0] >= 30, f"64 requests split {per_replica}"
+    finally:
+        stop_reward_pool()
 
 
 def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, folder):

@@ -1,0 +1,126 @@
+"""What crosses process boundaries between rollout workers, the driver and the reward pool.
+
+``ScoreRequest`` and ``ScoreResult`` are one trajectory each: what callers build and read. On the
+wire a pool request is a ``ScoreChunk`` and its answer a ``ChunkResult``: the chunk's trajectories
+stacked into a few arrays. Per-trajectory objects made a tiny reward model's pool spend more CPU
+on pickling than on scoring: the driver alone used 39% of a core for 8k images/s (``bench/reward.py``,
+py-spy), with a few small arrays per trajectory each way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _to_numpy(value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    return value
+
+
+def _to_torch(value):
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    return value
+
+
+class CheapPickle:
+    """Pickling a small torch tensor costs about 100 us, a numpy array a few: tensors travel as numpy."""
+
+    def __getstate__(self) -> dict:
+        return {k: _to_numpy(v) for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({k: _to_torch(v) for k, v in state.items()})
+
+
+@dataclass
+class ScoreRequest(CheapPickle):
+    """One trajectory's sampled snapshots, as token ids (never pixels)."""
+
+    image_ids: torch.Tensor  # [s, N_img] x̂0 image span
+    text_ids: torch.Tensor  # [s, N_txt] revealed text span (masks still in place)
+    steps: list[int]
+    key: int = 0  # the caller's index of the trajectory
+
+
+@dataclass
+class ScoreResult(CheapPickle):
+    key: int
+    raw: dict[str, torch.Tensor]  # per reward model: its raw score at each step [s]
+    r_t: dict[str, torch.Tensor]  # per reward model: R_t after standardisation and clip [s]
+    combined: torch.Tensor  # weighted sum over reward models [s]
+    reward: float  # mean of combined over the steps (NaN when any step is non-finite)
+    problem: str | None = None  # what was non-finite, for the caller's drop/fail policy
+    batch_size: int = 1  # how many trajectories shared this one's batch
+    texts: list[str] = field(default_factory=list)
+    replica: int = 0  # process id of the replica that scored it
+    compute_seconds: float = 0.0  # decoding + reward models for the whole batch this request was in
+
+
+@dataclass
+class ScoreChunk(CheapPickle):
+    """Trajectories with the same steps and span lengths, stacked: one pool request."""
+
+    image_ids: torch.Tensor  # [n, s, N_img]
+    text_ids: torch.Tensor  # [n, s, N_txt]
+    steps: list[int]
+    keys: list[int]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def of(cls, requests: Sequence[ScoreRequest]) -> "ScoreChunk":
+        first = requests[0]
+        for r in requests:
+            if r.steps != first.steps or r.image_ids.shape != first.image_ids.shape or r.text_ids.shape != first.text_ids.shape:
+                raise ValueError(f"trajectory {r.key} does not stack with trajectory {first.key}: steps or span lengths differ")
+        return cls(torch.stack([r.image_ids for r in requests]), torch.stack([r.text_ids for r in requests]),
+                   list(first.steps), [r.key for r in requests])
+
+
+def chunk_requests(requests: Sequence[ScoreRequest], size: int) -> list[ScoreChunk]:
+    """Consecutive runs of up to ``size`` requests that stack (same steps and span lengths)."""
+    chunks, run = [], []
+    for r in requests:
+        if run and (len(run) == size or r.steps != run[0].steps or r.image_ids.shape != run[0].image_ids.shape
+                    or r.text_ids.shape != run[0].text_ids.shape):
+            chunks.append(ScoreChunk.of(run))
+            run = []
+        run.append(r)
+    if run:
+        chunks.append(ScoreChunk.of(run))
+    return chunks
+
+
+@dataclass
+class ChunkResult(CheapPickle):
+    """A chunk's scores, row-aligned with its keys; ``results()`` gives the per-trajectory view."""
+
+    keys: list[int]
+    raw: dict[str, torch.Tensor]  # label -> [n, s]
+    r_t: dict[str, torch.Tensor]  # label -> [n, s]
+    combined: torch.Tensor  # [n, s]
+    rewards: torch.Tensor  # [n], NaN where a step is non-finite
+    problems: list[str | None]
+    texts: list[list[str]]
+    batch_size: int = 1
+    replica: int = 0
+    compute_seconds: float = 0.0
+
+    def results(self) -> list[ScoreResult]:
+        rewards = self.rewards.tolist()
+        return [ScoreResult(key=k, raw={label: v[i] for label, v in self.raw.items()},
+                            r_t={label: v[i] for label, v in self.r_t.items()}, combined=self.combined[i],
+                            reward=rewards[i], problem=self.problems[i], batch_size=self.batch_size,
+                            texts=self.texts[i], replica=self.replica, compute_seconds=self.compute_seconds)
+                for i, k in enumerate(self.keys)]
