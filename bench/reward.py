@@ -42,7 +42,7 @@ from tests.tiny import tiny_clip  # noqa: E402
 WORDS = "a red green blue yellow square circle triangle top bottom left right".split()
 BATCH = 64  # trajectories per reward-model call (configs/default.yaml's reward.max_batch_size)
 SNAPSHOTS = 3  # sampled steps per trajectory (the default run's s)
-PASSES = 5  # timed passes over all the images, median (one pass of the tiny model is under a second)
+SECONDS = 3.0  # timed passes over all the images until this long, median (a pass of the tiny model is under a second)
 
 
 def make_requests(codecs: Codecs, n: int, snapshots: int = SNAPSHOTS) -> list[ScoreRequest]:
@@ -56,18 +56,27 @@ def make_requests(codecs: Codecs, n: int, snapshots: int = SNAPSHOTS) -> list[Sc
     return reqs
 
 
+def timed_passes(one_pass) -> float:
+    """Median images per second over passes until SECONDS have gone by (at least one)."""
+    rates, start = [], time.perf_counter()
+    while not rates or time.perf_counter() - start < SECONDS:
+        rates.append(one_pass())
+    return statistics.median(rates)
+
+
 def pool_rate(cfg: RewardConfig, folder: str, requests: list[ScoreRequest]) -> float:
-    """Images per second through the pool, every request in flight at once (median of PASSES passes)."""
+    """Images per second through the pool, every request in flight at once."""
     handle = start_reward_pool(cfg, folder)
     try:
         client = RewardClient(cfg, handle=handle)
-        client.score_requests(requests[: 2 * BATCH])  # warm-up
-        rates = []
-        for _ in range(PASSES):
+        client.score_requests(requests[: 2 * cfg.request_size])  # warm-up: two requests, both replicas
+
+        def one_pass() -> float:
             t = time.perf_counter()
             client.score_requests(requests)
-            rates.append(sum(len(r.steps) for r in requests) / (time.perf_counter() - t))
-        return statistics.median(rates)
+            return sum(len(r.steps) for r in requests) / (time.perf_counter() - t)
+
+        return timed_passes(one_pass)
     finally:
         stop_reward_pool()
 
@@ -77,13 +86,14 @@ def bare_rate(model, images: torch.Tensor, texts: list[str]) -> float:
     torch.set_num_threads(2)
     per_call = BATCH * SNAPSHOTS
     model.score(images[:per_call], texts[:per_call])  # warm-up
-    rates = []
-    for _ in range(PASSES):
+
+    def one_pass() -> float:
         t = time.perf_counter()
         for i in range(0, len(images), per_call):
             model.score(images[i : i + per_call], texts[i : i + per_call])
-        rates.append(len(images) / (time.perf_counter() - t))
-    return statistics.median(rates)
+        return len(images) / (time.perf_counter() - t)
+
+    return timed_passes(one_pass)
 
 
 def main() -> None:
@@ -104,7 +114,7 @@ def main() -> None:
     tok = build_word_tokenizer(WORDS)
     codecs = Codecs(tok, world_format(len(tok), 8, 16), PaletteCodec(grid=(4, 4), patch=8, codebook_size=8))
     codecs.save(tmp / "codecs")
-    models = {"tiny open_clip": (tiny_clip(tmp), 2048), "ViT-B-32": ({"model": "ViT-B-32"}, 64)}
+    models = {"tiny open_clip": (tiny_clip(tmp), 2048), "ViT-B-32": ({"model": "ViT-B-32"}, 2 * BATCH)}
     models = {name: models[name] for name in args.models.split(",")}
     work = {}
     for name, (kwargs, n) in models.items():
