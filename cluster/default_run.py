@@ -52,7 +52,15 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     from pararl.world.dataset import WorldConfig
     from pararl.world_prepare import prepare_default
 
-    seed = load_run_config(config, overrides).seed
+    from cluster.train import check_run_dir
+
+    first = load_run_config(config, overrides)
+    done = [name for name in ("results.json", "final-policy") if (Path(first.run_dir) / name).exists()]
+    if done:  # refused before any work, and nothing of the finished run is touched
+        raise ValueError(f"{first.run_dir} holds a finished default run ({', '.join(done)}); choose another with "
+                         f'make train ARGS="run_dir=runs/NAME", or remove {first.run_dir}')
+    check_run_dir(first)
+    seed = first.seed
     paths = prepare_default(Path(cache_dir) / f"seed{seed}", seed=seed, cfg=prepare_cfg)  # one cache per seed
     cfg = load_run_config(config, [*resolved_overrides(paths), *overrides])
     run_dir = Path(cfg.run_dir)

@@ -7,10 +7,23 @@ from typing import Sequence
 from pararl.config import load_run_config
 
 
+def check_run_dir(cfg) -> None:
+    """A new run never starts over an earlier one's checkpoints: they would be rotated away."""
+    from learner.checkpoint import latest_checkpoint
+
+    if cfg.train.resume:
+        return
+    earlier = latest_checkpoint(cfg.learner.checkpoint.folder)
+    if earlier is not None:
+        raise ValueError(f"{cfg.learner.checkpoint.folder} holds a checkpoint of an earlier run ({earlier.name}): "
+                         "continue it with train.resume=true, or set run_dir to a new folder")
+
+
 def train(config: str | Path | None, overrides: Sequence[str] = ()) -> dict:
     from cluster.driver import Driver
 
     cfg = load_run_config(config, overrides)
+    check_run_dir(cfg)
     driver = Driver(cfg)
     try:
         state = driver.run()

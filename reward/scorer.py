@@ -46,9 +46,6 @@ class SemanticScorer:
             for label in needs_stats:
                 self.stats[label] = stats_for(table, label, self.models[label].identity, cfg.stats_file)
 
-    def texts(self, text_ids: torch.Tensor) -> list[str]:
-        return [self.codecs.decode_text(row) for row in text_ids]
-
     def raw_scores(self, images: torch.Tensor, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Each reward model's raw score of the same images and texts (what the HTTP route serves)."""
         return {label: model.score(images, texts) for label, model in self.models.items()}
@@ -90,7 +87,7 @@ class SemanticScorer:
             rewards[torch.tensor([p is not None for p in problems], dtype=torch.bool)] = float("nan")
             out.append(ChunkResult(
                 keys=list(c.keys), raw=c_raw, r_t={k: rows(v) for k, v in r_t.items()}, combined=c_comb,
-                rewards=rewards, problems=problems, texts=[texts[part][i * s : (i + 1) * s] for i in range(n)],
+                rewards=rewards, problems=problems, texts=[texts[part.start + i * s : part.start + (i + 1) * s] for i in range(n)],
                 batch_size=size, replica=os.getpid(), compute_seconds=seconds,
             ))
         return out

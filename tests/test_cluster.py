@@ -122,7 +122,7 @@ def test_a_rollout_worker_killed_while_sampling_loses_nothing(ray_local, setup, 
         driver.shutdown()
 
 
-def test_stop_after_a_checkpoint_then_resume_continues_at_the_next_step(ray_local, setup, tmp_path):
+def test_stop_after_a_checkpoint_then_resume_continues_at_the_next_step(ray_local, setup, tmp_path, capsys):
     first = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.checkpoint_every=1"])
     assert first["state"].step == 2
     out = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=3", "train.resume=true"])
@@ -130,6 +130,11 @@ def test_stop_after_a_checkpoint_then_resume_continues_at_the_next_step(ray_loca
     assert out["run_id"] == first["run_id"], "the resumed run keeps logging into the same MLflow run"
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(out["run_id"], "reward.mean")] == [0, 1, 2]
+    # a new run without resume is refused before it starts: the earlier checkpoints stay as they are
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", "train.steps=1"])
+    assert code == 2 and "holds a checkpoint of an earlier run" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(ray_local, setup, tmp_path, capsys):

@@ -28,3 +28,7 @@ def test_shortened_default_run_end_to_end(ray_local, tmp_path):
     metrics = client.get_run(results["run_id"]).data.metrics
     assert {"eval.before.aligned", "eval.after.aligned", "eval.after.reward", "reward.mean"} <= set(metrics)
     assert (tmp_path / "run" / "final-policy" / "pararl.json").is_file()
+    # make train again into the same folder: refused before any work, the finished run untouched
+    with pytest.raises(ValueError, match="holds a finished default run"):
+        default_run(overrides=[f"run_dir={tmp_path / 'run'}"], cache_dir=str(tmp_path / "cache"), prepare_cfg=prepare)
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == saved
