@@ -77,14 +77,19 @@ def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20,
 
 
 def _copy_out(bucket: Bucket, dtype: torch.dtype) -> Bucket:
-    flat = torch.empty(sum(p.numel() for _, p in bucket), dtype=dtype)
-    out, offset = [], 0
-    for name, p in bucket:
-        view = flat[offset : offset + p.numel()].view(p.shape)
-        view.copy_(p.detach())
-        out.append((name, view))
-        offset += p.numel()
-    return out
+    return list(zip([name for name, _ in bucket], pack_flat([p for _, p in bucket], dtype, torch.device("cpu"))))
+
+
+def pack_flat(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Copies of ``tensors`` as views, back to back, into one new 1-D buffer."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    views, offset = [], 0
+    for t in tensors:
+        view = flat[offset : offset + t.numel()].view(t.shape)
+        view.copy_(t.detach())
+        views.append(view)
+        offset += t.numel()
+    return views
 
 
 def flatten_parameters(module: torch.nn.Module) -> int:
@@ -104,13 +109,8 @@ def flatten_parameters(module: torch.nn.Module) -> int:
             runs.append([p])
     with torch.no_grad():
         for run in runs:
-            flat = torch.empty(sum(p.numel() for p in run), dtype=run[0].dtype, device=run[0].device)
-            offset = 0
-            for p in run:
-                view = flat[offset : offset + p.numel()].view_as(p)
-                view.copy_(p)
+            for p, view in zip(run, pack_flat(run, run[0].dtype, run[0].device)):
                 p.data = view
-                offset += p.numel()
     return len(runs)
 
 

@@ -82,18 +82,22 @@ class ScoreChunk(CheapPickle):
     def of(cls, requests: Sequence[ScoreRequest]) -> "ScoreChunk":
         first = requests[0]
         for r in requests:
-            if r.steps != first.steps or r.image_ids.shape != first.image_ids.shape or r.text_ids.shape != first.text_ids.shape:
+            if _stack_key(r) != _stack_key(first):
                 raise ValueError(f"trajectory {r.key} does not stack with trajectory {first.key}: steps or span lengths differ")
         return cls(torch.stack([r.image_ids for r in requests]), torch.stack([r.text_ids for r in requests]),
                    list(first.steps), [r.key for r in requests])
+
+
+def _stack_key(r: ScoreRequest) -> tuple:
+    """Requests stack into one chunk when these agree: their steps and span lengths."""
+    return tuple(r.steps), tuple(r.image_ids.shape), tuple(r.text_ids.shape)
 
 
 def chunk_requests(requests: Sequence[ScoreRequest], size: int) -> list[ScoreChunk]:
     """Consecutive runs of up to ``size`` requests that stack (same steps and span lengths)."""
     chunks, run = [], []
     for r in requests:
-        if run and (len(run) == size or r.steps != run[0].steps or r.image_ids.shape != run[0].image_ids.shape
-                    or r.text_ids.shape != run[0].text_ids.shape):
+        if run and (len(run) == size or _stack_key(r) != _stack_key(run[0])):
             chunks.append(ScoreChunk.of(run))
             run = []
         run.append(r)

@@ -79,9 +79,10 @@ class SemanticScorer:
             c_raw, c_comb = {k: rows(v) for k, v in raw.items()}, rows(combined)
             problems: list[str | None] = [None] * n
             for label, scores in c_raw.items():
-                for i in (~torch.isfinite(scores)).any(-1).nonzero().flatten().tolist():
+                bad = ~torch.isfinite(scores)  # [n, s]
+                for i in bad.any(-1).nonzero().flatten().tolist():
                     if problems[i] is None:
-                        steps = [c.steps[j] for j in (~torch.isfinite(scores[i])).nonzero().flatten().tolist()]
+                        steps = [c.steps[j] for j in bad[i].nonzero().flatten().tolist()]
                         problems[i] = f"reward model {label!r} returned a non-finite score at step(s) {steps}"
             rewards = trajectory_reward(c_comb)
             rewards[torch.tensor([p is not None for p in problems], dtype=torch.bool)] = float("nan")
