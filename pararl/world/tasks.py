@@ -169,15 +169,18 @@ class _Words:
         colour = self.take(FREE_COLOUR, *self.spec.colours)
         shape = self.take(FREE_SHAPE, *self.spec.shapes)
         self.take("at")
+        return Partial(None if colour == FREE_COLOUR else colour, None if shape == FREE_SHAPE else shape, self.place())
+
+    def place(self) -> tuple[int, int] | None:
+        """A cell, or None for 'any place'."""
         if self.peek() == FREE_PLACE[0]:
             self.take(FREE_PLACE[0])
             self.take(FREE_PLACE[1])
-            pos = None
-        else:
-            pos = self.position()
-            if pos is None:
-                raise PromptError(f"expected a cell or 'any place' at word {self.i} of {' '.join(self.words)!r}")
-        return Partial(None if colour == FREE_COLOUR else colour, None if shape == FREE_SHAPE else shape, pos)
+            return None
+        pos = self.position()
+        if pos is None:
+            raise PromptError(f"expected a cell or 'any place' at word {self.i} of {' '.join(self.words)!r}")
+        return pos
 
     def cell(self) -> tuple[int, int]:
         pos = self.position()
@@ -242,12 +245,7 @@ def follows(spec: WorldSpec, prompt: str, input_scene: Scene | None, output: Sce
         w.end()
         return set(output) == rest | {replace(target, shape=shape)} and len(output) == len(input_scene)
     w.take("to")
-    if w.peek() == FREE_PLACE[0]:
-        w.take(FREE_PLACE[0])
-        w.take(FREE_PLACE[1])
-        dest = None
-    else:
-        dest = w.cell()
+    dest = w.place()
     w.end()
     if len(output) != len(input_scene) or not rest <= set(output):
         return False
