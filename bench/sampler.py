@@ -1,12 +1,13 @@
 """Sampler speed: the batched parallel sampler against its own forward passes, and against one-at-a-time.
 
 For two model sizes (about 20M and 1M parameters), with B x G = 16 trajectories and CFG on:
-- floor: the same model's forward passes alone (same batch incl. CFG rows, same steps, threads and
-  inference mode), median after a warm-up;
+- floor: the same model's forward passes alone (the same rows the sampler forwards at each step: CFG
+  rows included, and for ``--preset mmada-parallel-a`` the two unconditional rows of every image
+  update in their own forward; same steps, threads and inference mode), median after a warm-up;
 - sampler / floor: what the sampling logic adds on top of the forwards (target <= 1.15);
 - loop / sampler: one trajectory at a time (how the released generator works) against the batch.
 The last line is one JSON object; ``ratio`` is the larger sampler-over-floor ratio of the two models.
-Run: ``.venv/bin/python bench/sampler.py [--repeats N]``.
+Run: ``.venv/bin/python bench/sampler.py [--repeats N] [--preset mmada-parallel-a]``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pararl.config import SamplerConfig  # noqa: E402
-from pararl.formats import world_format  # noqa: E402
+from pararl.formats import DimooFormat, world_format  # noqa: E402
 from pararl.models import LLaDAConfig, build_policy  # noqa: E402
 from pararl.types import GenerationRequest  # noqa: E402
 from rollout.batching import build_batch  # noqa: E402
@@ -34,6 +35,10 @@ MODELS = {
     "1M": dict(d_model=128, n_heads=4, n_layers=5, mlp_hidden_size=344),
 }
 PROMPTS, GROUP = 4, 4
+# The -A layout at the same small sizes (an 8x8 grid with a newline per row; template ids made up).
+A_FMT = DimooFormat(name="bench-a", mask_id=1, pad_id=0, uncond_id=2, newline_id=3, boi_id=4, eoi_id=5,
+                    answer_start_id=6, answer_end_ids=(7,), generate_prefix=(8, 9, 10), edit_prefix=(8, 11, 10),
+                    prompt_suffix=(12,), text_vocab_size=200, image_offset=200, codebook_size=32, grid=(8, 8))
 
 
 def median_time(fn, repeats: int) -> float:
@@ -46,53 +51,70 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, arch: dict, cfg: SamplerConfig, repeats: int) -> dict:
-    config = LLaDAConfig(vocab_size=FMT.vocab_size, embedding_size=FMT.vocab_size, mask_token_id=FMT.mask_id,
+def bench_model(name: str, arch: dict, fmt, cfg: SamplerConfig, repeats: int) -> dict:
+    config = LLaDAConfig(vocab_size=fmt.vocab_size, embedding_size=fmt.vocab_size, mask_token_id=fmt.mask_id,
                          rope_theta=10000.0, **arch)
     model = build_policy(config, seed=0)
     params = sum(p.numel() for p in model.parameters())
-    requests = [GenerationRequest(list(range(10, 10 + 6 + 2 * i)), seed=i) for i in range(PROMPTS)]
-    sampler = ParallelSampler(model, FMT, cfg)
+    edit = torch.arange(fmt.image_tokens) % fmt.codebook_size if isinstance(fmt, DimooFormat) else None
+    requests = [GenerationRequest(list(range(20, 20 + 6 + 2 * i)), edit, seed=i) for i in range(PROMPTS)]
+    sampler = ParallelSampler(model, fmt, cfg)
+    g, plan = sampler.guidance, sampler.plan
 
-    batch = build_batch(FMT, requests, cfg.text_len)
-    rows = torch.cat([batch.input_ids.repeat_interleave(GROUP, 0), batch.uncond_ids.repeat_interleave(GROUP, 0)])
-    mask = batch.attention_mask.repeat_interleave(GROUP, 0).repeat(2, 1)
+    batch = build_batch(fmt, requests, cfg.text_len, released_rows=bool(g.after_text))
+    rep = lambda t: t.repeat_interleave(GROUP, 0)  # noqa: E731
+    rows = torch.cat([rep(batch.input_ids)] + [rep(batch.uncond_ids)] * g.with_cond)
+    mask = rep(batch.attention_mask).repeat(1 + g.with_cond, 1)
+    extra = torch.cat([rep((batch.uncond_ids, batch.uncond_image_ids)[i]) for i in g.after_text]) if g.after_text else None
 
     @torch.inference_mode()
     def forwards():
-        for _ in range(cfg.steps):
+        for s in range(cfg.steps):
             model(rows, attention_mask=mask)
+            if extra is not None and plan.image_update[s]:
+                model(extra, attention_mask=rep(batch.attention_mask).repeat(len(g.after_text), 1))
 
     floor = median_time(forwards, repeats)
     batched = median_time(lambda: sampler.sample(requests, group_size=GROUP), repeats)
 
     def one_at_a_time():
         for r in requests:
-            for g in range(GROUP):
-                sampler.sample([GenerationRequest(r.prompt_ids, seed=r.seed * 100 + g)], group_size=1)
+            for m in range(GROUP):
+                sampler.sample([GenerationRequest(r.prompt_ids, r.input_codes, seed=r.seed * 100 + m)], group_size=1)
 
     loop = median_time(one_at_a_time, max(1, repeats // 3))
+    rows_per_step = rows.shape[0] + (0 if extra is None else extra.shape[0] * sum(plan.image_update) / cfg.steps)
     return {
-        "model": name, "params": params, "rows": rows.shape[0], "seq_len": rows.shape[1], "steps": cfg.steps,
+        "model": name, "params": params, "rows": rows_per_step, "seq_len": rows.shape[1], "steps": cfg.steps,
         "floor_s": floor, "sampler_s": batched, "loop_s": loop,
         "sampler_over_floor": batched / floor, "speedup_vs_loop": loop / batched,
     }
+
+
+def bench_config(preset: str | None, steps: int) -> tuple:
+    if preset == "mmada-parallel-a":  # both CFG terms on: 3 rows per trajectory at image updates
+        return A_FMT, SamplerConfig(preset=preset, steps=steps, text_len=32, image_start=steps // 4,
+                                    image_steps=steps // 2, cfg_prompt=2.5, cfg_image=4.0, text_temperature=1.0)
+    return FMT, SamplerConfig(steps=steps, text_len=32, cfg_image=2.0, text_temperature=1.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--preset", default=None, choices=[None, "mmada-parallel-a"])
     args = parser.parse_args()
-    cfg = SamplerConfig(steps=args.steps, text_len=32, cfg_image=2.0, text_temperature=1.0)
-    results = [bench_model(name, arch, cfg, args.repeats) for name, arch in MODELS.items()]
-    print(f"threads={torch.get_num_threads()}  trajectories={PROMPTS * GROUP} (B={PROMPTS} x G={GROUP}), CFG rows included")
+    fmt, cfg = bench_config(args.preset, args.steps)
+    results = [bench_model(name, arch, fmt, cfg, args.repeats) for name, arch in MODELS.items()]
+    print(f"threads={torch.get_num_threads()}  trajectories={PROMPTS * GROUP} (B={PROMPTS} x G={GROUP}), "
+          f"preset={args.preset or 'pararl'}, CFG rows included (mean rows per step)")
     print(f"{'model':>6} {'params':>10} {'rows x len':>11} {'floor s':>9} {'sampler s':>10} {'ratio':>7} {'loop s':>8} {'speed-up':>9}")
     for r in results:
-        print(f"{r['model']:>6} {r['params']:>10,} {r['rows']:>4} x {r['seq_len']:<4} {r['floor_s']:>9.3f} "
+        print(f"{r['model']:>6} {r['params']:>10,} {r['rows']:>4.0f} x {r['seq_len']:<4} {r['floor_s']:>9.3f} "
               f"{r['sampler_s']:>10.3f} {r['sampler_over_floor']:>7.3f} {r['loop_s']:>8.3f} {r['speedup_vs_loop']:>8.2f}x")
     print(json.dumps({
         "ratio": max(r["sampler_over_floor"] for r in results),
+        "preset": args.preset,
         "threads": torch.get_num_threads(),
         "models": results,
     }))

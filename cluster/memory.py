@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pararl.models.config import LLaDAConfig, parameter_count
+from pararl.sampler_config import resolve_sampler
 
 GiB = float(1 << 30)
 CUDA_SLACK = 2.0 * GiB  # CUDA context, NCCL and allocator slack per GPU process
@@ -106,11 +107,12 @@ def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int) -> Estimate:
     return e
 
 
-def rollout_worker(s: Shapes, trajectories: int, cfg_rows: bool, windows: int, wbytes: int = 2) -> Estimate:
-    """A sampling policy in bf16: the batched sampler (CFG rows ride along) or the behaviour log-probs."""
+def rollout_worker(s: Shapes, trajectories: int, rows_per_trajectory: int, windows: int, wbytes: int = 2) -> Estimate:
+    """A sampling policy in bf16: the batched sampler's largest forward (``rows_per_trajectory`` rows per
+    trajectory: CFG rows included) or the behaviour log-probs."""
     e = Estimate("rollout worker")
     e.parts["weights"] = wbytes * s.params
-    rows = trajectories * (2 if cfg_rows else 1)
+    rows = trajectories * rows_per_trajectory
     sampling = _inference_bytes(s, rows, wbytes) + _span_bytes(s, trajectories, 3)  # softmax, cdf, tempered copy
     logprobs = _inference_bytes(s, trajectories * windows, wbytes) + _span_bytes(s, trajectories * windows, 2)
     e.parts["activations (peak)"] = max(sampling, logprobs)
@@ -165,7 +167,7 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
     c, lc, r = cfg.cluster, cfg.learner, cfg.reward
     windows = windows_per_trajectory(lc, r.sampled_steps, cfg.sampler.steps)
     prompts_per_worker = -(-cfg.data.prompts_per_step // c.rollout_workers)
-    cfg_rows = cfg.sampler.cfg_image > 0 or cfg.sampler.cfg_text > 0
+    cfg_rows = forward_rows(cfg.sampler)
     estimates = [
         learner_rank(s, lc, c.learner_ranks, windows),
         rollout_worker(s, prompts_per_worker * cfg.data.group_size, cfg_rows, windows),
@@ -173,6 +175,15 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
     ]
     host = host_memory(s, lc, c.learner_ranks, c.rollout_workers, reward_weights, r.replicas)
     return estimates, host, s
+
+
+def forward_rows(sampler: Any) -> int:
+    """Rows per trajectory in the sampler's largest forward: with the -A guidance the two unconditional
+    rows go through a forward of their own at image updates; otherwise one rides with the condition."""
+    samp = resolve_sampler(sampler)
+    if samp.guidance == "mmada-parallel-a":
+        return max(1, int(samp.cfg_prompt > 0) + int(samp.cfg_image > 0))
+    return 1 + int(samp.cfg_image > 0 or samp.cfg_text > 0)
 
 
 def markdown_table(estimates: list[Estimate]) -> str:

@@ -176,8 +176,9 @@ def score_rows(
     text, image = lay.relative(lay.text), lay.relative(lay.image)
     lp = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(lp) if with_entropy else None
+    text_logits = fmt.restrict_text_logits(logits[:, lay.text])
     spans = (
-        (text, fmt.restrict_text_logits(logits[:, lay.text]), targets[:, text].clamp(0, fmt.text_vocab_size - 1)),
+        (text, text_logits, targets[:, text].clamp(0, text_logits.shape[-1] - 1)),
         (image, fmt.restrict_image_logits(logits[:, lay.image]), (targets[:, image] - fmt.image_offset).clamp(0, fmt.codebook_size - 1)),
     )
     parts = []

@@ -18,24 +18,8 @@ from cluster.config import ClusterConfig, check_cluster_config
 from learner.config import LearnerConfig
 from learner.config import validate as validate_learner
 from pararl.errors import ConfigError
+from pararl.sampler_config import SamplerConfig, resolve_sampler  # noqa: F401 (re-exported)
 from reward.config import RewardConfig
-
-
-@dataclass
-class SamplerConfig:
-    """The dual schedulers: linear text reveal by confidence, cosine MaskGIT image reveal."""
-
-    steps: int = 32  # denoising steps; one forward of the whole batch each
-    text_len: int = 32  # output text positions
-    block_length: Optional[int] = None  # semi-autoregressive text blocks (None: one block)
-    image_steps: Optional[int] = None  # image updates (None: one per step)
-    image_start: int = 0  # first step at which the image is updated
-    text_temperature: float = 1.0  # 0 is greedy
-    image_temperature: float = 1.0
-    image_noise: float = 1.0  # scale of the annealed Gumbel noise on image confidence
-    cfg_image: float = 0.0  # w in (1 + w) * cond - w * uncond, image positions
-    cfg_text: float = 0.0  # the same for text positions
-    cfg_drop_input_image: bool = False  # unconditional rows also blank the input image (editing)
 
 
 T = TypeVar("T")
@@ -167,6 +151,7 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
         cfg.data.cache_dir = str(run_dir / "codes")
     if cfg.learner.checkpoint.folder is None:
         cfg.learner.checkpoint.folder = str(run_dir / "checkpoints")
+    cfg.sampler = resolve_sampler(cfg.sampler)
     validate_learner(cfg.learner)
     check_cluster_config(cfg.cluster)
     check_sampled_steps(cfg)

@@ -74,14 +74,16 @@ def preset_format(preset: str, config: dict[str, Any], tokenizer: Any, options: 
         grid = options.pop("grid", (32, 32))
         vocab = int(options.pop("text_vocab_size", config.get("text_vocab_size", 126356)))
         codebook = int(options.pop("codebook_size", config.get("codebook_size", 8192)))
+        text_vocab = str(options.pop("text_vocab", "text"))
         _no_more(options, preset)
-        fmt = mmada_a_format(tokenizer, grid=grid, text_vocab_size=vocab, codebook_size=codebook)
+        fmt = mmada_a_format(tokenizer, grid=grid, text_vocab_size=vocab, codebook_size=codebook, text_vocab=text_vocab)
         return fmt, f"-A format: image id = {vocab} + code, {fmt.grid[0]}x{fmt.grid[1]} codes with a newline per row"
     if preset == "mmada-parallel-m":
         llm = int(config.get("llm_vocab_size", 126464))
         new = int(config.get("num_new_special_tokens", 0))
         codebook = int(options.pop("codebook_size", config.get("codebook_size", 8192)))
         tokens = int(options.pop("image_tokens", config.get("num_vq_tokens", 1024)))
+        text_vocab = str(options.pop("text_vocab", "text"))
         _no_more(options, preset)
         offset = llm + new  # MMaDA: image token id = len(text tokenizer) + code
         if len(tokenizer) != offset:
@@ -92,7 +94,7 @@ def preset_format(preset: str, config: dict[str, Any], tokenizer: Any, options: 
         total = config.get("new_vocab_size")
         if total is not None and int(total) < offset + codebook:
             raise CheckpointError(f"-M checkpoint: new_vocab_size {total} < {offset} + codebook {codebook}")
-        fmt = mmada_m_format(text_vocab_size=offset, codebook_size=codebook, image_tokens=tokens)
+        fmt = mmada_m_format(text_vocab_size=offset, codebook_size=codebook, image_tokens=tokens, text_vocab=text_vocab)
         return fmt, f"-M format: image id = {offset} + code, {tokens} codes per image"
     raise CheckpointError(f"unknown format preset {preset!r}; known: {', '.join(PRESETS)}")
 

@@ -20,14 +20,18 @@ from pararl.types import GenerationRequest
 @dataclass
 class PromptBatch:
     input_ids: torch.Tensor  # [B, L] conditional sequences with masked outputs
-    uncond_ids: torch.Tensor  # [B, L] the same with the prompt blanked (CFG)
+    uncond_ids: torch.Tensor  # [B, L] the same with the prompt blanked (CFG; -A: its uncond_text row)
     attention_mask: torch.Tensor  # [B, L]
     layout: OutputLayout
+    uncond_image_ids: torch.Tensor | None = None  # [B, L] -A's second row (uncond_img), when asked for
 
 
 def build_batch(
-    fmt: ParallelFormat, requests: Sequence[GenerationRequest], text_len: int, drop_input_image: bool = False
+    fmt: ParallelFormat, requests: Sequence[GenerationRequest], text_len: int, drop_input_image: bool = False,
+    released_rows: bool = False,
 ) -> PromptBatch:
+    """``released_rows``: the released -A generator's two unconditional rows (``fmt.released_unconditional``)
+    instead of the format's one."""
     if not requests:
         raise ValueError("no requests to sample")
     prompts = [fmt.encode_prompt(r.prompt_ids, r.input_codes) for r in requests]
@@ -36,14 +40,23 @@ def build_batch(
     length = width + len(output)
     ids = torch.full((len(prompts), length), fmt.pad_id, dtype=torch.long)
     uncond = ids.clone()
+    uncond_image = ids.clone() if released_rows else None
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     out = torch.tensor(output)
     for row, p in enumerate(prompts):  # building token lists, once per call: not the sampling loop
         start = width - len(p.ids)
         ids[row, start:width] = torch.tensor(p.ids)
-        uncond[row, start:width] = torch.tensor(fmt.unconditional(p, drop_input_image))
+        if released_rows:
+            if not hasattr(fmt, "released_unconditional"):
+                raise ValueError(f"format {fmt.name!r} has no released two-row guidance (only the -A format has)")
+            u_text, u_img = fmt.released_unconditional(p)
+            uncond[row, start:width] = torch.tensor(u_text)
+            uncond_image[row, start:width] = torch.tensor(u_img)
+        else:
+            uncond[row, start:width] = torch.tensor(fmt.unconditional(p, drop_input_image))
         mask[row, start:] = 1
-    ids[:, width:] = out
-    uncond[:, width:] = out
+    for t in (ids, uncond, uncond_image):
+        if t is not None:
+            t[:, width:] = out
     layout = OutputLayout(length, width, width + image_off, fmt.image_span_len, width + text_off, text_len)
-    return PromptBatch(ids, uncond, mask, layout)
+    return PromptBatch(ids, uncond, mask, layout, uncond_image)

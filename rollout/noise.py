@@ -13,7 +13,7 @@ _GOLDEN = -7046029254386353131  # 0x9e3779b97f4a7c15 as int64
 _MUL1 = -4658895280553007687  # 0xbf58476d1ce4e5b9
 _MUL2 = -7723592293110705685  # 0x94d049bb133111eb
 
-TEXT_SAMPLE, IMAGE_SAMPLE, IMAGE_CONFIDENCE, MEMBER = 1, 2, 3, 4
+TEXT_SAMPLE, IMAGE_SAMPLE, IMAGE_CONFIDENCE, MEMBER, IMAGE_CONFIDENCE_2, IMAGE_LEFTOVER = 1, 2, 3, 4, 5, 6
 
 
 def _i64(value: int) -> int:
@@ -50,3 +50,12 @@ def uniform(seeds: torch.Tensor, stream: int, step: int, n: int) -> torch.Tensor
 
 def gumbel(seeds: torch.Tensor, stream: int, step: int, n: int) -> torch.Tensor:
     return -torch.log(-torch.log(uniform(seeds, stream, step, n)))
+
+
+def gaussian(seeds: torch.Tensor, stream: int, step: int, n: int) -> torch.Tensor:
+    """Standard normals by Box-Muller from two counter streams (``stream`` and ``stream + 2``)."""
+    u1, u2 = uniform(seeds, stream, step, n), uniform(seeds, stream + 2, step, n)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+
+
+CONFIDENCE_NOISE = {"gumbel": gumbel, "gaussian": gaussian}

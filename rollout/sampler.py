@@ -14,11 +14,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pararl.config import SamplerConfig
+from pararl.sampler_config import SamplerConfig, resolve_sampler
 from pararl.formats import ParallelFormat
 from pararl.types import GenerationRequest, Trajectories
 from rollout import noise
 from rollout.batching import build_batch
+from rollout.guidance import make_guidance
 from rollout.schedules import RevealPlan, reveal_plan
 
 
@@ -39,6 +40,15 @@ def prob_of(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return probs.gather(-1, ids[..., None]).squeeze(-1)
 
 
+def softmax_at(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """``softmax(logits.double())[ids]`` without a float64 copy of the logits: the normaliser is summed
+    over vocabulary chunks. The released generators rank text confidence in float64, where float32
+    probabilities of neighbouring positions often tie and a top-k would break the tie differently."""
+    top = logits.amax(-1, keepdim=True).double()
+    total = sum(torch.exp(part.double() - top).sum(-1) for part in logits.split(chunk, -1))
+    return torch.exp(logits.gather(-1, ids[..., None]).double() - top).squeeze(-1) / total
+
+
 def top_k_mask(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k best-scoring candidates in each row (every row has at least k)."""
     chosen = torch.zeros_like(candidates)
@@ -50,25 +60,85 @@ def top_k_mask(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.T
 
 class ParallelSampler:
     def __init__(self, model: torch.nn.Module, fmt: ParallelFormat, cfg: SamplerConfig) -> None:
-        self.model, self.fmt, self.cfg = model, fmt, cfg
-        self.plan: RevealPlan = reveal_plan(cfg, fmt.image_tokens)
+        self.model, self.fmt, self.cfg = model, fmt, resolve_sampler(cfg)
+        self.plan: RevealPlan = reveal_plan(self.cfg, fmt.image_tokens)
+        self.guidance = make_guidance(self.cfg)
+        self.confidence_noise = noise.CONFIDENCE_NOISE[self.cfg.confidence_noise]
 
     @property
     def uses_cfg(self) -> bool:
-        return self.cfg.cfg_image > 0 or self.cfg.cfg_text > 0
+        return bool(self.guidance.with_cond or self.guidance.after_text)
 
     def guide(self, logits: torch.Tensor, rows: int, text: slice, image: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Span logits after CFG ``(1 + w) cond - w uncond`` (uncond rows follow the ``rows`` cond rows),
-        restricted to what each span may draw: text ids for text, codebook entries for the image."""
-        cond = logits[:rows]
-        text_l, image_l = cond[:, text], cond[:, image]
-        if self.cfg.cfg_text > 0:
-            w = self.cfg.cfg_text
-            text_l = (1 + w) * text_l - w * logits[rows:, text]
-        if self.cfg.cfg_image > 0:
-            w = self.cfg.cfg_image
-            image_l = (1 + w) * image_l - w * logits[rows:, image]
-        return self.fmt.restrict_text_logits(text_l), self.fmt.restrict_image_logits(image_l)
+        """Span logits after the guidance of one step's forward (uncond rows follow the ``rows`` cond
+        rows), restricted to what each span may draw: text ids for text, codebook entries for the image."""
+        cond, unc = logits[:rows], logits[rows:] if self.guidance.with_cond else None
+        text_l = self.guidance.text(cond[:, text], None if unc is None else unc[:, text])
+        image_l = self.guidance.image(self.fmt.restrict_image_logits(cond[:, image]),
+                                      [] if unc is None else [self.fmt.restrict_image_logits(unc[:, image])])
+        return self.fmt.restrict_text_logits(text_l), image_l
+
+    def text_step(self, text_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
+        """x̂0 of the text span and the positions step ``s`` reveals (most confident masked, in the window)."""
+        cfg, fmt, plan = self.cfg, self.fmt, self.plan
+        masked = cur == fmt.mask_id
+        allowed = fmt.restrict_text_logits(text_l)
+        u = noise.uniform(seeds, noise.TEXT_SAMPLE, s, cur.shape[1])
+        draw, _ = sample_categorical(allowed, u, cfg.text_temperature)
+        # Confidence: the untempered probability of the draw; with the releases' "all" vocabulary, over
+        # every id the head scores (the mask included), as they compute it.
+        conf = softmax_at(text_l if fmt.text_vocab == "all" else allowed, draw)
+        position = torch.arange(cur.shape[1], device=cur.device)
+        lo, hi = plan.text_window[s]
+        window = (position >= lo) & (position < hi)
+        reveal = top_k_mask(conf, masked & window, plan.text_reveal[s])
+        return torch.where(masked, draw, cur), reveal
+
+    def image_logits(self, logits: torch.Tensor, x: torch.Tensor, extra: list[torch.Tensor],
+                     attn: torch.Tensor | None, image: slice, out: slice) -> torch.Tensor:
+        """Guided codebook logits of the image span. Rows that the guidance forwards after the text
+        reveal get the current output (this step's text included) and go through one more forward."""
+        rows, g, fmt = x.shape[0], self.guidance, self.fmt
+        unc = [fmt.restrict_image_logits(logits[rows:, image])] if g.with_cond else []
+        if g.after_text:
+            for buf in extra:
+                buf[:, out] = x[:, out]
+            more = self.model(torch.cat(extra), attention_mask=None if attn is None else attn.repeat(len(extra), 1)).logits
+            unc = [fmt.restrict_image_logits(c[:, image]) for c in more.split(rows)]
+        return g.image(fmt.restrict_image_logits(logits[:rows, image]), unc)
+
+    def image_step(self, image_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
+        """x̂0 of the image span, and at an image update the positions it reveals (MaskGIT)."""
+        cfg, fmt, plan = self.cfg, self.fmt, self.plan
+        masked = cur == fmt.mask_id
+        u = noise.uniform(seeds, noise.IMAGE_SAMPLE, s, cur.shape[1])
+        draw_c, probs = sample_categorical(image_l, u, cfg.image_temperature)
+        draw = fmt.image_ids(draw_c)
+        reveal = None
+        if plan.image_update[s]:
+            p = prob_of(probs, draw_c)
+            # The -A generator jitters log(p + 1e-10) with Gaussian noise; MaskGIT (-M) log(max(p, 1e-20)) with Gumbel.
+            logp = (p + 1e-10).log() if cfg.confidence_noise == "gaussian" else p.clamp_min(1e-20).log()
+            scale = cfg.image_noise * (1.0 - plan.image_ratio[s])
+            conf = logp + scale * self.confidence_noise(seeds, noise.IMAGE_CONFIDENCE, s, cur.shape[1])
+            reveal = masked & ~self.keep_masked(conf, masked, plan.image_target[s])
+        return torch.where(masked, draw, cur), draw, reveal
+
+    def keep_masked(self, conf: torch.Tensor, masked: torch.Tensor, target: int) -> torch.Tensor:
+        """The positions an image update leaves masked, per row as the released generators choose them:
+        ``clamp(target, 1, still_masked - 1)`` of the least confident (all revealed when ``target`` is -1).
+
+        ``rank`` keeps exactly that many (ties by position, a stable sort); ``reveal`` is MaskGIT's cut
+        (-M): below the k-th smallest confidence stays masked, so every position tied with it is revealed.
+        """
+        if target < 0:
+            return torch.zeros_like(masked)
+        keep = (masked.sum(-1, keepdim=True) - 1).clamp(max=target).clamp(min=1)
+        conf = conf.masked_fill(~masked, float("inf"))  # revealed and structural positions never stay masked
+        if self.cfg.image_ties == "reveal":
+            return conf < conf.sort(-1).values.gather(1, keep)
+        rank = conf.argsort(dim=-1, stable=True).argsort(dim=-1)
+        return rank < keep
 
     @torch.inference_mode()
     def sample(
@@ -78,27 +148,25 @@ class ParallelSampler:
         snapshot_steps: Sequence[int] = (),
         progress: bool = False,
     ) -> Trajectories:
-        cfg, fmt, plan = self.cfg, self.fmt, self.plan
+        cfg, fmt, plan, g = self.cfg, self.fmt, self.plan, self.guidance
         snaps = sorted(set(int(s) for s in snapshot_steps))
         if snaps and not (0 <= snaps[0] and snaps[-1] < cfg.steps):
             raise ValueError(f"snapshot steps {snaps} must lie in [0, {cfg.steps})")
         if group_size < 1:
             raise ValueError("group_size must be >= 1")
         device = next(self.model.parameters()).device
-        batch = build_batch(fmt, requests, cfg.text_len, cfg.cfg_drop_input_image)
+        batch = build_batch(fmt, requests, cfg.text_len, cfg.cfg_drop_input_image, released_rows=bool(g.after_text))
         lay = batch.layout
         rows = len(requests) * group_size
+        rep = lambda t: t.repeat_interleave(group_size, 0).to(device)  # noqa: E731
 
-        # State lives in the model's input buffer: rows [0, R) conditional, [R, 2R) unconditional.
-        cond = batch.input_ids.repeat_interleave(group_size, 0)
-        attn = batch.attention_mask.repeat_interleave(group_size, 0)
-        if self.uses_cfg:
-            buf = torch.cat([cond, batch.uncond_ids.repeat_interleave(group_size, 0)]).to(device)
-            model_attn = torch.cat([attn, attn]).to(device)
-        else:
-            buf, model_attn = cond.to(device), attn.to(device)
-        if bool(model_attn.all()):
-            model_attn = None  # no padding: let SDPA take its unmasked fast path
+        # State lives in the model's input buffer: rows [0, R) conditional, then any unconditional rows
+        # that ride in the same forward; rows the guidance forwards after the text reveal have their own.
+        cond, attn = rep(batch.input_ids), rep(batch.attention_mask)
+        buf = torch.cat([cond, rep(batch.uncond_ids)]) if g.with_cond else cond
+        extra = [rep((batch.uncond_ids, batch.uncond_image_ids)[i]) for i in g.after_text]
+        attn_1 = None if bool(attn.all()) else attn  # no padding: let SDPA take its unmasked fast path
+        model_attn = None if attn_1 is None else attn.repeat(1 + g.with_cond, 1)
         x = buf[:rows]
         out, text, image = lay.output, lay.text, lay.image
         rtext, rimage = lay.relative(text), lay.relative(image)
@@ -111,45 +179,22 @@ class ParallelSampler:
         n_out = lay.length - lay.output_start
         snap_tokens = torch.empty((rows, len(snaps), n_out), dtype=torch.long, device=device)
         snap_x0 = torch.empty_like(snap_tokens)
-        position = torch.arange(lay.text_len, device=device)
 
         for s in tqdm(range(cfg.steps), desc="sampling", disable=not progress, leave=False):
             snap = s in snaps
             logits = self.model(buf, attention_mask=model_attn).logits
-            text_l, image_l = self.guide(logits, rows, text, image)
-
-            # Text: draw x̂0 for masked positions, reveal the most confident inside the active block.
-            cur_t = x[:, text]
-            masked_t = cur_t == fmt.mask_id
-            u = noise.uniform(seeds, noise.TEXT_SAMPLE, s, lay.text_len)
-            draw_t, probs_t = sample_categorical(text_l, u, cfg.text_temperature)
-            if cfg.text_temperature not in (0.0, 1.0):  # confidence is always the untempered probability
-                probs_t = torch.softmax(text_l.float(), -1)
-            conf_t = prob_of(probs_t, draw_t)
-            lo, hi = plan.text_window[s]
-            window = (position >= lo) & (position < hi)
-            reveal_t = top_k_mask(conf_t, masked_t & window, plan.text_reveal[s])
-            x0_t = torch.where(masked_t, draw_t, cur_t)
-
-            # Image: MaskGIT step at image updates (and x̂0 for snapshots).
-            cur_i = x[:, image]
-            masked_i = cur_i == fmt.mask_id
-            if plan.image_update[s] or snap:
-                u = noise.uniform(seeds, noise.IMAGE_SAMPLE, s, lay.image_len)
-                draw_c, probs_i = sample_categorical(image_l, u, cfg.image_temperature)
-                draw_i = fmt.image_ids(draw_c)
-                x0_i = torch.where(masked_i, draw_i, cur_i)
-            if plan.image_update[s]:
-                logp = prob_of(probs_i, draw_c).clamp_min(1e-30).log()
-                scale = cfg.image_noise * (1.0 - plan.image_ratio[s])
-                conf_i = logp + scale * noise.gumbel(seeds, noise.IMAGE_CONFIDENCE, s, lay.image_len)
-                reveal_i = top_k_mask(conf_i, masked_i, plan.image_reveal[s])
-                x[:, image] = torch.where(reveal_i, draw_i, cur_i)
-                step_map[:, image].masked_fill_(reveal_i, s)
-
-            x[:, text] = torch.where(reveal_t, draw_t, cur_t)
+            cond_l, unc_l = logits[:rows], logits[rows:] if g.with_cond else None
+            text_l = g.text(cond_l[:, text], None if unc_l is None else unc_l[:, text])
+            x0_t, reveal_t = self.text_step(text_l, x[:, text], seeds, s)
+            x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it
             step_map[:, text].masked_fill_(reveal_t, s)
-            if self.uses_cfg:
+            if plan.image_update[s] or snap:
+                image_l = self.image_logits(logits, x, extra, attn_1, image, out)
+                x0_i, draw_i, reveal_i = self.image_step(image_l, x[:, image], seeds, s)
+                if reveal_i is not None:
+                    x[:, image] = torch.where(reveal_i, draw_i, x[:, image])
+                    step_map[:, image].masked_fill_(reveal_i, s)
+            if g.with_cond:
                 buf[rows:, out] = x[:, out]
             if snap:
                 i = snaps.index(s)
@@ -157,12 +202,13 @@ class ParallelSampler:
                 snap_x0[:, i] = x[:, out]
                 snap_x0[:, i, rtext] = x0_t
                 snap_x0[:, i, rimage] = x0_i
+        self.fill_leftover(x[:, image], step_map[:, image], seeds)
 
         if bool((x[:, out] == fmt.mask_id).any()):
             raise RuntimeError("sampler finished with masked output positions: the reveal plan is inconsistent")
         return Trajectories(
             tokens=x.clone(),
-            attention_mask=attn.to(device),
+            attention_mask=attn,
             step_map=step_map,
             prompt_index=torch.arange(len(requests), device=device).repeat_interleave(group_size),
             member=torch.arange(group_size, device=device).repeat(len(requests)),
@@ -173,3 +219,14 @@ class ParallelSampler:
             snapshot_tokens=snap_tokens,
             snapshot_x0=snap_x0,
         )
+
+    def fill_leftover(self, image: torch.Tensor, step_map: torch.Tensor, seeds: torch.Tensor) -> None:
+        """``image_leftover: random``, the released -A flaw: the last image update leaves one position
+        masked and it is filled with a uniformly random code, counted as revealed at the last step."""
+        if self.cfg.image_leftover != "random":
+            return
+        left = image == self.fmt.mask_id
+        u = noise.uniform(seeds, noise.IMAGE_LEFTOVER, 0, image.shape[1])
+        codes = (u * self.fmt.codebook_size).long().clamp_(max=self.fmt.codebook_size - 1)
+        image.copy_(torch.where(left, self.fmt.image_ids(codes), image))
+        step_map.masked_fill_(left, self.cfg.steps - 1)

@@ -13,14 +13,19 @@ def test_mmada_m_editing_layout_follows_the_released_format():
     fmt = mmada_m_format()
     codes = torch.arange(1024) % 8192
     p = fmt.encode_prompt([500, 501, 502], codes)
-    assert p.ids[:2] == [126095, 126084] and p.ids[1026] == 126085 and p.ids[-3:] == [500, 501, 502]
+    # the released -M editing sequence: the instruction between BOS and EOS
+    assert p.ids[:2] == [126095, 126084] and p.ids[1026] == 126085 and p.ids[-5:] == [126080, 500, 501, 502, 126081]
     assert p.ids[2] == 126464 and p.ids[1025] == 126464 + 1023  # image id = text vocab + code
+    # its unconditional row: structure kept, the image span id 0, the instruction BOS EOS EOS ...
+    uncond = fmt.unconditional(p, drop_image=True)
+    assert uncond[:2] == [126095, 126084] and uncond[2:1026] == [0] * 1024 and uncond[1026] == 126085
+    assert uncond[-5:] == [126080] + [126081] * 4
     out, img_off, txt_off = fmt.output_ids(256)
     assert out[0] == 126084 and out[img_off : img_off + 1024] == [126336] * 1024
     assert out[1025:1027] == [126085, 126080] and out[txt_off:] == [126336] * 256
     assert fmt.vocab_size == 134656
-    gen = fmt.encode_prompt([500])
-    assert gen.ids == [126096, 500]
+    gen = fmt.encode_prompt([126080, 500])  # a prompt that already starts with BOS keeps one
+    assert gen.ids == [126088, 126084] + [0] * 1024 + [126085, 126080, 500, 126081]
     assert torch.equal(fmt.image_codes(torch.tensor([126464 + 7, 126336])), torch.tensor([7, -1]))
 
 

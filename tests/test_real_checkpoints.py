@@ -100,7 +100,7 @@ def test_m_checkpoint_loads_samples_and_decodes(m_folder):
     fmt = bundle.fmt
     assert isinstance(fmt, ParallelFormat) and fmt.name == "mmada-parallel-m"
     assert fmt.image_offset == 126464 and fmt.image_tokens == 16 and fmt.codebook_size == 8192
-    assert (fmt.soi_id, fmt.eoi_id, fmt.edit_id, fmt.generate_id) == (126084, 126085, 126095, 126096)
+    assert (fmt.soi_id, fmt.eoi_id, fmt.edit_id, fmt.generate_id) == (126084, 126085, 126095, 126088)
     assert isinstance(bundle.image_tokenizer, Magvit2Tokenizer) and bundle.image_tokenizer.grid == (4, 4)
     traj = sample(bundle)
     lay = traj.layout

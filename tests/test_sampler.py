@@ -71,9 +71,11 @@ def test_image_masked_ratio_follows_the_cosine_schedule(policy, steps, image_ste
     t_img = image_steps or steps
     updates = torch.linspace(start, steps - 1, t_img).round().long().tolist()
     assert sorted(set(sm.flatten().tolist())) <= updates
+    left = IMAGE_TOKENS
     for j, s in enumerate(updates):
-        ratio = math.cos(math.pi / 2 * (j + 1) / t_img)
-        expected = 0 if j == t_img - 1 else math.floor(IMAGE_TOKENS * ratio)
+        # the released rule: the ratio of the GLOBAL step, each update reveals >= 1 and leaves >= 1 ...
+        left = max(1, min(left - 1, math.floor(IMAGE_TOKENS * math.cos(math.pi / 2 * (s + 1) / steps))))
+        expected = 0 if j == t_img - 1 else left  # ... except the last, which reveals all
         assert ((sm > s).sum(-1) == expected).all(), (j, s)
 
 

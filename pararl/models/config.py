@@ -115,6 +115,12 @@ class LLaDAConfig(PretrainedConfig):
                 problems.append(f"{field}={getattr(self, field)!r} is not supported (only {supported!r})")
         if not self.rope or self.alibi:
             problems.append("only RoPE position encoding is supported (rope=true, alibi=false)")
+        # Reference fields that change the forward and that this implementation does not compute
+        # (scale_logits and input_emb_norm it does): refused by name rather than ignored.
+        for field, inert in (("clip_qkv", None), ("attention_layer_norm", False), ("multi_query_attention", None)):
+            value = getattr(self, field, inert)
+            if value not in (inert, False, None):
+                problems.append(f"{field}={value!r} is not supported")
         if problems:
             raise ValueError("unsupported LLaDA config: " + "; ".join(problems))
 

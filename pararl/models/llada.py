@@ -5,6 +5,8 @@ the state dict of a released checkpoint loads without any key renaming, and what
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,20 +103,25 @@ class LLaDAModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
     ) -> torch.Tensor:
-        t = self.transformer
+        t, cfg = self.transformer, self.config
         x = t.wte(input_ids)
+        if getattr(cfg, "input_emb_norm", False):  # the reference scales embeddings by sqrt(d_model)
+            x = x * (cfg.d_model**0.5)
         if position_ids is None:
             if attention_mask is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             else:
                 # Left padding must not shift a prompt's positions: count only real tokens.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cos, sin = rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for block in t.blocks:
             x = block(x, cos, sin, mask)
         x = t.ln_f(x)
-        return F.linear(x, t.wte.weight) if self.config.weight_tying else t.ff_out(x)
+        logits = F.linear(x, t.wte.weight) if cfg.weight_tying else t.ff_out(x)
+        if getattr(cfg, "scale_logits", False):  # and divides the logits by it
+            logits = logits * (1 / math.sqrt(cfg.d_model))
+        return logits
 
 
 class LLaDAModelLM(PreTrainedModel):

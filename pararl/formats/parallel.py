@@ -1,0 +1,151 @@
+"""MMaDA-Parallel -M's sequences (MMaDA based) and the generated world's, which share the layout."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from pararl.formats.base import FormatBase, PromptTokens
+
+
+@dataclass(frozen=True)
+class ParallelFormat(FormatBase):
+    """Layout of MMaDA-Parallel style sequences: ``[task, (soi img eoi), prompt, soi IMG eoi bos TEXT]``.
+
+    Output image first, reasoning text second (MMaDA-Parallel -M). Text ids are ``< text_vocab_size``;
+    image code ``c`` is token ``image_offset + c``.
+
+    ``released_layout`` builds the sequences of the released -M generator (docs/released-models.md):
+    the instruction between BOS and EOS, an image span of id 0 where a generation prompt has no input
+    image, and an unconditional row that keeps the structure tokens, zeroes the image and says
+    ``BOS EOS EOS ...`` for the instruction. Without it (the generated world) the prompt is bare and
+    the unconditional row blanks it with ``uncond_id``.
+    """
+
+    name: str
+    mask_id: int
+    pad_id: int
+    uncond_id: int
+    bos_id: int
+    soi_id: int
+    eoi_id: int
+    generate_id: int
+    edit_id: int
+    text_vocab_size: int
+    image_offset: int
+    codebook_size: int
+    image_tokens: int
+    # Ids that are text but never a sampled text token (structure, padding, the mask itself).
+    special_ids: tuple[int, ...] = field(default=())
+    text_vocab: str = "text"
+    released_layout: bool = False
+    eos_id: int = -1  # the instruction's closing token under released_layout
+
+    def __post_init__(self) -> None:
+        self.check_text_vocab()
+        if self.released_layout and self.eos_id < 0:
+            raise ValueError(f"format {self.name!r}: released_layout needs eos_id")
+        specials = {self.mask_id, self.pad_id, self.uncond_id, self.bos_id, self.soi_id, self.eoi_id,
+                    self.generate_id, self.edit_id, *self.special_ids}
+        if self.eos_id >= 0:
+            specials.add(self.eos_id)
+        object.__setattr__(self, "special_ids", tuple(sorted(i for i in specials if i < self.text_vocab_size)))
+
+    def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None) -> PromptTokens:
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("empty prompt: a generation or editing request needs instruction text")
+        if self.released_layout:
+            prompt_ids = ([] if prompt_ids[0] == self.bos_id else [self.bos_id]) + prompt_ids + [self.eos_id]
+        if input_codes is None:
+            head = [self.generate_id]
+            image = [self.soi_id] + [0] * self.image_tokens + [self.eoi_id] if self.released_layout else []
+        else:
+            codes = torch.as_tensor(input_codes).flatten()
+            if codes.numel() != self.image_tokens:
+                raise ValueError(
+                    f"input image has {codes.numel()} tokens; format {self.name!r} needs {self.image_tokens}"
+                )
+            if codes.min() < 0 or codes.max() >= self.codebook_size:
+                raise ValueError(f"input image codes must lie in [0, {self.codebook_size})")
+            image = [self.soi_id, *self.image_ids(codes).tolist(), self.eoi_id]
+            head = [self.edit_id]
+        ids = head + image + prompt_ids
+        text_mask = [False] * (len(head) + len(image)) + [True] * len(prompt_ids)
+        image_mask = [False] * len(head) + [True] * len(image) + [False] * len(prompt_ids)
+        return PromptTokens(ids, text_mask, image_mask)
+
+    def unconditional(self, prompt: PromptTokens, drop_image: bool = False) -> list[int]:
+        if not self.released_layout:
+            return super().unconditional(prompt, drop_image)
+        ids, first_text = list(prompt.ids), prompt.text_mask.index(True)
+        for i, (t, m) in enumerate(zip(prompt.text_mask, prompt.image_mask)):
+            if t:
+                ids[i] = self.bos_id if i == first_text else self.eos_id
+            elif m and drop_image and ids[i] not in (self.soi_id, self.eoi_id):
+                ids[i] = 0
+        return ids
+
+    def output_ids(self, text_len: int) -> tuple[list[int], int, int]:
+        """The masked output and the offsets of its image and text spans inside it."""
+        ids = [self.soi_id] + [self.mask_id] * self.image_tokens + [self.eoi_id, self.bos_id] + [self.mask_id] * text_len
+        return ids, 1, self.image_tokens + 3
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "ParallelFormat":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown token-format fields: {', '.join(unknown)}")
+        return cls(**{**fields, "special_ids": tuple(fields.get("special_ids", ()))})
+
+
+def mmada_m_format(text_vocab_size: int = 126464, codebook_size: int = 8192, image_tokens: int = 1024,
+                   text_vocab: str = "text") -> ParallelFormat:
+    """MMaDA-Parallel -M: LLaDA's text vocabulary, then the MAGVIT-v2 codebook (ids from the facts file),
+    with the released generator's sequences."""
+    return ParallelFormat(
+        name="mmada-parallel-m",
+        mask_id=126336,
+        pad_id=126081,
+        uncond_id=126081,
+        bos_id=126080,
+        soi_id=126084,
+        eoi_id=126085,
+        generate_id=126088,  # <|t2i|>: what the released generation call passes (docs/released-models.md)
+        edit_id=126095,
+        text_vocab_size=text_vocab_size,
+        image_offset=text_vocab_size,
+        codebook_size=codebook_size,
+        image_tokens=image_tokens,
+        special_ids=(126089, 126096),
+        text_vocab=text_vocab,
+        released_layout=True,
+        eos_id=126081,
+    )
+
+
+WORLD_SPECIAL_TOKENS = ("<pad>", "<mask>", "<uncond>", "<bos>", "<soi>", "<eoi>", "<gen>", "<edit>")
+
+
+def world_format(text_vocab_size: int, codebook_size: int, image_tokens: int) -> ParallelFormat:
+    """The generated world's format: its tokenizer puts the special tokens first, in WORLD_SPECIAL_TOKENS order."""
+    ids = {tok: i for i, tok in enumerate(WORLD_SPECIAL_TOKENS)}
+    return ParallelFormat(
+        name="world",
+        mask_id=ids["<mask>"],
+        pad_id=ids["<pad>"],
+        uncond_id=ids["<uncond>"],
+        bos_id=ids["<bos>"],
+        soi_id=ids["<soi>"],
+        eoi_id=ids["<eoi>"],
+        generate_id=ids["<gen>"],
+        edit_id=ids["<edit>"],
+        text_vocab_size=text_vocab_size,
+        image_offset=text_vocab_size,
+        codebook_size=codebook_size,
+        image_tokens=image_tokens,
+    )
+

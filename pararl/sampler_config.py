@@ -1,0 +1,85 @@
+"""The sampler's config, and the released generators' behaviour as named presets.
+
+A preset fills the behaviour fields a config leaves unset (None); a field set by hand wins, so a
+user can take a released generator and change one thing. Everything here is checked when the run
+config loads, before any actor starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pararl.errors import ConfigError
+
+
+@dataclass
+class SamplerConfig:
+    """The dual schedulers: linear text reveal by confidence, cosine MaskGIT image reveal.
+
+    ``preset`` names a released generator (``mmada-parallel-a``, ``mmada-parallel-m``): it supplies
+    the behaviour fields left unset (None) here; docs/released-models.md lists what each one does.
+    """
+
+    steps: int = 32  # denoising steps; one forward of the whole batch each
+    text_len: int = 32  # output text positions
+    block_length: Optional[int] = None  # semi-autoregressive text blocks (None: one block)
+    image_steps: Optional[int] = None  # image updates (None: one per step)
+    image_start: int = 0  # first step at which the image is updated
+    text_temperature: float = 1.0  # 0 is greedy
+    image_temperature: float = 1.0  # of the image draw (0: argmax)
+    image_noise: float = 1.0  # scale of the annealed noise on image confidence
+    cfg_image: float = 0.0  # image guidance weight (-A: cfg_img, the input-image term)
+    cfg_text: float = 0.0  # text guidance weight
+    cfg_prompt: float = 0.0  # -A only: cfg_scale, the weight of its prompt term on the image
+    cfg_drop_input_image: bool = False  # unconditional rows also blank the input image (editing)
+    preset: Optional[str] = None  # a released generator's behaviour (None: pararl's)
+    guidance: Optional[str] = None  # pararl | mmada-parallel-m | mmada-parallel-a
+    text_schedule: Optional[str] = None  # linear | even
+    confidence_noise: Optional[str] = None  # gumbel | gaussian
+    image_leftover: Optional[str] = None  # reveal (all revealed at the last update) | random (the release's -A flaw)
+    image_ties: Optional[str] = None  # rank (the planned count, ties by position) | reveal (-M: all tied at the cut)
+
+
+PARARL = dict(guidance="pararl", text_schedule="linear", confidence_noise="gumbel", image_leftover="reveal",
+              image_ties="rank")
+PRESETS: dict[str, dict[str, str]] = {
+    # generate_ti2ti of MMaDA-Parallel-A: two unconditional rows for the image, unguided text,
+    # Gaussian confidence noise, the text schedule in floating point.
+    "mmada-parallel-a": dict(guidance="mmada-parallel-a", text_schedule="linear", confidence_noise="gaussian",
+                             image_leftover="reveal", image_ties="rank"),
+    # interleave_generate of MMaDA-Parallel-M: one unconditional row, its text formula, LLaDA's even
+    # text split, Gumbel confidence noise and MaskGIT's cut (every position tied with it is revealed).
+    "mmada-parallel-m": dict(guidance="mmada-parallel-m", text_schedule="even", confidence_noise="gumbel",
+                             image_leftover="reveal", image_ties="reveal"),
+}
+CHOICES = {
+    "guidance": ("pararl", "mmada-parallel-m", "mmada-parallel-a"),
+    "text_schedule": ("linear", "even"),
+    "confidence_noise": ("gumbel", "gaussian"),
+    "image_leftover": ("reveal", "random"),
+    "image_ties": ("rank", "reveal"),
+}
+
+
+def resolve_sampler(cfg: Any) -> SamplerConfig:
+    """A SamplerConfig with every behaviour field filled in from its preset (or pararl's defaults)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplerConfig)}
+    preset = fields["preset"]
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"sampler.preset {preset!r} is not a released generator; known: {', '.join(PRESETS)}")
+    for key, value in (PRESETS[preset] if preset else PARARL).items():
+        if fields[key] is None:
+            fields[key] = value
+        elif fields[key] not in CHOICES[key]:
+            raise ConfigError(f"sampler.{key} {fields[key]!r} is not one of {', '.join(CHOICES[key])}")
+    if fields["guidance"] == "mmada-parallel-a" and fields["cfg_text"] > 0:
+        raise ConfigError("sampler.cfg_text must be 0 with guidance mmada-parallel-a: the -A generator never "
+                          "guides the text (its cfg_scale is sampler.cfg_prompt, a term on the image)")
+    if fields["guidance"] == "mmada-parallel-a" and fields["cfg_drop_input_image"]:
+        raise ConfigError("sampler.cfg_drop_input_image has no effect with guidance mmada-parallel-a: its two "
+                          "unconditional rows are the released ones (one keeps the input image, one drops it)")
+    if fields["guidance"] != "mmada-parallel-a" and fields["cfg_prompt"] > 0:
+        raise ConfigError(f"sampler.cfg_prompt is the -A generator's cfg_scale; guidance {fields['guidance']!r} "
+                          "has no such term (use cfg_image / cfg_text)")
+    return SamplerConfig(**fields)
