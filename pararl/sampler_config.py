@@ -38,27 +38,29 @@ class SamplerConfig:
     text_schedule: Optional[str] = None  # linear | even
     confidence_noise: Optional[str] = None  # gumbel | gaussian
     image_leftover: Optional[str] = None  # reveal (all revealed at the last update) | random (the release's -A flaw)
-    image_ties: Optional[str] = None  # rank (the planned count, ties by position) | reveal (-M: all tied at the cut)
+    image_ties: Optional[str] = None  # topk (pararl) | rank (-A: a stable sort) | reveal (-M: all tied at the cut)
+    text_confidence: Optional[str] = None  # float32 (pararl) | float64 (the releases rank text confidence in float64)
 
 
 PARARL = dict(guidance="pararl", text_schedule="linear", confidence_noise="gumbel", image_leftover="reveal",
-              image_ties="rank")
+              image_ties="topk", text_confidence="float32")
 PRESETS: dict[str, dict[str, str]] = {
     # generate_ti2ti of MMaDA-Parallel-A: two unconditional rows for the image, unguided text,
     # Gaussian confidence noise, the text schedule in floating point.
     "mmada-parallel-a": dict(guidance="mmada-parallel-a", text_schedule="linear", confidence_noise="gaussian",
-                             image_leftover="reveal", image_ties="rank"),
+                             image_leftover="reveal", image_ties="rank", text_confidence="float64"),
     # interleave_generate of MMaDA-Parallel-M: one unconditional row, its text formula, LLaDA's even
     # text split, Gumbel confidence noise and MaskGIT's cut (every position tied with it is revealed).
     "mmada-parallel-m": dict(guidance="mmada-parallel-m", text_schedule="even", confidence_noise="gumbel",
-                             image_leftover="reveal", image_ties="reveal"),
+                             image_leftover="reveal", image_ties="reveal", text_confidence="float64"),
 }
 CHOICES = {
     "guidance": ("pararl", "mmada-parallel-m", "mmada-parallel-a"),
     "text_schedule": ("linear", "even"),
     "confidence_noise": ("gumbel", "gaussian"),
     "image_leftover": ("reveal", "random"),
-    "image_ties": ("rank", "reveal"),
+    "image_ties": ("topk", "rank", "reveal"),
+    "text_confidence": ("float32", "float64"),
 }
 
 

@@ -84,10 +84,16 @@ class ParallelSampler:
         masked = cur == fmt.mask_id
         allowed = fmt.restrict_text_logits(text_l)
         u = noise.uniform(seeds, noise.TEXT_SAMPLE, s, cur.shape[1])
-        draw, _ = sample_categorical(allowed, u, cfg.text_temperature)
+        draw, probs = sample_categorical(allowed, u, cfg.text_temperature)
         # Confidence: the untempered probability of the draw; with the releases' "all" vocabulary, over
         # every id the head scores (the mask included), as they compute it.
-        conf = softmax_at(text_l if fmt.text_vocab == "all" else allowed, draw)
+        base = text_l if fmt.text_vocab == "all" else allowed
+        if cfg.text_confidence == "float64":
+            conf = softmax_at(base, draw)
+        else:
+            if base is not allowed or cfg.text_temperature not in (0.0, 1.0):
+                probs = torch.softmax(base.float(), -1)
+            conf = prob_of(probs, draw)
         position = torch.arange(cur.shape[1], device=cur.device)
         lo, hi = plan.text_window[s]
         window = (position >= lo) & (position < hi)
@@ -121,7 +127,10 @@ class ParallelSampler:
             logp = (p + 1e-10).log() if cfg.confidence_noise == "gaussian" else p.clamp_min(1e-20).log()
             scale = cfg.image_noise * (1.0 - plan.image_ratio[s])
             conf = logp + scale * self.confidence_noise(seeds, noise.IMAGE_CONFIDENCE, s, cur.shape[1])
-            reveal = masked & ~self.keep_masked(conf, masked, plan.image_target[s])
+            if cfg.image_ties == "topk":  # pararl: the planned count, ties as top-k breaks them
+                reveal = top_k_mask(conf, masked, plan.image_reveal[s])
+            else:
+                reveal = masked & ~self.keep_masked(conf, masked, plan.image_target[s])
         return torch.where(masked, draw, cur), draw, reveal
 
     def keep_masked(self, conf: torch.Tensor, masked: torch.Tensor, target: int) -> torch.Tensor:
