@@ -29,6 +29,7 @@ from learner.logprobs import TracePlan
 from pararl.bundle import load_codecs
 from pararl.config import RunConfig, require
 from pararl.data import CodeCache, PromptSource, read_records
+from pararl.errors import RunError
 from pararl.snapshots import snapshot_grid
 from reward.client import RewardClient
 from reward.semantic import run_steps
@@ -51,6 +52,7 @@ class Driver:
         records = read_records(require(cfg.data.train, "data.train"))
         self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer), cfg.seed)
         self.stop_requested = False
+        self.idle_steps = 0  # steps in a row that trained no trajectory
         if cfg.train.resume and latest_checkpoint(cfg.learner.checkpoint.folder) is None:
             raise FileNotFoundError(f"train.resume=true but {cfg.learner.checkpoint.folder} holds no complete checkpoint")
 
@@ -109,6 +111,8 @@ class Driver:
     def _train_batch(self, traj, old, plan, rewards) -> tuple[TrainBatch | None, dict[str, float]]:
         lc = self.cfg.learner
         kept = rewards.kept.nonzero().flatten()  # trajectories with a finite reward (the rest were dropped)
+        if len(kept) == 0:
+            return None, {"train/trajectories": 0.0, "train/padding": 0.0}
         adv = compute_advantages(rewards.rewards[kept], traj.prompt_index[kept], lc.advantage, lc.advantage_eps,
                                  lc.drop_constant_groups)
         values = torch.zeros(len(traj))
@@ -117,16 +121,26 @@ class Driver:
         keep[kept] = adv.keep
         unit = lc.micro_batch_size * lc.grad_accumulation * self.cfg.cluster.learner_ranks
         rows = keep.nonzero().flatten()
-        usable = (len(rows) // unit) * unit
         metrics = {"advantage/mean": float(values[keep].mean()) if keep.any() else 0.0,
                    "advantage/abs_mean": float(values[keep].abs().mean()) if keep.any() else 0.0,
                    "advantage/zero_variance_groups": adv.constant_groups / max(1, adv.groups),
-                   "train/trajectories": float(usable), "train/trimmed": float(len(rows) - usable)}
-        if usable == 0:
+                   "train/trajectories": float(len(rows)), "train/padding": float(-len(rows) % unit)}
+        if len(rows) == 0:
             return None, metrics
-        rows = rows[:usable]
-        batch = TrainBatch.from_trajectories(traj, values, plan, old).select(rows)
+        # Every usable trajectory trains: the batch is filled up to whole optimizer steps with weight-0 copies.
+        batch = TrainBatch.from_trajectories(traj, values, plan, old).select(rows).padded(unit)
         return batch, metrics
+
+    def _nothing_trained(self, step: int, traj, rewards, metrics: dict[str, float]) -> None:
+        """A step without a trained trajectory is said at once; ``train.max_idle_steps`` of them in a row
+        stop the run with the cause, since a run that updates nothing must not "finish"."""
+        self.idle_steps += 1
+        why = nothing_trained_reason(len(traj), rewards, metrics)
+        tqdm.write(f"step {step}: no trajectory trained ({why})")
+        limit = self.cfg.train.max_idle_steps
+        if limit and self.idle_steps >= limit:
+            raise RunError(f"{self.idle_steps} steps in a row trained no trajectory (train.max_idle_steps={limit}): "
+                           f"{why}; the last checkpoint is intact")
 
     def _checkpoint(self) -> str:
         self.state.data_position = self.prompts.position
@@ -154,6 +168,11 @@ class Driver:
                 rewards = self.reward.score(traj)
                 t_reward = time.perf_counter() - t
                 batch, metrics = self._train_batch(traj, old, plan, rewards)
+                if batch is None:
+                    self._nothing_trained(step, traj, rewards, metrics)
+                else:
+                    self.idle_steps = 0
+                metrics["train/idle_steps"] = float(self.idle_steps)
                 t = time.perf_counter()
                 train_ref = None
                 if batch is not None:
@@ -199,6 +218,12 @@ class Driver:
             self._checkpoint()
             self.tracker.finish("FINISHED" if not self.stop_requested else "KILLED")
             return self.state
+        except KeyboardInterrupt:
+            self.tracker.fail("interrupted", "KILLED")
+            raise
+        except Exception as err:
+            self.tracker.fail(f"{type(err).__name__}: {err}")
+            raise
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -217,3 +242,19 @@ class Driver:
                 part()
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
+
+
+def nothing_trained_reason(n: int, rewards, metrics: dict[str, float]) -> str:
+    """Why no trajectory of a step trained, in the user's terms: which reward model failed how often,
+    or that every group left had one reward for all its members."""
+    parts = []
+    if rewards.dropped:
+        causes: dict[str, int] = {}
+        for p in rewards.problems:  # "trajectory K: reward model 'x' returned a non-finite score at step(s) [...]"
+            cause = p.split(": ", 1)[-1].split(" at step")[0]
+            causes[cause] = causes.get(cause, 0) + 1
+        parts += [f"{cause} for {count} of {n} trajectories" for cause, count in causes.items()]
+    if metrics.get("advantage/zero_variance_groups", 0.0) > 0:
+        parts.append(f"{metrics['advantage/zero_variance_groups']:.0%} of the groups left had one reward for all "
+                     "their members (learner.drop_constant_groups)")
+    return "; ".join(parts) or "no trajectory had a usable advantage"

@@ -94,3 +94,8 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("set_terminated", status=status)
+
+    def fail(self, reason: str, status: str = "FAILED") -> None:
+        """The run ends on an error (or KILLED on an interrupt): the reason is kept as a tag."""
+        self._call("set_tag", "failure", reason[:5000])
+        self.finish(status)

@@ -15,7 +15,7 @@ from learner.logprobs import Plan, TokenLogProbs
 from pararl.formats import OutputLayout
 from pararl.types import Trajectories
 
-ROW_FIELDS = ("tokens", "attention_mask", "step_map", "seeds", "advantages")
+ROW_FIELDS = ("tokens", "attention_mask", "step_map", "seeds", "advantages", "row_weight")
 
 
 @dataclass
@@ -30,6 +30,13 @@ class TrainBatch:
     plan: Plan
     old: TokenLogProbs | None = None  # behaviour log-probs (pi_old); None: computed by the learner before updating
     policy_version: int = 0
+    # [R] 1 for a trajectory that trains, 0 for a copy that only pads the batch to whole optimizer steps
+    # (so no usable trajectory is cut): its tokens count in no loss and no denominator.
+    row_weight: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.row_weight is None:
+            self.row_weight = torch.ones(self.tokens.shape[0], dtype=torch.float32)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -57,6 +64,8 @@ class TrainBatch:
             raise ValueError(f"tokens have {self.tokens.shape[1]} columns, the layout {self.layout.length}")
         if not torch.isfinite(self.advantages).all():
             raise ValueError("non-finite advantages in the training batch")
+        if not bool(((self.row_weight == 0) | (self.row_weight == 1)).all()):
+            raise ValueError("row_weight must be 0 (padding) or 1 (a trajectory that trains)")
         if self.old is not None:
             n_out = self.layout.length - self.layout.output_start
             if self.old.logp.shape != (rows, n_out):
@@ -67,6 +76,17 @@ class TrainBatch:
         rows = {k: getattr(self, k)[index] for k in ROW_FIELDS}
         old = None if self.old is None else self.old.rows(index)
         return replace(self, old=old, **rows)
+
+    def padded(self, unit: int) -> "TrainBatch":
+        """The batch grown to a multiple of ``unit`` rows with weight-0 copies of its first rows: every
+        usable trajectory trains, whatever micro_batch_size x grad_accumulation x ranks is."""
+        extra = -len(self) % unit
+        if extra == 0:
+            return self
+        index = torch.cat([torch.arange(len(self)), torch.arange(extra) % len(self)])
+        out = self.select(index)
+        out.row_weight = torch.cat([self.row_weight, torch.zeros(extra, dtype=self.row_weight.dtype)])
+        return out
 
     def shard(self, rank: int, world: int) -> "TrainBatch":
         """Contiguous shard ``rank`` of ``world`` equal shards (equal, so every rank takes the same optimizer steps)."""

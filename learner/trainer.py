@@ -109,17 +109,20 @@ class Learner:
             ref = self.reference_logprobs(batch) if cfg.kl_reference == "reference" else old
         else:
             ref = None
-        # Denominators of each optimizer step j over all ranks: scored tokens and trajectories.
-        tokens = self._all_reduce(old.mask.sum(1).view(steps, per_step).sum(1).double().cpu())
+        # Denominators of each optimizer step j over all ranks: scored tokens and trajectories; padding
+        # rows (row_weight 0) count in neither.
+        real = batch.row_weight > 0
+        scored = old.mask & real[:, None]
+        tokens = self._all_reduce(scored.sum(1).view(steps, per_step).sum(1).double().cpu())
         if (tokens == 0).any():
             raise ValueError("an optimizer step has no scored token on any rank: the plan scores nothing in this batch")
-        sequences = float(per_step * self.world)
+        sequences = self._all_reduce(real.view(steps, per_step).sum(1).double().cpu())
 
         updates, total = [], None
         for _ in range(cfg.updates_per_batch):
             stats = None
             for j in range(steps):
-                norm = Normalizer(float(tokens[j]), sequences)
+                norm = Normalizer(float(tokens[j]), float(sequences[j]))
                 for i in range(gas):
                     rows = slice(j * per_step + i * mb, j * per_step + (i + 1) * mb)
                     sub = batch.select(rows)
@@ -129,8 +132,9 @@ class Learner:
                                          "they were computed with a different plan")
                     loss, st = clipped_surrogate(
                         cur.logp, old.logp[rows], None if ref is None else ref.logp[rows], sub.advantages,
-                        cur.mask, cur.weight, self.settings, norm, cur.entropy,
+                        scored[rows], cur.weight, self.settings, norm, cur.entropy,
                     )
+                    st["sequences"] = real[rows].sum().to(st["sequences"].dtype)
                     # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.
                     self.engine.backward(loss * (gas * self.world))
                     if self.engine.is_gradient_accumulation_boundary():

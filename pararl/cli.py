@@ -8,6 +8,7 @@ from typing import Sequence
 
 from cluster.placement import PlacementError
 from pararl.config import ConfigError
+from pararl.errors import RunError
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError, PlacementError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, PlacementError, RunError) as err:
         print(f"pararl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -109,6 +109,7 @@ class TrainConfig:
     eval_every: int = 0  # held-out evaluation every N steps (0: before and after only)
     eval_prompts: int = 32
     resume: bool = False  # continue from the latest checkpoint in the run folder
+    max_idle_steps: int = 3  # steps in a row that train no trajectory before the run stops, naming why (0: never)
 
 
 @dataclass

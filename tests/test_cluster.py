@@ -1,5 +1,6 @@
 """The whole loop on real Ray + DeepSpeed + MLflow, tiny: steps, sync, faults, resume, bad input."""
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -234,3 +235,37 @@ def test_object_store_options_are_refused_when_joining_a_running_cluster():
     with pytest.raises(ConfigError, match="apply to a local Ray only"):
         check_cluster_config(ClusterConfig(address="auto", object_store_mb=2048, preallocate_object_store=True))
     check_cluster_config(ClusterConfig(object_store_mb=2048, preallocate_object_store=True))
+
+
+def _flaky_config(setup, tmp_path, share: float, **train) -> Path:
+    """The tiny run with one reward model that returns NaN for ``share`` of each batch (4 trajectories a
+    step, all in one request), and optimizer steps of 4 trajectories: dropping any used to train nothing."""
+    raw = json.loads(json.dumps(setup["raw"]))
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["reward"] = {"models": {"flaky": {"name": "tests.user_rewards:PartlyNaNReward", "kwargs": {"share": share},
+                                          "standardize": False}},
+                     "sampled_steps": 2, "replicas": 1, "cpus_per_replica": 0.25, "request_size": 4, "max_batch_size": 4}
+    raw["learner"]["micro_batch_size"] = 4
+    raw["train"] = {"steps": 2, "checkpoint_every": 0, **train}
+    path = tmp_path / "flaky.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_reward_model_that_returns_nan_for_some_trajectories_still_trains_every_usable_one(ray_local, setup, tmp_path):
+    out = train(_flaky_config(setup, tmp_path, share=0.5))
+    m = out["metrics"]
+    assert out["state"].policy_version == 2, "every step must train"
+    assert m["reward/dropped"] == 2 and m["train/trajectories"] == 2 and m["train/padding"] == 2
+    assert m["train/idle_steps"] == 0 and m["learner/tokens"] > 0
+
+
+def test_a_run_whose_reward_is_always_nan_stops_with_one_line_and_a_failed_mlflow_run(ray_local, setup, tmp_path, capsys):
+    code = main(["train", str(_flaky_config(setup, tmp_path, share=1.0, max_idle_steps=2))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert "2 steps in a row trained no trajectory" in err[-1], err
+    assert "reward model 'flaky' returned a non-finite score for 4 of 4 trajectories" in err[-1], err
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and "trained no trajectory" in run.data.tags["failure"]

@@ -110,3 +110,26 @@ def test_kl_against_pi_old_needs_no_reference_and_checkpointing_changes_nothing(
     ckpt.train_batch(batch)
     for (name, a), (_, b) in zip(plain.module.named_parameters(), ckpt.module.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_padding_rows_train_nothing_and_count_in_no_denominator(folder, batch):
+    """A batch grown to whole optimizer steps with weight-0 copies (so the driver never cuts a usable
+    trajectory) reports exactly its real rows' tokens and loss, and what the copies hold moves nothing."""
+    real = replace(batch.select(slice(0, 3)), old=None)
+    alone = Learner(learner_config(micro_batch_size=3, grad_accumulation=1, updates_per_batch=1), folder, FMT)
+    m_alone = alone.train_batch(real)
+    grown = real.padded(8)
+    assert len(grown) == 8 and grown.row_weight.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    cfg = learner_config(micro_batch_size=2, grad_accumulation=4, updates_per_batch=1)
+    padded = Learner(cfg, folder, FMT)
+    m_pad = padded.train_batch(grown)
+    assert m_pad["tokens"] == m_alone["tokens"] and m_pad["optimizer_steps"] == 1
+    assert m_pad["loss"] == pytest.approx(m_alone["loss"], rel=1e-5, abs=1e-7)
+    # other advantages in the copies: the very same update (their coefficients are exactly 0)
+    other = Learner(cfg, folder, FMT)
+    other.train_batch(replace(grown, advantages=torch.where(grown.row_weight > 0, grown.advantages, 50.0)))
+    assert other.weights_hash() == padded.weights_hash()
+    # the same rows with weight 1 would have trained: row_weight 0 is what switches the copies off
+    counted = Learner(cfg, folder, FMT)
+    counted.train_batch(replace(grown, row_weight=torch.ones(8)))
+    assert counted.weights_hash() != padded.weights_hash()

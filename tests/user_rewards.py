@@ -22,3 +22,17 @@ class WordCountReward:
 
 def brightness(images, texts, scale=1.0):
     return (images.mean((1, 2, 3)) * scale).tolist()
+
+
+class PartlyNaNReward:
+    """A flaky reward model: NaN for the first ``share`` of the rows of every batch it gets (rows are
+    trajectory-major, so whole trajectories), word counts for the rest."""
+
+    def __init__(self, share: float = 0.5) -> None:
+        self.share = share
+        self.identity = f"partly-nan({share})"
+
+    def score(self, images, texts):
+        scores = torch.tensor([float(len(t.split())) for t in texts]) + images[:, 0].mean((1, 2))
+        scores[: int(len(texts) * self.share)] = float("nan")
+        return scores
