@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 def _closest(key: str, valid: Sequence[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)  # a far-off "neighbour" misleads
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
@@ -74,7 +74,9 @@ def build_config(schema: type[T], sources: Sequence[Any] = (), overrides: Sequen
     try:
         merged = OmegaConf.merge(base, *layers)
     except (ConfigKeyError, ConfigAttributeError, ValidationError) as err:
-        raise ConfigError(f"invalid config: {err.msg if hasattr(err, 'msg') else err}") from err
+        what = str(getattr(err, "msg", err)).strip().splitlines()[0]  # OmegaConf appends key/type context lines
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"invalid config value for {key!r}: {what}" if key else f"invalid config: {what}") from err
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

@@ -80,5 +80,11 @@ def test_config_refuses_unknown_keys_naming_the_closest():
         build_config(SampleCommandConfig, overrides=["sampler.text_lenght=3"])
     with pytest.raises(ConfigError, match="unknown config key 'samplr'"):
         build_config(SampleCommandConfig, [{"samplr": {}}])
-    with pytest.raises(ConfigError, match="invalid config"):
+    with pytest.raises(ConfigError) as bad_type:
         build_config(SampleCommandConfig, overrides=["sampler.steps=many"])
+    # one line naming the key, not OmegaConf's four
+    assert str(bad_type.value).startswith("invalid config value for 'sampler.steps': Value 'many'")
+    assert len(str(bad_type.value).splitlines()) == 1
+    with pytest.raises(ConfigError) as far:
+        build_config(SampleCommandConfig, overrides=["foo.bar=1"])
+    assert str(far.value) == "unknown config key 'foo'"  # no far-off "did you mean"
