@@ -34,7 +34,7 @@ from pararl.snapshots import snapshot_grid
 from reward.client import RewardClient
 from reward.semantic import run_steps
 from reward.service import start_reward_pool, stop_reward_pool
-from reward.stats import load_stats
+from reward.stats import check_stats_identities
 
 
 class LearnerDied(RuntimeError):
@@ -48,7 +48,8 @@ class Driver:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.codecs = load_codecs(require(cfg.model, "model"), cfg.model_format.named())
         if any(m.standardize for m in cfg.reward.models.values()):
-            load_stats(cfg.reward.stats_file)  # a missing or unreadable stats file fails here, before any actor starts
+            # a missing, unreadable or other-model stats file fails here, before Ray starts
+            check_stats_identities(cfg.reward)
         records = read_records(require(cfg.data.train, "data.train"))
         self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer), cfg.seed)
         self.stop_requested = False

@@ -68,6 +68,13 @@ def build_reward_model(name: str, kwargs: dict[str, Any] | None = None) -> Rewar
     return model
 
 
+def static_identity(name: str, kwargs: dict[str, Any]) -> str | None:
+    """The identity a registered reward model will have, if its class can tell without being built
+    (``identity_of``); None for the others (their stats are checked where they are built)."""
+    fn = getattr(REWARD_MODELS.get(name), "identity_of", None)
+    return fn(**kwargs) if fn is not None else None
+
+
 def default_identity(name: str, kwargs: dict[str, Any]) -> str:
     return f"{name}({json.dumps(kwargs, sort_keys=True, default=str)})"
 

@@ -46,12 +46,7 @@ class OpenClipReward:
             if not Path(config_file).is_file():
                 raise FileNotFoundError(f"open_clip config file {config_file} does not exist")
             open_clip.add_model_config(config_file)
-        if pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
-            if not Path(pretrained).is_file():
-                raise FileNotFoundError(f"open_clip weights file {pretrained} does not exist")
-            tag = file_digest(pretrained)
-        else:
-            tag = pretrained or "random"
+        self.identity = self.identity_of(model, pretrained)
         self.model, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device, precision=precision)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(model)
@@ -60,7 +55,15 @@ class OpenClipReward:
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.mean, self.std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
         self.device = device
-        self.identity = f"open_clip:{model}:{tag}"
+
+    @staticmethod
+    def identity_of(model: str = "ViT-B-32", pretrained: str | None = None, **_: Any) -> str:
+        """The identity without building the model, so a run checks its reward stats before Ray starts."""
+        if pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(f"open_clip weights file {pretrained} does not exist")
+            return f"open_clip:{model}:{file_digest(pretrained)}"
+        return f"open_clip:{model}:{pretrained or 'random'}"
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
@@ -95,8 +98,13 @@ class HFClipReward:
             self.tokenize = lambda t: simple(list(t))
         size = self.model.config.vision_config.image_size
         self.size, self.device = (size, size), device
+        self.identity = self.identity_of(path)
+
+    @staticmethod
+    def identity_of(path: str, **_: Any) -> str:
+        folder = Path(path)
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        self.identity = f"hf_clip:{folder.name}:{file_digest(weights[0]) if weights else 'unknown'}"
+        return f"hf_clip:{folder.name}:{file_digest(weights[0]) if weights else 'unknown'}"
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
@@ -115,7 +123,11 @@ class FunctionReward:
     def __init__(self, fn: str | Callable[..., Any], **kwargs: Any) -> None:
         self.fn = import_object(fn) if isinstance(fn, str) else fn
         self.kwargs = kwargs
-        self.identity = f"function:{fn if isinstance(fn, str) else getattr(fn, '__qualname__', fn)}"
+        self.identity = self.identity_of(fn)
+
+    @staticmethod
+    def identity_of(fn: str | Callable[..., Any], **_: Any) -> str:
+        return f"function:{fn if isinstance(fn, str) else getattr(fn, '__qualname__', fn)}"
 
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         return as_scores(self.fn(images, list(texts), **self.kwargs), len(texts), self.identity)

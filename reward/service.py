@@ -27,6 +27,7 @@ from reward.config import RewardConfig, check_reward_config
 from reward.messages import ChunkResult, ScoreChunk
 from reward.routing import LeastLoadedRouter
 from reward.scorer import SemanticScorer
+from reward.stats import RewardStatsError
 
 APP_NAME = "pararl-reward"
 
@@ -136,7 +137,10 @@ def start_reward_pool(cfg: RewardConfig, model_folder: str,
     try:
         return serve.run(app, name=APP_NAME, route_prefix=cfg.http.route if cfg.http.enabled else None)
     except RuntimeError as err:
-        raise RuntimeError(f"reward pool failed to start: {replica_error()}") from err
+        why = replica_error()
+        if "RewardStatsError: " in why:  # the user's stats file, not the pool: one line, as the check says it
+            raise RewardStatsError(why.split("RewardStatsError: ", 1)[1]) from err
+        raise RuntimeError(f"reward pool failed to start: {why}") from err
 
 
 def replica_error() -> str:

@@ -11,12 +11,12 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from reward.base import RewardModel
+from reward.base import RewardModel, static_identity
 
 
 class RewardStatsError(ValueError):
@@ -88,3 +88,14 @@ def stats_for(stats: dict[str, ModelStats], label: str, identity: str, path: str
             f"{identity!r}; rerun `pararl reward-stats` for this model"
         )
     return entry
+
+
+def check_stats_identities(cfg: Any) -> None:
+    """Before Ray starts: the stats file (``reward.stats_file``) exists, reads, and was measured with
+    the very reward models the config names, for every model whose identity is known without building it."""
+    table = load_stats(cfg.stats_file)
+    for label, m in cfg.models.items():
+        if m.standardize:
+            identity = static_identity(m.name, dict(m.kwargs))
+            if identity is not None:
+                stats_for(table, label, identity, cfg.stats_file)

@@ -269,3 +269,17 @@ def test_a_run_whose_reward_is_always_nan_stops_with_one_line_and_a_failed_mlflo
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and "trained no trajectory" in run.data.tags["failure"]
+
+
+def test_stats_of_another_reward_model_exit_2_with_one_line_before_ray_starts(setup, tmp_path, capsys):
+    """The cluster address points at nothing: had the check waited for Ray (it used to run inside the
+    reward replica, after Ray and Serve started), the error would be about the connection."""
+    stats = json.loads((setup["tmp"] / "reward_stats.json").read_text())
+    stats["models"]["clip"]["identity"] = "open_clip:ViT-B-32:laion2b"
+    other = tmp_path / "other_stats.json"
+    other.write_text(json.dumps(stats))
+    code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", f"reward.stats_file={other}",
+                 "cluster.address=ray://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "was computed with reward model 'open_clip:ViT-B-32:laion2b'" in err[0] and "rerun `pararl reward-stats`" in err[0]
