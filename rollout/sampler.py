@@ -69,15 +69,6 @@ class ParallelSampler:
     def uses_cfg(self) -> bool:
         return bool(self.guidance.with_cond or self.guidance.after_text)
 
-    def guide(self, logits: torch.Tensor, rows: int, text: slice, image: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Span logits after the guidance of one step's forward (uncond rows follow the ``rows`` cond
-        rows), restricted to what each span may draw: text ids for text, codebook entries for the image."""
-        cond, unc = logits[:rows], logits[rows:] if self.guidance.with_cond else None
-        text_l = self.guidance.text(cond[:, text], None if unc is None else unc[:, text])
-        image_l = self.guidance.image(self.fmt.restrict_image_logits(cond[:, image]),
-                                      [] if unc is None else [self.fmt.restrict_image_logits(unc[:, image])])
-        return self.fmt.restrict_text_logits(text_l), image_l
-
     def text_step(self, text_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
         """x̂0 of the text span and the positions step ``s`` reveals (most confident masked, in the window)."""
         cfg, fmt, plan = self.cfg, self.fmt, self.plan

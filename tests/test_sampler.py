@@ -86,7 +86,9 @@ def test_cfg_logits_follow_the_formula(policy):
     lay = batch.layout
     with torch.no_grad():
         both = policy(torch.cat([batch.input_ids, batch.uncond_ids]), attention_mask=batch.attention_mask.repeat(2, 1)).logits
-        text_l, image_l = sampler.guide(both, len(REQUESTS), lay.text, lay.image)
+        rows = len(REQUESTS)  # what one sampler step does with that forward's logits
+        text_l = FMT.restrict_text_logits(sampler.guidance.text(both[:rows, lay.text], both[rows:, lay.text]))
+        image_l = sampler.image_logits(both, batch.input_ids, [], None, lay.image, lay.output)
         cond = policy(batch.input_ids, attention_mask=batch.attention_mask).logits
         unc = policy(batch.uncond_ids, attention_mask=batch.attention_mask).logits
     img = lambda t: t[:, lay.image, FMT.image_offset : FMT.image_offset + CODEBOOK]  # noqa: E731
