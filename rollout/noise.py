@@ -52,9 +52,12 @@ def gumbel(seeds: torch.Tensor, stream: int, step: int, n: int) -> torch.Tensor:
     return -torch.log(-torch.log(uniform(seeds, stream, step, n)))
 
 
+GAUSSIAN_PAIR = {IMAGE_CONFIDENCE: IMAGE_CONFIDENCE_2}  # the second uniform stream Box-Muller takes
+
+
 def gaussian(seeds: torch.Tensor, stream: int, step: int, n: int) -> torch.Tensor:
-    """Standard normals by Box-Muller from two counter streams (``stream`` and ``stream + 2``)."""
-    u1, u2 = uniform(seeds, stream, step, n), uniform(seeds, stream + 2, step, n)
+    """Standard normals by Box-Muller from two counter streams (``stream`` and its ``GAUSSIAN_PAIR``)."""
+    u1, u2 = uniform(seeds, stream, step, n), uniform(seeds, GAUSSIAN_PAIR[stream], step, n)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
 
 

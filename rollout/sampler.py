@@ -65,10 +65,6 @@ class ParallelSampler:
         self.guidance = make_guidance(self.cfg)
         self.confidence_noise = noise.CONFIDENCE_NOISE[self.cfg.confidence_noise]
 
-    @property
-    def uses_cfg(self) -> bool:
-        return bool(self.guidance.with_cond or self.guidance.after_text)
-
     def text_step(self, text_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
         """x̂0 of the text span and the positions step ``s`` reveals (most confident masked, in the window)."""
         cfg, fmt, plan = self.cfg, self.fmt, self.plan
