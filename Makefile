@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
+# the linter first (seconds), then the suite
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 # The default run is offline and loopback-only (shared/reference/stack-notes.md); on a real cluster

@@ -24,17 +24,17 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from learner.batch import TrainBatch  # noqa: E402
-from learner.config import LearnerConfig  # noqa: E402
-from learner.logprobs import TracePlan, sample_trace_plan, trajectory_logprobs  # noqa: E402
-from learner.trainer import Learner  # noqa: E402
-from pararl.config import SamplerConfig  # noqa: E402
-from pararl.formats import world_format  # noqa: E402
-from pararl.models import LLaDAConfig, build_policy  # noqa: E402
-from pararl.types import GenerationRequest  # noqa: E402
-from rollout.sampler import ParallelSampler  # noqa: E402
+from learner.batch import TrainBatch
+from learner.config import LearnerConfig
+from pararl.logprobs import TracePlan, sample_trace_plan, trajectory_logprobs
+from learner.trainer import Learner
+from rollout.config import SamplerConfig
+from pararl.formats import world_format
+from pararl.models import LLaDAConfig, build_policy
+from pararl.types import GenerationRequest
+from rollout.sampler import ParallelSampler
 
 FMT = world_format(text_vocab_size=200, codebook_size=32, image_tokens=64)
 ARCH = dict(d_model=128, n_heads=4, n_layers=5, mlp_hidden_size=344)

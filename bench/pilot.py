@@ -22,31 +22,32 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from learner.advantages import compute_advantages  # noqa: E402
-from learner.batch import TrainBatch  # noqa: E402
-from learner.config import LearnerConfig  # noqa: E402
-from learner.logprobs import TracePlan, trajectory_logprobs  # noqa: E402
-from learner.trainer import Learner  # noqa: E402
-from pararl.bundle import load_bundle  # noqa: E402
-from pararl.config import SamplerConfig  # noqa: E402
-from pararl.data import CodeCache, read_records  # noqa: E402
-from pararl.evaluate import check_outputs, evaluate, requests_for  # noqa: E402
-from pararl.world import load_world_config  # noqa: E402
-from pararl.world_prepare import default_config, prepare_default  # noqa: E402
-from reward.client import RewardClient  # noqa: E402
-from reward.config import RewardConfig, RewardModelConfig  # noqa: E402
-from reward.scorer import SemanticScorer  # noqa: E402
-from reward.semantic import choose_steps  # noqa: E402
-from rollout.sampler import ParallelSampler  # noqa: E402
+from learner.advantages import compute_advantages
+from learner.batch import TrainBatch
+from learner.config import LearnerConfig
+from pararl.logprobs import TracePlan, trajectory_logprobs
+from learner.trainer import Learner
+from pararl.bundle import load_bundle
+from rollout.config import SamplerConfig
+from pararl.data import CodeCache, read_records
+from cluster.evaluate import evaluate, requests_for
+from shapeworld.checks import check_outputs, world_checks
+from shapeworld import load_world_config
+from shapeworld.prepare import default_config, prepare_default
+from reward.pool.client import RewardClient
+from reward.config import RewardConfig, RewardModelConfig
+from reward.scorer import SemanticScorer
+from reward.semantic import choose_steps
+from rollout.sampler import ParallelSampler
 
 
 def reward_config(paths: dict, sampled_steps: int, first_step: float) -> RewardConfig:
@@ -73,11 +74,12 @@ def run_seed(args, seed: int) -> dict:
 
     def held_out(tag: str):
         t = time.perf_counter()
-        res = evaluate(bundle.policy, bundle, scfg, client, eval_records, spec, cache, samples=args.eval_samples,
-                       batch_prompts=args.eval_batch, seed=10_000 + seed, progress=False)
+        res = evaluate(bundle.policy, bundle, scfg, client, eval_records, cache, samples=args.eval_samples,
+                       batch_prompts=args.eval_batch, seed=10_000 + seed, progress=False, checks=world_checks(spec, bundle))
+        c = res.checks
         timings[f"eval_{tag}"] = time.perf_counter() - t
-        print(f"[seed {seed}] {tag}: reward {res.reward:.4f} ± {res.reward_se:.4f}  aligned {res.aligned:.3f} ± "
-              f"{res.aligned_se:.3f}  agreement {res.agreement:.3f}  follows {res.follows:.3f}  ({res.n} samples, "
+        print(f"[seed {seed}] {tag}: reward {res.reward:.4f} ± {res.reward_se:.4f}  aligned {c['aligned']:.3f} ± "
+              f"{c['aligned_se']:.3f}  agreement {c['agreement']:.3f}  follows {c['follows']:.3f}  ({res.n} samples, "
               f"{res.seconds:.1f}s)", flush=True)
         return res
 

@@ -33,10 +33,10 @@ from pararl.formats import world_format  # noqa: E402
 from pararl.image_tokenizers import PaletteCodec  # noqa: E402
 from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
 from reward.base import build_reward_model  # noqa: E402
-from reward.client import RewardClient  # noqa: E402
+from reward.pool.client import RewardClient  # noqa: E402
 from reward.config import RewardConfig, RewardModelConfig  # noqa: E402
 from reward.scorer import ScoreRequest  # noqa: E402
-from reward.service import start_reward_pool, stop_reward_pool  # noqa: E402
+from reward.pool.service import start_reward_pool, stop_reward_pool  # noqa: E402
 from tests.tiny import tiny_clip  # noqa: E402
 
 WORDS = "a red green blue yellow square circle triangle top bottom left right".split()
@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2, help="default: one per core")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="each replica's torch threads follow its CPUs")
     parser.add_argument("--request-size", type=int, default=BATCH,
-                        help="trajectories per pool request (default: a batch; configs/default.yaml has 32 to spread a step's 64 over replicas)")
+                        help="trajectories per pool request (default: a batch; configs/default.yaml has 32 to spread "
+                             "a step's 64 over replicas)")
     parser.add_argument("--models", default="tiny open_clip,ViT-B-32", help="comma-separated subset of the two models")
     args = parser.parse_args()
 
@@ -143,7 +144,8 @@ def main() -> None:
     print(f"images/s; {BATCH} trajectories of {SNAPSHOTS} snapshots per batch, {args.request_size} per request; "
           f"{args.replicas} replica(s) with {args.cpus_per_replica:g} CPUs each (as many torch threads); bare: 2 torch threads")
     print("bare alone: nothing else running; bare: the same with Ray and Serve idle on the machine")
-    print(f"{'model':>15} {'bare alone':>11} {'bare':>9} {'pool':>9} {'pool/alone':>11} {'pool/bare':>10} {'1 per req':>10} {'batched gain':>13}")
+    print(f"{'model':>15} {'bare alone':>11} {'bare':>9} {'pool':>9} {'pool/alone':>11} {'pool/bare':>10} "
+          f"{'1 per req':>10} {'batched gain':>13}")
     for r in rows:
         print(f"{r['model']:>15} {r['bare_alone_per_s']:>11.1f} {r['bare_per_s']:>9.1f} {r['pool_per_s']:>9.1f} "
               f"{r['pool_over_bare_alone']:>11.3f} {r['pool_over_bare']:>10.3f} "

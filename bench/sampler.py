@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pararl.config import SamplerConfig  # noqa: E402
-from pararl.formats import DimooFormat, world_format  # noqa: E402
-from pararl.models import LLaDAConfig, build_policy  # noqa: E402
-from pararl.types import GenerationRequest  # noqa: E402
-from rollout.batching import build_batch  # noqa: E402
-from rollout.sampler import ParallelSampler  # noqa: E402
+from rollout.config import SamplerConfig
+from pararl.formats import DimooFormat, world_format
+from pararl.models import LLaDAConfig, build_policy
+from pararl.types import GenerationRequest
+from pararl.batching import build_batch
+from rollout.sampler import ParallelSampler
 
 FMT = world_format(text_vocab_size=200, codebook_size=32, image_tokens=64)
 MODELS = {

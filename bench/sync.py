@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # measures the scheduler, not this code. The benchmark runs its workers at normal priority.
 sys.path.insert(0, str(ROOT))
 for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1,localhost",
-                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                   "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0",
+                   "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
                    "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
     os.environ.setdefault(key, value)
 
@@ -33,10 +34,10 @@ from cluster.config import ClusterConfig, sync_bucket_bytes  # noqa: E402
 from cluster.placement import start_ray  # noqa: E402
 from cluster.rollout_group import RolloutGroup  # noqa: E402
 from cluster.weight_sync import build_weight_sync  # noqa: E402
-from learner.actor import LearnerGroup  # noqa: E402
+from cluster.learner_group import LearnerGroup  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
 from pararl.bundle import ModelBundle  # noqa: E402
-from pararl.config import SamplerConfig  # noqa: E402
+from rollout.config import SamplerConfig  # noqa: E402
 from pararl.formats import world_format  # noqa: E402
 from pararl.image_tokenizers import PaletteCodec  # noqa: E402
 from pararl.models import LLaDAConfig, build_policy  # noqa: E402

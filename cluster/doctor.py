@@ -45,7 +45,7 @@ def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def doctor_main(args: argparse.Namespace) -> int:
-    from pararl.config import load_run_config
+    from cluster.run_config import load_run_config
     from pararl.errors import ConfigError
 
     report = Report()
@@ -309,7 +309,8 @@ def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb
                 report.note("memory", f"{e.line()}; GPU size {source}")
             elif e.total > per_gpu * GiB * min(1.0, share[e.actor]):
                 report.problem("memory", f"{e.actor} needs about {e.total / GiB:.1f} GiB of GPU memory, its "
-                                         f"{min(1.0, share[e.actor]):g} GPU has {per_gpu * min(1.0, share[e.actor]):.0f} GiB ({source}): {e.line()}")
+                                         f"{min(1.0, share[e.actor]):g} GPU has {per_gpu * min(1.0, share[e.actor]):.0f} GiB "
+                                         f"({source}): {e.line()}")
             else:
                 report.ok("memory", f"{e.line()} of {per_gpu:.0f} GiB per GPU ({source})")
         ram = have.get("memory", 0)

@@ -21,23 +21,24 @@ from cluster.placement import place, start_ray
 from cluster.rollout_group import RolloutGroup
 from cluster.tracking import Tracker
 from cluster.weight_sync import build_weight_sync
-from learner.actor import LearnerGroup
+from cluster.learner_group import LearnerGroup
 from learner.advantages import compute_advantages
 from learner.batch import TrainBatch, iteration_plan
 from learner.checkpoint import RunState, latest_checkpoint
-from learner.logprobs import TracePlan
+from pararl.logprobs import TracePlan
 from pararl.bundle import load_codecs
-from pararl.config import RunConfig, require
+from pararl.config import require
+from cluster.run_config import RunConfig
 from pararl.data import CodeCache, PromptSource, read_records
 from pararl.errors import RunError
 from pararl.snapshots import snapshot_grid
-from reward.client import RewardClient
+from reward.pool.client import RewardClient
 from reward.semantic import run_steps
-from reward.service import start_reward_pool, stop_reward_pool
+from reward.pool.service import start_reward_pool, stop_reward_pool
 from reward.stats import check_stats_identities
 
 
-class LearnerDied(RuntimeError):
+class LearnerDied(RunError):
     """A learner rank died: the run stops; the last checkpoint is intact and resume=true continues it."""
 
 
@@ -147,7 +148,7 @@ class Driver:
         self.state.data_position = self.prompts.position
         return self.learners.save_checkpoint(self.state)
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ANN001
+    def _on_signal(self, signum: int, frame: object) -> None:
         if self.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.stop_requested = signum

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pararl.models.config import LLaDAConfig, parameter_count
-from pararl.sampler_config import resolve_sampler
+from rollout.config import resolve_sampler
 
 GiB = float(1 << 30)
 CUDA_SLACK = 2.0 * GiB  # CUDA context, NCCL and allocator slack per GPU process
@@ -161,7 +161,7 @@ def preset_lengths(preset: str, text_len: int) -> tuple[int, int]:
 def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int, image_size: tuple[int, int] = (512, 512),
                  reward_weights: float = 2.5 * GiB, prompt_tokens: int = 128, text_vocab: int = 126464,
                  codebook: int = 8192) -> tuple[list[Estimate], float, Shapes]:
-    """Per-actor GPU estimates and the host RAM of a run config (``pararl.config.RunConfig``)."""
+    """Per-actor GPU estimates and the host RAM of a run config (``cluster.run_config.RunConfig``)."""
     s = Shapes.of(config, sequence_length(output_len, image_span, prompt_tokens), cfg.sampler.text_len, image_span,
                   text_vocab, codebook)
     c, lc, r = cfg.cluster, cfg.learner, cfg.reward
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m cluster.memory CONFIG [preset]``: the table for an 8B MMaDA-Parallel policy."""
     import sys
 
-    from pararl.config import load_run_config
+    from cluster.run_config import load_run_config
     from pararl.models.config import llada_8b_config
 
     args = sys.argv[1:] if argv is None else argv

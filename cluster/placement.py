@@ -12,9 +12,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
+from pararl.errors import PararlError
 
 
-class PlacementError(RuntimeError):
+class PlacementError(PararlError):
     """The cluster cannot host what the config asks for; the message names the shortfall."""
 
 

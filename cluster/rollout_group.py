@@ -15,14 +15,15 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from cluster.config import ClusterConfig
 from cluster.placement import Placement
 from cluster.weight_sync import WeightSync
-from pararl.config import SamplerConfig
+from rollout.config import SamplerConfig
 from pararl.types import GenerationRequest, Trajectories, concat_trajectories
 from rollout.worker import RolloutWorker
+from pararl.errors import RunError
 
 DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
-class RolloutError(RuntimeError):
+class RolloutError(RunError):
     """The batch cannot be sampled (a worker keeps dying, or does not answer in time)."""
 
 
@@ -90,7 +91,7 @@ class RolloutGroup:
         traj = concat_trajectories([p[0] for p in parts], self.pad_id)
         old = None
         if plan is not None:
-            from learner.logprobs import TokenLogProbs
+            from pararl.logprobs import TokenLogProbs
 
             old = TokenLogProbs.cat([p[1] for p in parts])
         return traj, old

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from pararl.config import load_run_config
+from cluster.run_config import load_run_config
+from pararl.errors import ConfigError
 
 
 def check_run_dir(cfg) -> None:
@@ -15,7 +16,7 @@ def check_run_dir(cfg) -> None:
         return
     earlier = latest_checkpoint(cfg.learner.checkpoint.folder)
     if earlier is not None:
-        raise ValueError(f"{cfg.learner.checkpoint.folder} holds a checkpoint of an earlier run ({earlier.name}): "
+        raise ConfigError(f"{cfg.learner.checkpoint.folder} holds a checkpoint of an earlier run ({earlier.name}): "
                          "continue it with train.resume=true, or set run_dir to a new folder")
 
 

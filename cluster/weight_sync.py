@@ -10,7 +10,7 @@ samples). Transports are registered by name:
   every worker on a node reads it from shared memory); workers load bucket by bucket as they appear.
   The latest version's bucket references are kept for catch-up.
 - ``collective``: a broadcast in a process group of rank 0 and the workers, built from its own store
-  (``cluster.collective``); NCCL on GPUs, gloo on CPU.
+  (``pararl.sync.collective``); NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -19,22 +19,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import ray
+from pararl.registry import Registry
 
-TRANSPORTS: dict[str, Callable[..., "WeightSync"]] = {}
-
-
-def register_transport(name: str):
-    def add(cls):
-        TRANSPORTS[name] = cls
-        return cls
-
-    return add
+TRANSPORTS: Registry[Callable[..., "WeightSync"]] = Registry("weight-sync transport")
+register_transport = TRANSPORTS.register
 
 
 def build_weight_sync(name: str, **kwargs) -> "WeightSync":
-    if name not in TRANSPORTS:
-        raise ValueError(f"unknown weight-sync transport {name!r}; known: {', '.join(sorted(TRANSPORTS))}")
-    return TRANSPORTS[name](**kwargs)
+    return TRANSPORTS.get(name, "cluster.sync_transport")(**kwargs)
 
 
 @dataclass

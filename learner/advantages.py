@@ -14,18 +14,12 @@ from typing import Callable
 
 import torch
 
+from pararl.registry import Registry
+
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Add ``fn(rewards [R], group [R] (0..G-1), eps) -> advantages [R]`` under ``name``."""
-
-    def add(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return add
+# fn(rewards [R], group [R] (0..G-1), eps) -> advantages [R]
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
+register_advantage = ADVANTAGE_ESTIMATORS.register
 
 
 def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,8 +67,7 @@ def compute_advantages(
     drop_constant_groups: bool = False,
 ) -> Advantages:
     """Advantages of trajectories ``r`` whose group is ``group[r]`` (any integer ids, e.g. prompt indices)."""
-    if estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; known: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
+    ADVANTAGE_ESTIMATORS.check(estimator, "learner.advantage")
     rewards = torch.as_tensor(rewards)
     group = torch.as_tensor(group).long()
     if rewards.ndim != 1 or group.shape != rewards.shape:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from learner.logprobs import Plan, TokenLogProbs
+from pararl.logprobs import Plan, TokenLogProbs
 from pararl.formats import OutputLayout
 from pararl.types import Trajectories
 
@@ -107,7 +107,7 @@ def iteration_plan(cfg, total_steps: int, seed: int) -> Plan:
     behaviour log-probs with the same plan. For ParaRL's semantic reward, pass the reward's sampled
     steps instead (``TracePlan(steps)``) so the likelihood is estimated at the same steps.
     """
-    from learner.logprobs import make_plan
+    from pararl.logprobs import make_plan
 
     return make_plan(cfg.logprob_estimator, total_steps, seed, cfg.sampled_steps, cfg.merge_steps,
                      cfg.mask_ratio_min, cfg.mask_ratio_max)

@@ -30,13 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from pararl.errors import CheckpointError
 
 COMPLETE, LATEST, DS_TAG = "COMPLETE", "latest", "deepspeed"
 PREFIX, TMP_PREFIX = "step-", ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be trusted or found; the message names the folder or file."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pararl.errors import ConfigError
+from pararl.registry import Registry
 
 
 @dataclass
@@ -67,11 +68,13 @@ class LearnerConfig:
 def validate(cfg: LearnerConfig) -> LearnerConfig:
     """Refuse values that would fail later (inside an actor) or silently train something else."""
     from learner.advantages import ADVANTAGE_ESTIMATORS
-    from learner.logprobs import LOGPROB_ESTIMATORS
+    from pararl.logprobs import LOGPROB_ESTIMATORS
     from learner.loss import KL_ESTIMATORS
 
     def choose(key: str, value: str, known) -> None:
-        if value not in known:
+        if isinstance(known, Registry):
+            known.check(value, f"learner.{key}")
+        elif value not in known:
             raise ConfigError(f"learner.{key}={value!r} is not one of: {', '.join(sorted(known))}")
 
     choose("precision", cfg.precision, ("fp32", "bf16", "fp16"))

@@ -5,7 +5,8 @@ The weights come from DeepSpeed's fp32 master copy under ZeRO 1-3 (through DeepS
 the bf16 optimizer's files: a bf16 run without ZeRO exports its bf16 weights, cast up); keys keep
 LLaDA's names, tensors are written as sharded safetensors next to ``config.json``. Files that make
 the source folder a full model bundle (tokenizer, ``pararl.json``, the image tokenizer's folder such
-as -A's ``vqvae/``) are copied along when the source folder still exists. The folder is written under a temporary name and renamed when complete.
+as -A's ``vqvae/``) are copied along when the source folder still exists. The folder is written
+under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from learner.checkpoint import DS_TAG, resolve_checkpoint, verify
 from pararl.models import LLaDAConfig, LLaDAModelLM
 from pararl.models.loading import check_keys
+from pararl.errors import ConfigError
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -42,7 +44,7 @@ def export_policy(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
     verify(checkpoint)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"export target {out} exists and is not empty; choose a new folder")
+        raise ConfigError(f"export target {out} exists and is not empty; choose a new folder")
     config = LLaDAConfig.from_json_file(str(checkpoint / "policy_config.json"))
     state = checkpoint_state_dict(checkpoint)
     if dtype is not None:

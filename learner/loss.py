@@ -21,18 +21,11 @@ from typing import Callable
 
 import torch
 
+from pararl.registry import Registry
+
 KLFn = Callable[[torch.Tensor], torch.Tensor]
-KL_ESTIMATORS: dict[str, KLFn] = {}
-
-
-def register_kl(name: str) -> Callable[[KLFn], KLFn]:
-    """Add ``fn(d) -> per-token KL estimate`` with ``d = logp_ref - logp`` under ``name``."""
-
-    def add(fn: KLFn) -> KLFn:
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return add
+KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")  # fn(d) -> per-token KL estimate, d = logp_ref - logp
+register_kl = KL_ESTIMATORS.register
 
 
 @register_kl("k1")
@@ -62,8 +55,7 @@ class LossSettings:
     aggregation: str = "token"
 
     def __post_init__(self) -> None:
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"unknown KL estimator {self.kl_estimator!r}; known: {', '.join(sorted(KL_ESTIMATORS))}")
+        KL_ESTIMATORS.check(self.kl_estimator, "learner.kl_estimator")
         if self.aggregation not in ("token", "sequence"):
             raise ValueError(f"unknown aggregation {self.aggregation!r}; known: sequence, token")
 

@@ -3,7 +3,7 @@
 Per sample a mask ratio t ~ U(0, 1] masks each output position (image span and text span) with
 probability t; the loss is the cross-entropy of the masked positions, text tokens weighted 1/t (the
 masked-diffusion ELBO) and image tokens 1 (the -M code), over the output's length. A share of the
-samples has its prompt replaced by the unconditional token (the same rows ``rollout.batching``
+samples has its prompt replaced by the unconditional token (the same rows ``pararl.batching``
 builds for CFG), so the policy also learns the unconditional model that guidance subtracts.
 Logits are restricted per span exactly as the sampler and the learner restrict them.
 
@@ -29,7 +29,8 @@ from pararl.data import CodeCache, Record
 from pararl.formats import OutputLayout, ParallelFormat
 from pararl.models import LLaDAConfig, build_policy
 from pararl.types import GenerationRequest
-from rollout.batching import build_batch
+from pararl.batching import build_batch
+from pararl.errors import ConfigError, DataError
 
 
 @dataclass
@@ -68,12 +69,12 @@ def text_targets(codecs: Codecs, texts: Sequence[str], text_len: int, pad_token:
     """Text ids padded to ``text_len`` with ``pad_token`` (a token the text span may draw, e.g. EOS)."""
     pad = codecs.tokenizer.convert_tokens_to_ids(pad_token)
     if pad is None or pad == codecs.tokenizer.unk_token_id or pad in codecs.fmt.special_ids:
-        raise ValueError(f"text padding token {pad_token!r} must be a tokenizer token outside the format's specials")
+        raise ConfigError(f"text padding token {pad_token!r} must be a tokenizer token outside the format's specials")
     rows = []
     for text in texts:
         ids = codecs.encode_text(text)
         if len(ids) > text_len:
-            raise ValueError(f"output text of {len(ids)} tokens exceeds text_len {text_len}: {text!r}")
+            raise DataError(f"output text of {len(ids)} tokens exceeds text_len {text_len}: {text!r}")
         rows.append(ids + [pad] * (text_len - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -87,7 +88,7 @@ def encode_records(records: Sequence[Record], codecs: Codecs, cache: CodeCache, 
         part = [r for r in records if r.task == task]
         missing = [r.prompt for r in part if not (r.output_image and r.output_text)]
         if missing:
-            raise ValueError(f"SFT needs output_image and output_text; missing for e.g. {missing[0]!r}")
+            raise DataError(f"SFT needs output_image and output_text; missing for e.g. {missing[0]!r}")
         requests = [GenerationRequest(codecs.encode_text(r.prompt),
                                       cache.codes(r.input_image) if r.input_image else None) for r in part]
         batch = build_batch(fmt, requests, text_len)
@@ -140,7 +141,7 @@ def draw(rng: torch.Generator, bucket: Bucket, size: int, cfg: SFTConfig) -> tup
     if cfg.span_ratios == "shared":
         t[:, 1] = t[:, 0]
     elif cfg.span_ratios != "independent":
-        raise ValueError(f"span_ratios must be 'shared' or 'independent', got {cfg.span_ratios!r}")
+        raise ConfigError(f"span_ratios must be 'shared' or 'independent', got {cfg.span_ratios!r}")
     u = torch.rand(size, n_out, generator=rng)
     return rows, uncond, t, u
 
@@ -169,7 +170,7 @@ def train_sft(out: str | Path, records: Sequence[Record], codecs: Codecs, policy
     """Warm up a fresh policy on ``records`` and save it with ``codecs`` as a model bundle in ``out``."""
     fmt = codecs.fmt
     if policy_config.output_size < fmt.vocab_size:
-        raise ValueError(f"the policy's {policy_config.output_size} logits cannot cover the format's {fmt.vocab_size} ids")
+        raise ConfigError(f"the policy's {policy_config.output_size} logits cannot cover the format's {fmt.vocab_size} ids")
     buckets = encode_records(records, codecs, CodeCache(cache_dir, codecs.image_tokenizer), text_len, pad_token)
     init_distributed(0, 1, free_port(), "gloo")
     engine_cfg = LearnerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,

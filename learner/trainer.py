@@ -8,7 +8,7 @@ computed once per batch, since the reference never changes. Loss denominators ar
 whole optimizer step on all ranks (``learner.loss``), so N ranks on N shards take the same step as
 one rank on the whole batch.
 
-This class is plain Python (no Ray): ``learner.actor`` wraps it in an actor per rank, and tests and
+This class is plain Python (no Ray): ``learner.rank`` is one rank, ``cluster.learner_group`` runs it as a Ray actor, and tests and
 single-process tools use it directly.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig, validate
 from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
-from learner.logprobs import TokenLogProbs, trajectory_logprobs
+from pararl.logprobs import TokenLogProbs, trajectory_logprobs
 from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, summarize
 from pararl.formats import ParallelFormat
 from pararl.models import load_policy

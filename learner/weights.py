@@ -1,57 +1,21 @@
-"""The policy's weights in byte-bounded buckets for weight sync, and a hash to check a sync arrived whole.
+"""The learner's side of weight sync: its (possibly partitioned) weights as buckets, and their hash.
 
-Sending one tensor per call is what makes weight sync slow in RL systems (many small round trips);
-one call per bucket of a few hundred MB is not. Under ZeRO-3 each rank holds a slice of every
+The bucket and hash definitions are the core's (``pararl.sync.buckets``), shared with the rollout
+workers. Under ZeRO-3 each rank holds a slice of every
 parameter, so a bucket's parameters are gathered together (``deepspeed.zero.GatheredParameters``:
 one collective per bucket, not per tensor) and copied to CPU; every rank must iterate the buckets
 in lockstep, and only the driver-facing rank needs to keep them.
-
-The hash is a sha256 over (name, per-tensor sha256 of dtype, shape, bytes) in sorted name order, so the learner and a
-rollout worker that loaded the buckets compute the same value from different bucketings.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
-Bucket = list[tuple[str, torch.Tensor]]
+from pararl.sync.buckets import Bucket, is_zero3, named_weights, pack_flat, plan_buckets, weights_hash
 
-
-def _is_zero3(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def _numel(p: torch.Tensor) -> int:
-    return int(p.ds_numel) if _is_zero3(p) else p.numel()
-
-
-def named_weights(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and persistent buffers under their state-dict names (tied weights once)."""
-    named = list(module.named_parameters())
-    skip = {k for k, _ in named}
-    persistent = set(module.state_dict(keep_vars=True).keys())
-    named += [(k, b) for k, b in module.named_buffers() if k in persistent and k not in skip]
-    return named
-
-
-def plan_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Consecutive groups whose bytes stay within ``bucket_bytes`` (a larger tensor travels alone)."""
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
-    buckets, current, size = [], [], 0
-    for name, p in named:
-        nbytes = _numel(p) * p.element_size()
-        if current and size + nbytes > bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-        current.append((name, p))
-        size += nbytes
-    if current:
-        buckets.append(current)
-    return buckets
+__all__ = ["flatten_parameters", "iter_weight_buckets", "policy_hash", "weights_hash"]
 
 
 def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20,
@@ -59,7 +23,7 @@ def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20,
     """Yield lists of (name, full tensor on CPU); collective under ZeRO-3 (all ranks iterate together)."""
     module = getattr(module, "module", module)  # a DeepSpeed engine: its wrapped model
     for bucket in plan_buckets(named_weights(module), bucket_bytes):
-        params = [p for _, p in bucket if _is_zero3(p)]
+        params = [p for _, p in bucket if is_zero3(p)]
         if params:
             import deepspeed
 
@@ -73,23 +37,11 @@ def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20,
             if params and len(params) == len(bucket) and len({dtype or p.dtype for p in params}) == 1:
                 yield _copy_out(bucket, dtype or params[0].dtype)
             else:
-                yield [(name, p.detach().to("cpu", dtype=dtype or p.dtype, copy=_is_zero3(p))) for name, p in bucket]
+                yield [(name, p.detach().to("cpu", dtype=dtype or p.dtype, copy=is_zero3(p))) for name, p in bucket]
 
 
 def _copy_out(bucket: Bucket, dtype: torch.dtype) -> Bucket:
     return list(zip([name for name, _ in bucket], pack_flat([p for _, p in bucket], dtype, torch.device("cpu"))))
-
-
-def pack_flat(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Copies of ``tensors`` as views, back to back, into one new 1-D buffer."""
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
-    views, offset = [], 0
-    for t in tensors:
-        view = flat[offset : offset + t.numel()].view(t.shape)
-        view.copy_(t.detach())
-        views.append(view)
-        offset += t.numel()
-    return views
 
 
 def flatten_parameters(module: torch.nn.Module) -> int:
@@ -112,55 +64,6 @@ def flatten_parameters(module: torch.nn.Module) -> int:
             for p, view in zip(run, pack_flat(run, run[0].dtype, run[0].device)):
                 p.data = view
     return len(runs)
-
-
-def contiguous_runs(bucket: Bucket) -> list[Bucket]:
-    """The bucket split into runs of tensors that sit back to back in one storage (same dtype)."""
-    runs: list[Bucket] = []
-    for name, t in bucket:
-        if runs:
-            last = runs[-1][-1][1]
-            if (t.is_contiguous() and last.is_contiguous() and t.dtype == last.dtype and t.device == last.device
-                    and t.untyped_storage().data_ptr() == last.untyped_storage().data_ptr()
-                    and t.data_ptr() == last.data_ptr() + last.numel() * last.element_size()):
-                runs[-1].append((name, t))
-                continue
-        runs.append([(name, t)])
-    return runs
-
-
-def run_span(run: Bucket) -> torch.Tensor:
-    """One 1-D tensor over a run's memory (a view: no copy)."""
-    first = run[0][1]
-    numel = sum(t.numel() for _, t in run)
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (numel,))
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 of one tensor's dtype, shape and bytes."""
-    t = t.detach().to("cpu").contiguous()
-    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def combine_digests(digests: dict[str, str]) -> str:
-    """The weights hash from per-tensor digests, in sorted name order."""
-    h = hashlib.sha256()
-    for name in sorted(digests):
-        h.update(f"{name}={digests[name]};".encode())
-    return h.hexdigest()
-
-
-def weights_hash(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over per-tensor digests (dtype, shape, bytes) in sorted name order: independent of bucketing
-    and order, and computed tensor by tensor (streamed buckets are never held all at once)."""
-    digests: dict[str, str] = {}
-    for name, t in named:
-        if name in digests:
-            raise ValueError(f"tensor {name!r} appears twice")
-        digests[name] = tensor_digest(t)
-    return combine_digests(digests)
 
 
 def policy_hash(module: torch.nn.Module, bucket_bytes: int = 256 << 20) -> str:

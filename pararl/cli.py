@@ -1,18 +1,19 @@
-"""The ``pararl`` command: thin subcommands that call into the stage packages."""
+"""The ``pararl`` command: thin subcommands that call into the stage packages.
+
+The one module of the core that reaches up to the stages, and only inside a subcommand, so
+``pararl --help`` and one subcommand load nothing they do not use.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from cluster.placement import PlacementError
-from pararl.config import ConfigError
-from pararl.errors import RunError
+from pararl.errors import PararlError
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pararl.sample import sample_to_folder
+    from rollout.sample_command import sample_to_folder
 
     sample_to_folder(
         model=args.model, prompt=args.prompt, image=args.image, out=args.out, seed=args.seed,
@@ -22,7 +23,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _reward_stats(args: argparse.Namespace) -> int:
-    from reward.stats_command import reward_stats
+    from cluster.reward_stats import reward_stats
 
     reward_stats(args.config, args.overrides)
     return 0
@@ -42,7 +43,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _default_run(args: argparse.Namespace) -> int:
-    from cluster.default_run import default_run
+    from shapeworld.default_run import default_run
 
     default_run(overrides=args.overrides, cache_dir=args.cache)
     return 0
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="config overrides as dotted key=value (e.g. train.resume=true)")
     t.set_defaults(run=_train)
 
-    from learner.cli import add_export_arguments
+    from learner.cli import add_export_arguments  # argparse only: cheap
 
     e = sub.add_parser("export", help="write a checkpoint's policy as a model folder that load_policy loads")
     add_export_arguments(e)
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("overrides", nargs="*", help="run config overrides as dotted key=value")
     dr.set_defaults(run=_default_run)
 
-    from cluster.doctor import add_doctor_arguments
+    from cluster.doctor import add_doctor_arguments  # argparse only: cheap
 
     d = sub.add_parser("doctor", help="check a run config against the model folder, reward, stats and the Ray cluster "
                                       "before spending GPU time")
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError, PlacementError, RunError) as err:
+    except (PararlError, FileNotFoundError) as err:  # the user's inputs; anything else is a bug: its traceback shows
         print(f"pararl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from pararl.image_tokenizers import ImageTokenizer
+from pararl.errors import DataError
 
 TASKS = ("generate", "edit")
 
@@ -41,20 +42,20 @@ def read_records(path: str | Path) -> list[Record]:
             fields = json.loads(line)
             rec = Record(**fields)
         except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{path}:{n}: not a dataset record ({err})") from err
+            raise DataError(f"{path}:{n}: not a dataset record ({err})") from err
         if rec.task not in TASKS:
-            raise ValueError(f"{path}:{n}: task {rec.task!r} is not one of {TASKS}")
+            raise DataError(f"{path}:{n}: task {rec.task!r} is not one of {TASKS}")
         if rec.task == "edit" and not rec.input_image:
-            raise ValueError(f"{path}:{n}: an edit record needs input_image")
+            raise DataError(f"{path}:{n}: an edit record needs input_image")
         if not rec.prompt.strip():
-            raise ValueError(f"{path}:{n}: empty prompt")
+            raise DataError(f"{path}:{n}: empty prompt")
         for name in ("input_image", "output_image"):
             value = getattr(rec, name)
             if value and not Path(value).is_absolute():
                 setattr(rec, name, str(path.parent / value))
         records.append(rec)
     if not records:
-        raise ValueError(f"dataset {path} has no records")
+        raise DataError(f"dataset {path} has no records")
     return records
 
 
@@ -64,7 +65,7 @@ def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
         raise FileNotFoundError(f"image {path} does not exist")
     img = Image.open(path).convert("RGB")
     if (img.height, img.width) != tuple(size):
-        raise ValueError(f"image {path} is {img.width}x{img.height}; the image tokenizer needs {size[1]}x{size[0]}")
+        raise DataError(f"image {path} is {img.width}x{img.height}; the image tokenizer needs {size[1]}x{size[0]}")
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
@@ -95,7 +96,7 @@ def reference_pairs(records: list[Record], cache: CodeCache, batch: int) -> Iter
     """(output image as the reward service sees it, i.e. decoded from its codes; reasoning text) batches."""
     usable = [r for r in records if r.output_image and r.output_text]
     if not usable:
-        raise ValueError("the dataset has no records with output_image and output_text: reward stats need them")
+        raise DataError("the dataset has no records with output_image and output_text: reward stats need them")
     for i in range(0, len(usable), batch):
         part = usable[i : i + batch]
         codes = torch.stack([cache.codes(r.output_image) for r in part])

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
+from pararl.errors import ConfigError, RunError
+from pararl.registry import Registry
 
 
 @runtime_checkable
@@ -23,30 +25,23 @@ class RewardModel(Protocol):
         """images [N, 3, H, W] in [0, 1], N texts -> N float scores."""
 
 
-REWARD_MODELS: dict[str, Callable[..., RewardModel]] = {}
-
-
-def register_reward_model(name: str) -> Callable:
-    def add(factory: Callable[..., RewardModel]) -> Callable[..., RewardModel]:
-        REWARD_MODELS[name] = factory
-        return factory
-
-    return add
+REWARD_MODELS: Registry[Callable[..., RewardModel]] = Registry("reward model")
+register_reward_model = REWARD_MODELS.register
 
 
 def import_object(path: str) -> Any:
     """``package.module:Name`` -> the object, with an error that says what was not found."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{path!r} is not of the form module:Name")
+        raise ConfigError(f"{path!r} is not of the form module:Name")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for {path!r}: {err}") from err
+        raise ConfigError(f"cannot import module {module_name!r} for {path!r}: {err}") from err
     try:
         return getattr(module, attr)
     except AttributeError as err:
-        raise ValueError(f"module {module_name!r} has no {attr!r}") from err
+        raise ConfigError(f"module {module_name!r} has no {attr!r}") from err
 
 
 def build_reward_model(name: str, kwargs: dict[str, Any] | None = None) -> RewardModel:
@@ -56,13 +51,13 @@ def build_reward_model(name: str, kwargs: dict[str, Any] | None = None) -> Rewar
     elif ":" in name:
         factory = import_object(name)
     else:
-        raise ValueError(f"unknown reward model {name!r}; registered: {', '.join(sorted(REWARD_MODELS))}, or use module:Class")
+        raise ConfigError(REWARD_MODELS.unknown(name) + ", or use module:Class")
     try:
         model = factory(**kwargs)
     except TypeError as err:
-        raise ValueError(f"reward model {name!r} rejects its arguments {sorted(kwargs)}: {err}") from err
+        raise ConfigError(f"reward model {name!r} rejects its arguments {sorted(kwargs)}: {err}") from err
     if not callable(getattr(model, "score", None)):
-        raise ValueError(f"reward model {name!r} has no score(images, texts) method")
+        raise ConfigError(f"reward model {name!r} has no score(images, texts) method")
     if not getattr(model, "identity", None):
         model.identity = default_identity(name, kwargs)
     return model
@@ -92,5 +87,5 @@ def as_scores(values: Any, n: int, who: str) -> torch.Tensor:
     """Whatever a reward model returned, as a float tensor [n] (checked, never silently broadcast)."""
     scores = torch.as_tensor(values, dtype=torch.float32).detach().cpu().flatten()
     if scores.numel() != n:
-        raise ValueError(f"reward model {who} returned {scores.numel()} scores for {n} images")
+        raise RunError(f"reward model {who} returned {scores.numel()} scores for {n} images")
     return scores

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from pararl.errors import ConfigError
+
 
 @dataclass
 class RewardModelConfig:
@@ -52,18 +54,20 @@ class RewardConfig:
 def check_reward_config(cfg: RewardConfig) -> None:
     """The cheap checks, made before any replica starts (a failing replica is retried for seconds)."""
     if not cfg.models:
-        raise ValueError("reward.models is empty: configure at least one reward model")
+        raise ConfigError("reward.models is empty: configure at least one reward model")
     standardising = [label for label, m in cfg.models.items() if m.standardize]
     if standardising and not cfg.stats_file:
-        raise ValueError(f"reward models {standardising} standardise but reward.stats_file is not set; "
+        raise ConfigError(f"reward models {standardising} standardise but reward.stats_file is not set; "
                          "run `pararl reward-stats CONFIG`")
     if cfg.nonfinite not in ("drop", "fail"):
-        raise ValueError(f"reward.nonfinite must be 'drop' or 'fail', got {cfg.nonfinite!r}")
+        raise ConfigError(f"reward.nonfinite must be 'drop' or 'fail', got {cfg.nonfinite!r}")
+    if cfg.step_sampling not in ("random", "uniform"):
+        raise ConfigError(f"reward.step_sampling must be 'random' or 'uniform', got {cfg.step_sampling!r}")
     if cfg.max_batch_size < 1 or cfg.replicas < 1:
-        raise ValueError("reward.max_batch_size and reward.replicas must be >= 1")
+        raise ConfigError("reward.max_batch_size and reward.replicas must be >= 1")
     if not 1 <= cfg.request_size <= cfg.max_batch_size:
-        raise ValueError(f"reward.request_size must be between 1 and reward.max_batch_size ({cfg.max_batch_size}), "
+        raise ConfigError(f"reward.request_size must be between 1 and reward.max_batch_size ({cfg.max_batch_size}), "
                          f"got {cfg.request_size}")
     if cfg.max_ongoing_requests < -(-cfg.max_batch_size // cfg.request_size):
-        raise ValueError(f"reward.max_ongoing_requests ({cfg.max_ongoing_requests}) is too small for a full batch "
+        raise ConfigError(f"reward.max_ongoing_requests ({cfg.max_ongoing_requests}) is too small for a full batch "
                          f"of {cfg.max_batch_size} trajectories in requests of {cfg.request_size}")

@@ -8,6 +8,8 @@ py-spy), with a few small arrays per trajectory each way.
 """
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -128,3 +130,18 @@ class ChunkResult(CheapPickle):
                             reward=rewards[i], problem=self.problems[i], batch_size=self.batch_size,
                             texts=self.texts[i], replica=self.replica, compute_seconds=self.compute_seconds)
                 for i, k in enumerate(self.keys)]
+
+
+# The HTTP route's image payload (the pool serves it; ``reward.remote`` sends it).
+def encode_images(images: torch.Tensor) -> str:
+    """[N, 3, H, W] in [0, 1] -> base64 of an .npy uint8 array (what the HTTP route takes)."""
+    buf = io.BytesIO()
+    np.save(buf, (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_images(payload: str) -> torch.Tensor:
+    arr = np.load(io.BytesIO(base64.b64decode(payload)), allow_pickle=False)
+    if arr.ndim != 4 or arr.shape[1] != 3 or arr.dtype != np.uint8:
+        raise ValueError("images must be a uint8 array [N, 3, H, W]")
+    return torch.from_numpy(arr).float() / 255.0

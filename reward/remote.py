@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 from reward.base import as_scores, register_reward_model
-from reward.service import encode_images
+from reward.messages import encode_images
+from pararl.errors import ConfigError
 
 
 @register_reward_model("remote")
@@ -24,13 +25,13 @@ class RemoteReward:
         self.url, self.timeout_s = url, timeout_s
         self.token = token or os.environ.get(token_env)
         if not self.token:
-            raise ValueError(f"remote reward {url}: no token (pass token or set ${token_env})")
+            raise ConfigError(f"remote reward {url}: no token (pass token or set ${token_env})")
         identities = self._post(torch.zeros(0, 3, 1, 1), [])["identities"]
         if label is None and len(identities) != 1:
-            raise ValueError(f"remote reward {url} serves {sorted(identities)}: name one with label")
+            raise ConfigError(f"remote reward {url} serves {sorted(identities)}: name one with label")
         self.label = label or next(iter(identities))
         if self.label not in identities:
-            raise ValueError(f"remote reward {url} has no reward model {self.label!r}; it serves {sorted(identities)}")
+            raise ConfigError(f"remote reward {url} has no reward model {self.label!r}; it serves {sorted(identities)}")
         self.identity = f"remote:{identities[self.label]}"
 
     def _post(self, images: torch.Tensor, texts: Sequence[str]) -> dict:

@@ -10,11 +10,12 @@ import random
 from typing import Sequence
 
 import torch
+from pararl.errors import ConfigError
 
 
 def standardise(scores: torch.Tensor, mean: float, z: float) -> torch.Tensor:
     if not z > 0:
-        raise ValueError(f"the statistics' Z (std) must be positive, got {z}")
+        raise ConfigError(f"the statistics' Z (std) must be positive, got {z}")
     return (0.5 + (scores - mean) / (2 * z)).clamp(0.0, 1.0)
 
 
@@ -31,18 +32,18 @@ def choose_steps(total_steps: int, count: int, include_final: bool, mode: str, r
     almost every token is masked and the score of a nearly empty text says little about the trajectory.
     """
     if count < 1:
-        raise ValueError("sampled_steps must be >= 1")
+        raise ConfigError("sampled_steps must be >= 1")
     if not 0.0 <= first < 1.0:
-        raise ValueError(f"first_step must be in [0, 1), got {first}")
+        raise ConfigError(f"first_step must be in [0, 1), got {first}")
     lo = int(first * total_steps)
     last = total_steps - 1 if include_final else total_steps - 2
     if count > last - lo + 1:
-        raise ValueError(f"sampled_steps {count} exceed the {max(0, last - lo + 1)} denoising steps that can be sampled"
+        raise ConfigError(f"sampled_steps {count} exceed the {max(0, last - lo + 1)} denoising steps that can be sampled"
                          f" (steps {lo}..{last})")
     if mode == "uniform":  # evenly spaced, ending at the last available step
         return [last] if count == 1 else [lo + round(i * (last - lo) / (count - 1)) for i in range(count)]
     if mode != "random":
-        raise ValueError(f"step_sampling must be 'random' or 'uniform', got {mode!r}")
+        raise ConfigError(f"step_sampling must be 'random' or 'uniform', got {mode!r}")
     final = [total_steps - 1] if include_final else []
     return sorted(rng.sample(range(lo, total_steps - 1), count - len(final)) + final)
 

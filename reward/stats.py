@@ -17,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from reward.base import RewardModel, static_identity
+from pararl.errors import ConfigError
 
 
-class RewardStatsError(ValueError):
+class RewardStatsError(ConfigError):
     """Missing, unreadable or mismatched statistics; the message says what to run."""
 
 

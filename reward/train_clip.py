@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reward.clip_models import CLIP_MEAN, CLIP_STD, prepare_images
+from pararl.errors import ConfigError, DataError
 
 
 @dataclass
@@ -53,7 +54,7 @@ class ClipTrainConfig:
 def model_config(cfg: ClipTrainConfig, image_size: int) -> dict:
     """The open_clip model config (what ``add_model_config`` reads from a JSON file)."""
     if image_size % cfg.patch_size:
-        raise ValueError(f"image size {image_size} is not a multiple of patch_size {cfg.patch_size}")
+        raise ConfigError(f"image size {image_size} is not a multiple of patch_size {cfg.patch_size}")
     return {
         "embed_dim": cfg.embed_dim,
         "vision_cfg": {"image_size": image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
@@ -79,10 +80,10 @@ def train_clip(out: str | Path, images: torch.Tensor, texts: Sequence[str], cfg:
     from open_clip.loss import ClipLoss
 
     if len(images) != len(texts) or len(texts) < 2:
-        raise ValueError(f"need at least two matched pairs, got {len(images)} images and {len(texts)} texts")
+        raise DataError(f"need at least two matched pairs, got {len(images)} images and {len(texts)} texts")
     size = images.shape[-1]
     if images.shape[-2] != size:
-        raise ValueError("images must be square")
+        raise ConfigError("images must be square")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / f"{cfg.name}.json"

@@ -7,21 +7,14 @@ forward (batched over every trajectory); at the other steps it runs the conditio
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 
-from pararl.sampler_config import SamplerConfig
+from pararl.registry import Registry
+from rollout.config import SamplerConfig
 
-GUIDANCE: dict[str, type["Guidance"]] = {}
-
-
-def register_guidance(name: str) -> Callable[[type["Guidance"]], type["Guidance"]]:
-    def put(cls: type["Guidance"]) -> type["Guidance"]:
-        GUIDANCE[name] = cls
-        return cls
-
-    return put
+GUIDANCE: Registry[type["Guidance"]] = Registry("guidance rule")
+register_guidance = GUIDANCE.register
 
 
 class Guidance:
@@ -89,4 +82,4 @@ class MmadaAGuidance(Guidance):
 
 
 def make_guidance(cfg: SamplerConfig) -> Guidance:
-    return GUIDANCE[cfg.guidance](cfg)
+    return GUIDANCE.get(cfg.guidance, "sampler.guidance")(cfg)

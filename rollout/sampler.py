@@ -4,7 +4,7 @@ Each step is ONE forward over every trajectory (the unconditional CFG rows ride 
 then both schedulers act on that step's logits: the text reveals its most confident masked positions
 on a linear schedule (optionally block by block), the image reveals on MaskGIT's cosine schedule
 with annealed Gumbel noise. All selection is tensor-wide top-k with a per-step scalar count, so no
-Python code runs per sample; randomness is counter-based (``rollout.noise``), so a trajectory is the
+Python code runs per sample; randomness is counter-based (``pararl.noise``), so a trajectory is the
 same alone or inside any batch.
 """
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pararl.sampler_config import SamplerConfig, resolve_sampler
+from rollout.config import SamplerConfig, resolve_sampler
 from pararl.formats import ParallelFormat
 from pararl.types import GenerationRequest, Trajectories
-from rollout import noise
-from rollout.batching import build_batch
+from pararl import noise
+from pararl.batching import build_batch
 from rollout.guidance import make_guidance
 from rollout.schedules import RevealPlan, reveal_plan
+from pararl.errors import ConfigError
 
 
 def sample_categorical(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,9 +148,9 @@ class ParallelSampler:
         cfg, fmt, plan, g = self.cfg, self.fmt, self.plan, self.guidance
         snaps = sorted(set(int(s) for s in snapshot_steps))
         if snaps and not (0 <= snaps[0] and snaps[-1] < cfg.steps):
-            raise ValueError(f"snapshot steps {snaps} must lie in [0, {cfg.steps})")
+            raise ConfigError(f"snapshot steps {snaps} must lie in [0, {cfg.steps})")
         if group_size < 1:
-            raise ValueError("group_size must be >= 1")
+            raise ConfigError("group_size must be >= 1")
         device = next(self.model.parameters()).device
         batch = build_batch(fmt, requests, cfg.text_len, cfg.cfg_drop_input_image, released_rows=bool(g.after_text))
         lay = batch.layout

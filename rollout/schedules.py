@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pararl.sampler_config import SamplerConfig
+from rollout.config import SamplerConfig, check_sampler
 
 
 @dataclass(frozen=True)
@@ -71,35 +71,8 @@ def image_masked_after(n: int, steps: int, updates: list[int], leave_one: bool =
     return counts
 
 
-def validate(cfg: SamplerConfig, image_tokens: int) -> None:
-    n, steps = cfg.text_len, cfg.steps
-    if steps < 1 or n < 1:
-        raise ValueError(f"steps ({steps}) and text_len ({n}) must be positive")
-    block = cfg.block_length or n
-    if n % block:
-        raise ValueError(f"text_len {n} is not a multiple of block_length {block}")
-    blocks = n // block
-    if steps % blocks:
-        raise ValueError(f"steps {steps} is not a multiple of the {blocks} text blocks")
-    if steps // blocks > block:
-        raise ValueError(
-            f"{steps} steps over {blocks} block(s) of {block} text tokens: more steps than tokens allow "
-            f"(at most {block * blocks})"
-        )
-    image_steps = cfg.image_steps or steps - cfg.image_start
-    if not 0 <= cfg.image_start < steps:
-        raise ValueError(f"image_start {cfg.image_start} must lie in [0, steps={steps})")
-    if image_steps > steps - cfg.image_start:
-        raise ValueError(f"image_steps {image_steps} exceed the {steps - cfg.image_start} steps from image_start")
-    if image_steps > image_tokens:
-        raise ValueError(f"image_steps {image_steps} exceed the {image_tokens} image tokens: more steps than tokens allow")
-    for name in ("text_temperature", "image_temperature", "image_noise", "cfg_image", "cfg_text", "cfg_prompt"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be >= 0")
-
-
 def reveal_plan(cfg: SamplerConfig, image_tokens: int) -> RevealPlan:
-    validate(cfg, image_tokens)
+    check_sampler(cfg, image_tokens)
     steps, n = cfg.steps, cfg.text_len
     block = cfg.block_length or n
     per_block = steps // (n // block)

@@ -1,4 +1,5 @@
-"""The rollout worker: a Ray actor that holds a live policy, samples trajectories, and takes new weights.
+"""The body of a rollout worker (``cluster.rollout_group`` runs it as a Ray actor): a live policy that
+samples trajectories and takes new weights.
 
 Weights arrive bucket by bucket and are copied into the live model's own tensors (preallocated: no
 second model is built); the worker's policy version only moves once every tensor of the new version
@@ -9,57 +10,16 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from pararl.bundle import load_bundle
-from pararl.config import SamplerConfig
+from pararl.logprobs import Plan, TokenLogProbs, trajectory_logprobs
+from pararl.sync import collective
+from pararl.sync.buckets import weights_hash
+from pararl.sync.wire import SyncError, TensorRun, decode_bucket
 from pararl.types import GenerationRequest, Trajectories
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
-
-
-class SyncError(RuntimeError):
-    """A weight sync that did not deliver exactly the policy's tensors."""
-
-
-def encode_tensor(t: torch.Tensor) -> Any:
-    """A CPU tensor as what the object store moves without copies: a numpy array (bf16 travels as int16 bits)."""
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        return ("bfloat16", t.view(torch.int16).numpy())
-    return t.numpy()
-
-
-def decode_array(value: Any) -> torch.Tensor:
-    if isinstance(value, tuple) and value[0] == "bfloat16":
-        return torch.from_numpy(np.asarray(value[1])).view(torch.bfloat16)
-    return torch.from_numpy(np.asarray(value))
-
-
-RUN = "__run__"
-
-
-def encode_run(manifest: Sequence[tuple[str, tuple[int, ...]]], span: torch.Tensor) -> tuple:
-    """Several tensors as one flat array plus their (name, shape) list: one buffer for the object store."""
-    return (RUN, list(manifest), encode_tensor(span))
-
-
-def bucket_items(bucket: Sequence) -> list[tuple[str, Any]]:
-    """(name, tensor or array) pairs of a bucket whose entries are pairs or runs (``encode_run``)."""
-    items = []
-    for entry in bucket:
-        if len(entry) == 3 and entry[0] == RUN:
-            _, manifest, value = entry
-            flat, offset = decode_array(value), 0
-            sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in manifest]
-            if sum(sizes) != flat.numel():
-                raise SyncError(f"weight sync run of {flat.numel()} elements for tensors of {sum(sizes)}, e.g. {manifest[0][0]!r}")
-            for (name, shape), numel in zip(manifest, sizes):
-                items.append((name, flat[offset : offset + numel].view(shape)))
-                offset += numel
-        else:
-            items.append(tuple(entry))
-    return items
 
 
 class RolloutWorker:
@@ -83,14 +43,13 @@ class RolloutWorker:
 
     # -- weight sync -------------------------------------------------------------------------
     @torch.no_grad()
-    def load_bucket(self, bucket: Sequence[tuple[str, Any]]) -> int:
-        """Copy one bucket ((name, array) pairs or runs) into the live tensors; returns the tensors copied."""
-        items = bucket_items(bucket)
-        for name, value in items:
+    def load_bucket(self, bucket: Sequence[TensorRun]) -> int:
+        """Copy one bucket into the live tensors; returns the tensors copied."""
+        items = decode_bucket(bucket)
+        for name, src in items:
             live = self.live.get(name)
             if live is None:
                 raise SyncError(f"weight sync sent {name!r}, which the rollout policy does not have")
-            src = value if isinstance(value, torch.Tensor) else decode_array(value)
             if tuple(src.shape) != tuple(live.shape):
                 raise SyncError(f"weight sync sent {name!r} with shape {tuple(src.shape)}, the policy has {tuple(live.shape)}")
             live.data.copy_(src, non_blocking=False)
@@ -114,28 +73,22 @@ class RolloutWorker:
         return True
 
     def join_sync_group(self, addr: str, port: int, rank: int, world: int, backend: str) -> bool:
-        from cluster.collective import join_group
-
-        self.sync_group, self.sync_backend = join_group(addr, port, rank, world, backend), backend
+        self.sync_group, self.sync_backend = collective.join_group(addr, port, rank, world, backend), backend
         return True
 
     def receive_weights(self, plan: list[list[str]], wire_dtype: str, version: int) -> int:
         """Collective transport: receive every bucket by broadcast, then move to ``version``."""
-        from cluster.collective import receive
-
-        receive(self.sync_group, self.live, plan, self.sync_backend, getattr(torch, wire_dtype))
+        collective.receive(self.sync_group, self.live, plan, self.sync_backend, getattr(torch, wire_dtype))
         self.version = version
         return version
 
     def weights_hash(self) -> str:
         """The hash of the live sampling model (same definition as the learner's)."""
-        from learner.weights import weights_hash
-
         return weights_hash((name, t.detach()) for name, t in self.live.items())
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, requests: Sequence[GenerationRequest], group_size: int, snapshot_steps: Sequence[int],
-               version: int | None = None, plan: Any = None) -> tuple[Trajectories, Any]:
+               version: int | None = None, plan: Plan | None = None) -> tuple[Trajectories, TokenLogProbs | None]:
         """Trajectories, and (with a plan) their behaviour log-probs under the weights that sampled them:
         the learner's estimator, no CFG, temperature 1, so pi_old is exactly this policy version."""
         if version is not None and version != self.version:
@@ -145,8 +98,6 @@ class RolloutWorker:
         traj.policy_version = self.version
         old = None
         if plan is not None:
-            from learner.logprobs import trajectory_logprobs
-
             with torch.inference_mode():
                 old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan,
                                           chunk_rows=self.logprob_chunk_rows).to("cpu")

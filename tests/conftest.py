@@ -35,6 +35,6 @@ def ray_local():
         from ray import serve
 
         serve.shutdown()
-    except Exception:  # serve never started
+    except Exception:  # noqa: BLE001 - serve never started
         pass
     ray.shutdown()

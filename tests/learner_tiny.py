@@ -7,8 +7,8 @@ import torch
 
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from learner.logprobs import TracePlan, trajectory_logprobs
-from pararl.config import SamplerConfig
+from pararl.logprobs import TracePlan, trajectory_logprobs
+from rollout.config import SamplerConfig
 from pararl.models import build_policy, load_policy
 from pararl.types import GenerationRequest
 from rollout.sampler import ParallelSampler

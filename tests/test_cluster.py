@@ -11,7 +11,7 @@ from cluster.driver import Driver
 from cluster.train import train
 from pararl.bundle import load_codecs
 from pararl.cli import main
-from pararl.config import load_run_config
+from cluster.run_config import load_run_config
 from reward.base import build_reward_model
 from reward.stats import compute_stats, save_stats
 from tests.tiny import tiny_bundle, tiny_clip
@@ -171,7 +171,8 @@ def test_a_dead_learner_rank_stops_the_run_and_resume_continues(ray_local, setup
         saved = latest_checkpoint(cfg.learner.checkpoint.folder)
         ray.kill(driver.learners.actors[0])
         driver.cfg.train.steps = 3
-        with pytest.raises(LearnerDied, match=r"learner rank died during step 1 \(.*killed by `ray.kill`.*\)\. The last checkpoint is intact; rerun with train.resume=true"):
+        died = r"learner rank died during step 1 \(.*killed by `ray.kill`.*\)\. The last checkpoint is intact; rerun with train.resume=true"
+        with pytest.raises(LearnerDied, match=died):
             driver.run()
         assert latest_checkpoint(cfg.learner.checkpoint.folder) == saved  # intact, not overwritten
     finally:

@@ -4,9 +4,9 @@ import json
 import mlflow
 import pytest
 
-from cluster.default_run import default_run
+from shapeworld.default_run import default_run
 from learner.sft import SFTConfig
-from pararl.world_prepare import PrepareConfig
+from shapeworld.prepare import PrepareConfig
 from tests.test_world_pipeline import ARCH, TINY_CLIP, WORLD
 
 pytestmark = pytest.mark.timeout(600)

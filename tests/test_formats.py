@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from pararl.config import ConfigError, SampleCommandConfig, SamplerConfig, build_config
+from pararl.config import ConfigError, build_config
+from rollout.sample_command import SampleCommandConfig
+from rollout.config import SamplerConfig
 from pararl.formats import ParallelFormat, mmada_m_format, world_format
 from pararl.image_tokenizers import PaletteCodec, build_image_tokenizer
-from rollout.batching import build_batch
+from pararl.batching import build_batch
 from pararl.types import GenerationRequest
 
 

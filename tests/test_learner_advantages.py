@@ -42,7 +42,9 @@ def test_registry_and_bad_input():
         adv = compute_advantages(torch.tensor([0.2, 0.9]), torch.tensor([0, 0]), "sign")
         assert adv.values.tolist() == [-1.0, 1.0]
     finally:
-        ADVANTAGE_ESTIMATORS.pop("sign")
+        ADVANTAGE_ESTIMATORS.remove("sign")
+    with pytest.raises(ValueError, match="advantage estimator 'grpo' is already registered"):
+        register_advantage("grpo")(sign)  # a plugin never silently replaces a built-in
     with pytest.raises(ValueError, match="known: drgrpo, grpo"):
         compute_advantages(torch.tensor([1.0]), torch.tensor([0]), "ppo")
     with pytest.raises(ValueError, match="non-finite rewards at trajectories \\[1\\]"):

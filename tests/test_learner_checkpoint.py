@@ -121,11 +121,17 @@ def test_export_writes_a_model_folder_that_load_policy_reads(folder, batches, tm
         export_main(args)
 
 
+def _packed(named):
+    from pararl.sync.buckets import pack_flat
+
+    return pack_flat([t for _, t in named], named[0][1].dtype, torch.device("cpu"))
+
+
 def test_zero0_weights_travel_as_contiguous_runs_and_arrive_whole(folder):
     """Under ZeRO-0 the learner lays its parameters out back to back, so a sync bucket is one array
     (one copy into the object store); the worker side splits it back into the named tensors."""
-    from learner.weights import contiguous_runs, run_span
-    from rollout.worker import SyncError, bucket_items, encode_run
+    from pararl.sync.buckets import contiguous_runs
+    from pararl.sync.wire import SyncError, TensorRun, decode_bucket, encode_bucket
 
     learner = Learner(learner_config(zero_stage=0), folder, FMT)
     before = load_policy(folder).state_dict()
@@ -133,14 +139,19 @@ def test_zero0_weights_travel_as_contiguous_runs_and_arrive_whole(folder):
     buckets = list(iter_weight_buckets(learner.engine, 1 << 30))
     runs = contiguous_runs(buckets[0])
     assert len(buckets) == 1 and len(runs) == 1 and len(runs[0]) == len(buckets[0]) > 10
-    wire = [encode_run([(n, tuple(t.shape)) for n, t in run], run_span(run)) for run in runs]
-    arrived = bucket_items(wire)
+    wire = encode_bucket(buckets[0])
+    assert len(wire) == 1 and isinstance(wire[0], TensorRun)
+    arrived = decode_bucket(wire)
     assert [n for n, _ in arrived] == [n for n, _ in buckets[0]]
     assert weights_hash(arrived) == learner.weights_hash()
-    # a run whose array does not match its manifest is refused, never loaded off by some elements
-    manifest, array = wire[0][1], wire[0][2]
+    # a run whose array does not match its names and shapes is refused, never loaded off by some elements
+    short = TensorRun(wire[0].names, wire[0].shapes, wire[0].data[:-1], wire[0].dtype)
     with pytest.raises(SyncError, match="weight sync run of"):
-        bucket_items([(wire[0][0], manifest, array[:-1])])
+        decode_bucket([short])
+    # bf16 travels as its bits and comes back exactly
+    bf16 = [(n, t.to(torch.bfloat16)) for n, t in buckets[0][:3]]
+    back = decode_bucket([TensorRun.pack([(n, t) for n, t in zip([n for n, _ in bf16], _packed(bf16))])])
+    assert all(torch.equal(a[1], b[1]) and b[1].dtype == torch.bfloat16 for a, b in zip(bf16, back))
     # ZeRO-3 gathers are copied out into one buffer per bucket: one run as well, the same weights
     zero3 = Learner(learner_config(zero_stage=3), folder, FMT)
     z3_buckets = list(iter_weight_buckets(zero3.engine, 1 << 30))

@@ -1,7 +1,7 @@
 """Two learner ranks (Ray actors, ZeRO-2, gloo) on two halves of a batch take the step one rank takes on all of it."""
 import pytest
 
-from learner.actor import LearnerGroup
+from cluster.learner_group import LearnerGroup
 from learner.checkpoint import RunState
 from learner.trainer import Learner
 from learner.weights import iter_weight_buckets

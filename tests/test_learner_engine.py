@@ -6,7 +6,7 @@ import torch
 
 from learner.config import LearnerConfig, validate
 from learner.engine import deepspeed_config
-from learner.logprobs import RandomMaskPlan, TokenLogProbs
+from pararl.logprobs import RandomMaskPlan, TokenLogProbs
 from learner.trainer import Learner
 from pararl.config import ConfigError, build_config
 from tests.learner_tiny import FMT, learner_config, policy_folder, sampled_batch
@@ -78,9 +78,9 @@ def test_deepspeed_config_follows_the_learner_config():
 def test_bad_config_and_batches_are_refused_by_name(folder, batch):
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
         Learner(learner_config(precision="fp16"), folder, FMT)
-    with pytest.raises(ConfigError, match="learner.kl_estimator='k4' is not one of: k1, k2, k3"):
+    with pytest.raises(ConfigError, match="learner.kl_estimator='k4' is not a known KL estimator; known: k1, k2, k3"):
         validate(learner_config(kl_estimator="k4"))
-    with pytest.raises(ConfigError, match="is not one of: random_mask, trace"):
+    with pytest.raises(ConfigError, match="is not a known log-probability estimator; known: random_mask, trace"):
         validate(build_config(LearnerConfig, overrides=["logprob_estimator=elbo"]))
     with pytest.raises(ConfigError, match="did you mean 'kl_estimator'"):
         build_config(LearnerConfig, overrides=["kl_estimatr=k1"])

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from learner.logprobs import (
+from pararl.logprobs import (
     RandomMaskPlan, TracePlan, make_plan, sample_trace_plan, trajectory_logprobs,
 )
-from pararl.config import SamplerConfig
+from rollout.config import SamplerConfig
 from pararl.types import GenerationRequest
 from rollout.sampler import ParallelSampler
 from tests.tiny import tiny_format, tiny_policy

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from learner.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import TracePlan, trajectory_logprobs
 from pararl.bundle import load_bundle, load_codecs
-from pararl.config import SamplerConfig
+from rollout.config import SamplerConfig
 from pararl.detect import detect
 from pararl.formats import DimooFormat, ParallelFormat
 from pararl.image_tokenizers import Magvit2Tokenizer, VQModelTokenizer
@@ -128,7 +128,7 @@ def test_a_format_named_in_the_run_config_overrides_detection(tmp_path):
     import pytest
 
     from pararl.bundle import load_codecs
-    from pararl.config import load_run_config
+    from cluster.run_config import load_run_config
     from pararl.models import CheckpointError
     from tests.real_tiny import write_a_checkpoint
 

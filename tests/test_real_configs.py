@@ -5,7 +5,7 @@ import pytest
 
 from cluster.memory import GiB, estimate_run, markdown_table, preset_lengths
 from cluster.placement import required
-from pararl.config import load_run_config
+from cluster.run_config import load_run_config
 from pararl.models import llada_8b_config
 
 ROOT = Path(__file__).parent.parent

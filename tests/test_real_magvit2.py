@@ -30,7 +30,8 @@ def test_released_architecture_has_the_released_key_names_and_shapes():
     assert shapes["quantize.embedding"] == (8192, 13) and shapes["quantize.power_vals"] == (13,)
     assert not any(k.startswith("encoder.down.4.downsample") or k.startswith("decoder.up.0.upsample") for k in shapes)
     assert not any(".attn.0." in k for k in shapes), "the release has attention only in the middle blocks"
-    assert [sum(k.startswith(f"encoder.down.{i}.block.") and k.endswith("conv1.weight") for k in shapes) for i in range(5)] == [4, 3, 4, 3, 4]
+    blocks = [sum(k.startswith(f"encoder.down.{i}.block.") and k.endswith("conv1.weight") for k in shapes) for i in range(5)]
+    assert blocks == [4, 3, 4, 3, 4]
     assert [sum(k.startswith(f"decoder.up.{i}.block.") and k.endswith("conv1.weight") for k in shapes) for i in range(5)] == [4, 4, 3, 4, 3]
     assert MagvitConfig().downsampling == 16  # 512x512 images are 32x32 codes
 

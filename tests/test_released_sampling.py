@@ -9,7 +9,7 @@ from scipy import stats
 from pararl.config import ConfigError
 from pararl.formats import DimooFormat, world_format
 from pararl.models import LLaDAConfig, build_policy
-from pararl.sampler_config import SamplerConfig, resolve_sampler
+from rollout.config import SamplerConfig, resolve_sampler
 from pararl.types import GenerationRequest
 from rollout.sampler import ParallelSampler
 from rollout.schedules import reveal_plan

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from pararl.bundle import load_codecs
-from pararl.config import SamplerConfig
+from rollout.config import SamplerConfig
 from pararl.types import GenerationRequest
 from reward import build_reward_model
-from reward.client import RewardClient, RewardError
+from reward.pool.client import RewardClient, RewardError
 from reward.config import RewardConfig, RewardModelConfig
 from reward.scorer import SemanticScorer, requests_from
 from reward.semantic import choose_steps, clipped_shares, standardise, trajectory_reward
@@ -130,7 +130,7 @@ def test_nonfinite_scores_are_dropped_and_counted_or_fail(world):
 
 
 def test_unknown_reward_model_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown reward model 'clipp'; registered: .*open_clip"):
+    with pytest.raises(ValueError, match="unknown reward model 'clipp'; known: .*open_clip.*, or use module:Class"):
         build_reward_model("clipp")
     with pytest.raises(ValueError, match="has no 'Nope'"):
         build_reward_model("tests.user_rewards:Nope")
@@ -167,7 +167,8 @@ def test_reward_stats_command_measures_the_training_data(world, capsys):
     assert main(["reward-stats", str(config)]) == 0
     stats = load_stats(run_dir / "reward_stats.json")["clip"]
     clip = build_reward_model("open_clip", world["clip"])
-    images = torch.stack([torch.from_numpy(__import__("numpy").asarray(Image.open(data / f"out{i}.png"), dtype="float32") / 255).permute(2, 0, 1) for i in range(10)])
+    pixels = [__import__("numpy").asarray(Image.open(data / f"out{i}.png"), dtype="float32") / 255 for i in range(10)]
+    images = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p in pixels])
     texts = [json.loads(line)["output_text"] for line in lines]
     seen = codecs.image_tokenizer.decode(codecs.image_tokenizer.encode(images))  # as the reward service sees them
     direct = clip.score(seen, texts).double()

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from pararl.bundle import load_codecs
-from reward.client import RewardClient
+from reward.pool.client import RewardClient
 from reward.config import RewardConfig, RewardHttpConfig, RewardModelConfig
 from reward.remote import RemoteReward
 from reward.scorer import ScoreRequest, SemanticScorer
-from reward.service import encode_images, start_reward_pool, stop_reward_pool
+from reward.messages import encode_images
+from reward.pool.service import start_reward_pool, stop_reward_pool
 from tests.tiny import tiny_bundle
 
 

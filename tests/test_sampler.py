@@ -5,10 +5,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from pararl.config import SamplerConfig
+from rollout.config import SamplerConfig
 from pararl.types import GenerationRequest
-from rollout import noise
-from rollout.batching import build_batch
+from pararl import noise
+from pararl.batching import build_batch
 from rollout.sampler import ParallelSampler
 from tests.tiny import CODEBOOK, IMAGE_TOKENS, tiny_format, tiny_policy
 

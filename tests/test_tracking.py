@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from cluster.tracking import Tracker, flatten
-from pararl.config import RunConfig
+from cluster.run_config import RunConfig
 
 
 def test_params_metrics_and_pictures_land_in_the_run_folder(tmp_path, monkeypatch):

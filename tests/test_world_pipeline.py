@@ -8,12 +8,12 @@ import torch
 
 from learner.sft import SFTConfig, encode_records, held_loss, train_sft
 from pararl.bundle import Codecs, load_bundle
-from pararl.config import SamplerConfig
+from rollout.config import SamplerConfig
 from pararl.data import CodeCache, read_records
 from pararl.models import LLaDAConfig
 from pararl.types import GenerationRequest
-from pararl.world import EOS, WorldConfig, world_token_format, world_tokenizer, write_world
-from pararl.world_prepare import PolicyArch, PrepareConfig, prepare_default
+from shapeworld import EOS, WorldConfig, world_token_format, world_tokenizer, write_world
+from shapeworld.prepare import PolicyArch, PrepareConfig, prepare_default
 from reward.clip_models import OpenClipReward
 from reward.train_clip import ClipTrainConfig, drop_words, train_clip
 from rollout.sampler import ParallelSampler
@@ -113,7 +113,8 @@ def test_prepare_default_builds_once_then_skips(tmp_path):
 
 
 def test_evaluation_reports_reward_alignment_and_their_errors(tmp_path):
-    from pararl.evaluate import evaluate
+    from cluster.evaluate import evaluate
+    from shapeworld.checks import world_checks
     from reward.config import RewardConfig, RewardModelConfig
     from reward.scorer import SemanticScorer
 
@@ -125,13 +126,15 @@ def test_evaluation_reports_reward_alignment_and_their_errors(tmp_path):
     records = read_records(paths["eval"])
     scfg = SamplerConfig(steps=4, text_len=paths["text_len"])
     cache = CodeCache(paths["codes"], bundle.image_tokenizer)
-    res = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, rcfg), records, WORLD.spec, cache, samples=2,
-                   batch_prompts=3, progress=False)
+    checks = world_checks(WORLD.spec, bundle)
+    res = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, rcfg), records, cache, samples=2,
+                   batch_prompts=3, progress=False, checks=checks)
     assert res.n == 2 * len(records) == len(res.per_sample["aligned"]) == len(res.per_sample["reward"])
-    assert 0 <= res.reward <= 1 and res.reward_se >= 0 and 0 <= res.aligned <= 1 and 0 <= res.follows <= 1
+    assert 0 <= res.reward <= 1 and res.reward_se >= 0 and 0 <= res.checks["aligned"] <= 1 and 0 <= res.checks["follows"] <= 1
+    assert {"aligned", "aligned_se", "agreement", "follows", "follows_se"} <= set(res.summary())
     assert res.steps == [0, 3]  # evenly spaced, ending at the last step
-    again = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, rcfg), records, WORLD.spec, cache, samples=2,
-                     batch_prompts=5, progress=False)
+    again = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, rcfg), records, cache, samples=2,
+                     batch_prompts=5, progress=False, checks=checks)
     # Same seeds in any batching: two evaluations compare sample by sample.
     assert again.per_sample["aligned"] == res.per_sample["aligned"]
     assert again.per_sample["reward"] == pytest.approx(res.per_sample["reward"], abs=1e-5)

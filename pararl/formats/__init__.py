@@ -12,17 +12,18 @@ from pararl.formats.base import TEXT_VOCABS, FormatBase, OutputLayout, PromptTok
 from pararl.formats.dimoo import (DIMOO_EDIT_INSTRUCTION, DIMOO_GENERATE_INSTRUCTION, DimooFormat,
                                   mmada_a_format)
 from pararl.formats.parallel import WORLD_SPECIAL_TOKENS, ParallelFormat, mmada_m_format, world_format
+from pararl.registry import Registry
 
 __all__ = ["TEXT_VOCABS", "FormatBase", "OutputLayout", "PromptTokens", "DIMOO_EDIT_INSTRUCTION",
            "DIMOO_GENERATE_INSTRUCTION", "DimooFormat", "mmada_a_format", "WORLD_SPECIAL_TOKENS",
            "ParallelFormat", "mmada_m_format", "world_format", "FORMAT_LAYOUTS", "format_from_dict"]
 
-FORMAT_LAYOUTS: dict[str, type] = {"parallel": ParallelFormat, DimooFormat.LAYOUT: DimooFormat}
+FORMAT_LAYOUTS: Registry[type] = Registry("token-format layout")
+FORMAT_LAYOUTS.add("parallel", ParallelFormat)
+FORMAT_LAYOUTS.add(DimooFormat.LAYOUT, DimooFormat)
 
 
 def format_from_dict(fields: dict[str, Any]) -> FormatBase:
     """A format saved with ``to_dict`` (``pararl.json``): its ``layout`` names the class (none: ParallelFormat)."""
     layout = fields.get("layout", "parallel")
-    if layout not in FORMAT_LAYOUTS:
-        raise ValueError(f"unknown token-format layout {layout!r}; known: {', '.join(sorted(FORMAT_LAYOUTS))}")
-    return FORMAT_LAYOUTS[layout].from_dict(fields)
+    return FORMAT_LAYOUTS.get(layout).from_dict(fields)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+from pararl.errors import ConfigError
 
 TEXT_VOCABS = ("text", "all")
 
@@ -116,7 +117,7 @@ class FormatBase:
 
     def check_text_vocab(self) -> None:
         if self.text_vocab not in TEXT_VOCABS:
-            raise ValueError(f"text_vocab {self.text_vocab!r} of format {self.name!r} is not one of {', '.join(TEXT_VOCABS)}")
+            raise ConfigError(f"text_vocab {self.text_vocab!r} of format {self.name!r} is not one of {', '.join(TEXT_VOCABS)}")
 
     def restrict_image_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the codebook: index ``c`` is image code ``c``."""

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from pararl.formats.base import FormatBase, PromptTokens
+from pararl.errors import ConfigError, DataError
 
 DIMOO_GENERATE_INSTRUCTION = "Generate an image according to the text prompt."
 DIMOO_EDIT_INSTRUCTION = "Generate an image applying the following editing instruction based on the original image."
@@ -51,9 +52,9 @@ class DimooFormat(FormatBase):
         for name in ("answer_end_ids", "generate_prefix", "edit_prefix", "prompt_suffix", "grid"):
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ValueError(f"grid {self.grid} must be (rows, columns) of at least one token")
+            raise ConfigError(f"grid {self.grid} must be (rows, columns) of at least one token")
         if not self.prompt_suffix:
-            raise ValueError("prompt_suffix is empty: the input image goes before the last template token")
+            raise ConfigError("prompt_suffix is empty: the input image goes before the last template token")
         specials = {self.mask_id, self.uncond_id, self.newline_id, self.boi_id, self.eoi_id, self.answer_start_id,
                     *self.special_ids}
         object.__setattr__(self, "special_ids", tuple(sorted(i for i in specials if i < self.text_vocab_size)))
@@ -86,15 +87,15 @@ class DimooFormat(FormatBase):
     def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None) -> PromptTokens:
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
-            raise ValueError("empty prompt: a generation or editing request needs instruction text")
+            raise DataError("empty prompt: a generation or editing request needs instruction text")
         if input_codes is None:
             head, image = list(self.generate_prefix), []
         else:
             codes = torch.as_tensor(input_codes).flatten()
             if codes.numel() != self.image_tokens:
-                raise ValueError(f"input image has {codes.numel()} tokens; format {self.name!r} needs {self.image_tokens}")
+                raise DataError(f"input image has {codes.numel()} tokens; format {self.name!r} needs {self.image_tokens}")
             if codes.min() < 0 or codes.max() >= self.codebook_size:
-                raise ValueError(f"input image codes must lie in [0, {self.codebook_size})")
+                raise DataError(f"input image codes must lie in [0, {self.codebook_size})")
             head, image = list(self.edit_prefix), [self.boi_id, *self.span_ids(codes).tolist(), self.eoi_id]
         template = head + prompt_ids + list(self.prompt_suffix)
         ids = template[:-1] + image + template[-1:]
@@ -151,7 +152,7 @@ class DimooFormat(FormatBase):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ValueError(f"unknown token-format fields: {', '.join(unknown)}")
+            raise ConfigError(f"unknown token-format fields: {', '.join(unknown)}")
         return cls(**fields)
 
 
@@ -184,7 +185,7 @@ def mmada_a_format(
     uncond = 126351
     known = tokenizer.convert_tokens_to_ids("<uncondition>")
     if known is not None and known != tokenizer.unk_token_id and known != uncond:
-        raise ValueError(f"the tokenizer maps <uncondition> to {known}, the -A format expects {uncond}")
+        raise ConfigError(f"the tokenizer maps <uncondition> to {known}, the -A format expects {uncond}")
     generate = _template_ids(tokenizer, f"<system>{generate_instruction}</system><user>", lead=True, trail=False)
     edit = _template_ids(tokenizer, f"<system>{edit_instruction}</system><user>", lead=True, trail=False)
     suffix = _template_ids(tokenizer, "</user>", lead=False, trail=True)

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from pararl.formats.base import FormatBase, PromptTokens
+from pararl.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ParallelFormat(FormatBase):
     def __post_init__(self) -> None:
         self.check_text_vocab()
         if self.released_layout and self.eos_id < 0:
-            raise ValueError(f"format {self.name!r}: released_layout needs eos_id")
+            raise ConfigError(f"format {self.name!r}: released_layout needs eos_id")
         specials = {self.mask_id, self.pad_id, self.uncond_id, self.bos_id, self.soi_id, self.eoi_id,
                     self.generate_id, self.edit_id, *self.special_ids}
         if self.eos_id >= 0:
@@ -56,7 +57,7 @@ class ParallelFormat(FormatBase):
     def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None) -> PromptTokens:
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
-            raise ValueError("empty prompt: a generation or editing request needs instruction text")
+            raise DataError("empty prompt: a generation or editing request needs instruction text")
         if self.released_layout:
             prompt_ids = ([] if prompt_ids[0] == self.bos_id else [self.bos_id]) + prompt_ids + [self.eos_id]
         if input_codes is None:
@@ -65,11 +66,11 @@ class ParallelFormat(FormatBase):
         else:
             codes = torch.as_tensor(input_codes).flatten()
             if codes.numel() != self.image_tokens:
-                raise ValueError(
+                raise DataError(
                     f"input image has {codes.numel()} tokens; format {self.name!r} needs {self.image_tokens}"
                 )
             if codes.min() < 0 or codes.max() >= self.codebook_size:
-                raise ValueError(f"input image codes must lie in [0, {self.codebook_size})")
+                raise DataError(f"input image codes must lie in [0, {self.codebook_size})")
             image = [self.soi_id, *self.image_ids(codes).tolist(), self.eoi_id]
             head = [self.edit_id]
         ids = head + image + prompt_ids
@@ -98,7 +99,7 @@ class ParallelFormat(FormatBase):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ValueError(f"unknown token-format fields: {', '.join(unknown)}")
+            raise ConfigError(f"unknown token-format fields: {', '.join(unknown)}")
         return cls(**{**fields, "special_ids": tuple(fields.get("special_ids", ()))})
 
 

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch
 
+from pararl.registry import Registry
+
 
 class ImageTokenizer(ABC):
     codebook_size: int
@@ -58,27 +60,19 @@ class ModuleImageTokenizer(ImageTokenizer):
         return p.device, p.dtype
 
 
-IMAGE_TOKENIZERS: dict[str, Callable[..., ImageTokenizer]] = {}
-
-
-def register_image_tokenizer(name: str) -> Callable[[Callable[..., ImageTokenizer]], Callable[..., ImageTokenizer]]:
-    def add(factory: Callable[..., ImageTokenizer]) -> Callable[..., ImageTokenizer]:
-        IMAGE_TOKENIZERS[name] = factory
-        return factory
-
-    return add
+IMAGE_TOKENIZERS: Registry[Callable[..., ImageTokenizer]] = Registry("image tokenizer type")
+register_image_tokenizer = IMAGE_TOKENIZERS.register
 
 
 def build_image_tokenizer(spec: dict[str, Any]) -> ImageTokenizer:
     spec = dict(spec)
     kind = spec.pop("type", None)
-    if kind not in IMAGE_TOKENIZERS:
-        raise ValueError(f"unknown image tokenizer type {kind!r}; known: {', '.join(sorted(IMAGE_TOKENIZERS))}")
-    return IMAGE_TOKENIZERS[kind](**spec)
+    return IMAGE_TOKENIZERS.get(kind)(**spec)
 
 
 from pararl.image_tokenizers.magvit2 import Magvit2Tokenizer  # noqa: E402  (registers itself)
 from pararl.image_tokenizers.palette import PaletteCodec  # noqa: E402  (registers itself)
 from pararl.image_tokenizers.vqmodel import VQModelTokenizer  # noqa: E402  (registers itself; imports diffusers lazily)
 
-__all__ = ["ImageTokenizer", "ModuleImageTokenizer", "Magvit2Tokenizer", "PaletteCodec", "VQModelTokenizer", "IMAGE_TOKENIZERS", "build_image_tokenizer", "register_image_tokenizer"]
+__all__ = ["ImageTokenizer", "ModuleImageTokenizer", "Magvit2Tokenizer", "PaletteCodec", "VQModelTokenizer", "IMAGE_TOKENIZERS",
+           "build_image_tokenizer", "register_image_tokenizer"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pararl.image_tokenizers import ModuleImageTokenizer, register_image_tokenizer
+from pararl.errors import CheckpointError
 
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.bin")
 
@@ -259,13 +260,13 @@ def load_magvit2(folder: str | Path) -> MagvitV2:
     computed = {k: v for k, v in expected.items() if k.startswith("quantize.")}
     for key, value in computed.items():
         if key in state and not torch.equal(state[key].to(value.dtype), value):
-            raise ValueError(f"{folder}: {key} differs from the {cfg.codebook_bits}-bit LFQ it should hold")
+            raise CheckpointError(f"{folder}: {key} differs from the {cfg.codebook_bits}-bit LFQ it should hold")
         state.setdefault(key, value)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or wrong:
-        raise ValueError(f"{folder}: MAGVIT-v2 weights do not match the architecture: missing {missing[:4]}, "
+        raise CheckpointError(f"{folder}: MAGVIT-v2 weights do not match the architecture: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from pararl.image_tokenizers import ImageTokenizer, register_image_tokenizer
+from pararl.errors import ConfigError
 
 NAMED_COLOURS: dict[str, tuple[float, float, float]] = {
     "black": (0.0, 0.0, 0.0),
@@ -47,7 +48,7 @@ class PaletteCodec(ImageTokenizer):
         self.patch = int(patch)
         self.palette = default_palette(codebook_size) if palette is None else torch.tensor(palette, dtype=torch.float)
         if self.palette.ndim != 2 or self.palette.shape[1] != 3:
-            raise ValueError("palette must be a list of RGB triples")
+            raise ConfigError("palette must be a list of RGB triples")
         self.codebook_size = len(self.palette)
         self.image_size = (self.grid[0] * self.patch, self.grid[1] * self.patch)
 

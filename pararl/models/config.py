@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PretrainedConfig
+from pararl.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("llada", "mmada")
 
@@ -122,7 +123,7 @@ class LLaDAConfig(PretrainedConfig):
             if value not in (inert, False, None):
                 problems.append(f"{field}={value!r} is not supported")
         if problems:
-            raise ValueError("unsupported LLaDA config: " + "; ".join(problems))
+            raise CheckpointError("unsupported LLaDA config: " + "; ".join(problems))
 
 
 # LLaDA-8B's architecture (its released config.json); the MMaDA-Parallel checkpoints keep it and grow

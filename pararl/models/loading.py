@@ -15,13 +15,10 @@ from safetensors import safe_open
 
 from pararl.models.config import SUPPORTED_MODEL_TYPES, LLaDAConfig
 from pararl.models.llada import LLaDAModelLM
+from pararl.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot become a policy; the message says which file or key."""
 
 
 def read_config(path: str | Path) -> LLaDAConfig:

@@ -84,4 +84,33 @@ def resolve_sampler(cfg: Any) -> SamplerConfig:
     if fields["guidance"] != "mmada-parallel-a" and fields["cfg_prompt"] > 0:
         raise ConfigError(f"sampler.cfg_prompt is the -A generator's cfg_scale; guidance {fields['guidance']!r} "
                           "has no such term (use cfg_image / cfg_text)")
-    return SamplerConfig(**fields)
+    resolved = SamplerConfig(**fields)
+    check_sampler(resolved)
+    return resolved
+
+
+def check_sampler(cfg: SamplerConfig, image_tokens: int | None = None) -> None:
+    """The schedule's arithmetic; ``image_tokens`` (known once a model folder is loaded) adds its bound."""
+    n, steps = cfg.text_len, cfg.steps
+    if steps < 1 or n < 1:
+        raise ConfigError(f"sampler.steps ({steps}) and sampler.text_len ({n}) must be positive")
+    block = cfg.block_length or n
+    if block < 1 or n % block:
+        raise ConfigError(f"sampler.text_len {n} is not a multiple of block_length {block}")
+    blocks = n // block
+    if steps % blocks:
+        raise ConfigError(f"sampler.steps {steps} is not a multiple of the {blocks} text blocks")
+    if steps // blocks > block:
+        raise ConfigError(f"sampler: {steps} steps over {blocks} block(s) of {block} text tokens: more steps than "
+                          f"tokens allow (at most {block * blocks})")
+    image_steps = cfg.image_steps or steps - cfg.image_start
+    if not 0 <= cfg.image_start < steps:
+        raise ConfigError(f"sampler.image_start {cfg.image_start} must lie in [0, steps={steps})")
+    if image_steps > steps - cfg.image_start:
+        raise ConfigError(f"sampler.image_steps {image_steps} exceed the {steps - cfg.image_start} steps from image_start")
+    if image_tokens is not None and image_steps > image_tokens:
+        raise ConfigError(f"sampler.image_steps {image_steps} exceed the {image_tokens} image tokens: "
+                          "more steps than tokens allow")
+    for name in ("text_temperature", "image_temperature", "image_noise", "cfg_image", "cfg_text", "cfg_prompt"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"sampler.{name} must be >= 0")

@@ -1,17 +1,26 @@
 """``pararl sample``: one output from a model folder, written where a user can look at it."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from pararl.bundle import load_bundle
-from pararl.config import SampleCommandConfig, build_config
+from pararl.config import build_config
 from pararl.data import load_image
 from pararl.snapshots import snapshot_grid, to_pil
 from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
+
+
+@dataclass
+class SampleCommandConfig:
+    """What ``pararl sample`` reads besides its flags (only the sampler, for now)."""
+
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
 def sample_to_folder(

@@ -27,10 +27,11 @@ from typing import Callable, Protocol, Union
 
 import torch
 
+from pararl import noise
 from pararl.formats import OutputLayout, ParallelFormat
-from rollout import noise
+from pararl.registry import Registry
 
-MASK_RATIO_STREAM, MASK_POSITION_STREAM = 11, 12  # counter-based noise streams (rollout.noise) of the random mask
+MASK_RATIO_STREAM, MASK_POSITION_STREAM = 11, 12  # counter-based noise streams (pararl.noise) of the random mask
 
 
 class TrajectoryView(Protocol):
@@ -148,7 +149,8 @@ def check_targets(fmt: ParallelFormat, lay: OutputLayout, tokens: torch.Tensor, 
         r, c = outside.nonzero()[0].tolist()
         raise ValueError(f"trajectory {r}: output column {c} has a step but is neither an image nor a text position")
     t = out[:, text]
-    bad_t = scoreable[:, text] & ((t < 0) | (t >= fmt.text_vocab_size) | torch.isin(t, torch.tensor(fmt.special_ids, dtype=torch.long, device=t.device)))
+    specials = torch.tensor(fmt.special_ids, dtype=torch.long, device=t.device)
+    bad_t = scoreable[:, text] & ((t < 0) | (t >= fmt.text_vocab_size) | torch.isin(t, specials))
     bad_i = scoreable[:, image] & (fmt.image_codes(out[:, image]) < 0)
     for bad, span in ((bad_t, "text"), (bad_i, "image")):
         if bad.any():
@@ -262,7 +264,9 @@ def random_mask(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView
 
 
 Estimator = Callable[..., TokenLogProbs]
-LOGPROB_ESTIMATORS: dict[str, Estimator] = {"trace": trace_replay, "random_mask": random_mask}
+LOGPROB_ESTIMATORS: Registry[Estimator] = Registry("log-probability estimator")
+LOGPROB_ESTIMATORS.add("trace", trace_replay)
+LOGPROB_ESTIMATORS.add("random_mask", random_mask)
 
 
 def trajectory_logprobs(policy: torch.nn.Module, fmt: ParallelFormat, trajectories: TrajectoryView, plan: Plan,
@@ -272,12 +276,10 @@ def trajectory_logprobs(policy: torch.nn.Module, fmt: ParallelFormat, trajectori
     Gradients flow when called with grad enabled (the learner); rollout workers call it under
     ``torch.inference_mode`` for the behaviour log-probs. ``chunk_rows`` bounds the forward batch.
     """
-    name = getattr(plan, "estimator", None)
-    if name not in LOGPROB_ESTIMATORS:
-        raise ValueError(f"unknown log-probability estimator {name!r}; known: {', '.join(sorted(LOGPROB_ESTIMATORS))}")
+    estimator = LOGPROB_ESTIMATORS.get(getattr(plan, "estimator", None))
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
-    return LOGPROB_ESTIMATORS[name](policy, fmt, trajectories, plan, chunk_rows=chunk_rows, with_entropy=with_entropy)
+    return estimator(policy, fmt, trajectories, plan, chunk_rows=chunk_rows, with_entropy=with_entropy)
 
 
 def sample_trace_plan(total_steps: int, sampled: int, merge: int = 1, seed: int = 0) -> TracePlan:

@@ -14,7 +14,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from learner.weights import Bucket, named_weights, plan_buckets
+from pararl.errors import ConfigError
+from pararl.sync.buckets import Bucket
 
 
 def join_group(addr: str, port: int, rank: int, world: int, backend: str, timeout_s: float = 300) -> dist.ProcessGroup:
@@ -26,7 +27,7 @@ def join_group(addr: str, port: int, rank: int, world: int, backend: str, timeou
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world, opts)
-    raise ValueError(f"weight-sync backend must be gloo or nccl, got {backend!r}")
+    raise ConfigError(f"weight-sync backend must be gloo or nccl, got {backend!r}")
 
 
 def _broadcast(group: dist.ProcessGroup, flat: torch.Tensor) -> None:
@@ -48,12 +49,6 @@ def send(group: dist.ProcessGroup, buckets: Iterable[Bucket], backend: str, wire
         _broadcast(group, flat)
         sent += flat.numel() * flat.element_size()
     return sent
-
-
-def bucket_plan(module: torch.nn.Module, bucket_bytes: int) -> list[list[str]]:
-    """The sender's bucket boundaries, by name: the receivers follow them whatever their own dtypes."""
-    module = getattr(module, "module", module)
-    return [[name for name, _ in bucket] for bucket in plan_buckets(named_weights(module), bucket_bytes)]
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """The generated image+text world of the default run: scenes, prompts, files, and the alignment check."""
-from pararl.world.dataset import (EVAL_FILE, TRAIN_FILE, WORLD_FILE, WorldConfig, load_world_config, make_splits,
+from shapeworld.dataset import (EVAL_FILE, TRAIN_FILE, WORLD_FILE, WorldConfig, load_world_config, make_splits,
                                   world_token_format, world_tokenizer, write_world)
-from pararl.world.scene import EOS, SHAPES, ImageParse, Obj, Scene, TextParse, WorldSpec, make_scene, scene_key
-from pararl.world.tasks import Example, Partial, PromptError, follows, mismatched_description, sample_example
+from shapeworld.scene import EOS, SHAPES, ImageParse, Obj, Scene, TextParse, WorldSpec, make_scene, scene_key
+from shapeworld.tasks import Example, Partial, PromptError, follows, mismatched_description, sample_example
 
 __all__ = ["EOS", "SHAPES", "EVAL_FILE", "TRAIN_FILE", "WORLD_FILE", "Example", "ImageParse", "Obj", "Partial",
            "PromptError", "Scene", "TextParse", "WorldConfig", "WorldSpec", "follows", "load_world_config",

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from learner.sft import SFTConfig
-from pararl.world.dataset import EVAL_FILE, TRAIN_FILE, WorldConfig
-from pararl.world.scene import EOS, WorldSpec
+from shapeworld.dataset import EVAL_FILE, TRAIN_FILE, WorldConfig
+from shapeworld.scene import EOS, WorldSpec
 from reward.train_clip import ClipTrainConfig
+from pararl.errors import ConfigError
 
 MARKER = "DONE.json"
 REWARD_LABEL = "clip"  # the label of the CLIP reward model in RewardConfig.models (and in the stats file)
@@ -106,7 +107,7 @@ def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | N
     """
     from pararl.bundle import Codecs
     from pararl.data import CodeCache, read_records
-    from pararl.world.dataset import world_token_format, world_tokenizer, write_world
+    from shapeworld.dataset import world_token_format, world_tokenizer, write_world
 
     cfg = cfg or default_config(seed)
     cache = Path(cache_dir)
@@ -143,7 +144,7 @@ def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | N
     built += ["policy"] if b else []
 
     def build_clip_stage(tmp: Path) -> dict:
-        from pararl.world.tasks import mismatched_description
+        from shapeworld.tasks import mismatched_description
         from reward.clip_models import OpenClipReward
         from reward.stats import compute_stats, save_stats
         from reward.train_clip import drop_words, separation, train_clip
@@ -162,7 +163,7 @@ def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | N
             words = random.Random(cfg.clip.seed + 1)
             batches = ((imgs, [drop_words(t, words) for t in txts]) for imgs, txts in batches)
         elif cfg.stats_texts != "full":
-            raise ValueError(f"stats_texts must be 'full' or 'partial', got {cfg.stats_texts!r}")
+            raise ConfigError(f"stats_texts must be 'full' or 'partial', got {cfg.stats_texts!r}")
         stats = compute_stats(model, batches, total=len(train_records), desc="reward stats")
         save_stats(tmp / "reward_stats.json", {REWARD_LABEL: stats})
         rng = random.Random(cfg.clip.seed)

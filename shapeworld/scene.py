@@ -16,6 +16,7 @@ import torch
 
 from pararl.image_tokenizers import PaletteCodec
 from pararl.image_tokenizers.palette import NAMED_COLOURS
+from pararl.errors import ConfigError
 
 # Shapes as token patterns, per cell size (tokens per side of a cell).
 SHAPES: dict[int, dict[str, tuple[str, ...]]] = {
@@ -89,18 +90,18 @@ class WorldSpec:
         names = list(NAMED_COLOURS)[: self.codebook_size]
         bad = [c for c in (*self.colours, self.background) if c not in names]
         if bad:
-            raise ValueError(f"colours {bad} are not among the codec's first {self.codebook_size} named colours {names}")
+            raise ConfigError(f"colours {bad} are not among the codec's first {self.codebook_size} named colours {names}")
         if self.background in self.colours:
-            raise ValueError(f"the background {self.background!r} cannot also be an object colour")
+            raise ConfigError(f"the background {self.background!r} cannot also be an object colour")
         if self.cell not in SHAPES:
-            raise ValueError(f"cell {self.cell}: shapes exist for cells of {sorted(SHAPES)} tokens")
+            raise ConfigError(f"cell {self.cell}: shapes exist for cells of {sorted(SHAPES)} tokens")
         unknown = [s for s in self.shapes if s not in SHAPES[self.cell]]
         if unknown:
-            raise ValueError(f"unknown shapes {unknown} for cells of {self.cell} tokens; known: {', '.join(SHAPES[self.cell])}")
+            raise ConfigError(f"unknown shapes {unknown} for cells of {self.cell} tokens; known: {', '.join(SHAPES[self.cell])}")
         if self.cells[0] not in ROW_NAMES or self.cells[1] not in COL_NAMES:
-            raise ValueError(f"cells {self.cells}: rows and columns must each be 2 or 3")
+            raise ConfigError(f"cells {self.cells}: rows and columns must each be 2 or 3")
         if not 1 <= self.max_objects <= self.cells[0] * self.cells[1]:
-            raise ValueError(f"max_objects {self.max_objects} must lie in [1, {self.cells[0] * self.cells[1]}]")
+            raise ConfigError(f"max_objects {self.max_objects} must lie in [1, {self.cells[0] * self.cells[1]}]")
 
     # ----- geometry and names ------------------------------------------------------------------
     @property
@@ -240,7 +241,7 @@ class WorldSpec:
 
     def words(self) -> list[str]:
         """Every word of descriptions and instructions (the text tokenizer's vocabulary)."""
-        from pararl.world.tasks import INSTRUCTION_WORDS
+        from shapeworld.tasks import INSTRUCTION_WORDS
 
         return sorted({*self.colours, *self.shapes, *ROW_NAMES[self.cells[0]], *COL_NAMES[self.cells[1]], JOIN,
                        *INSTRUCTION_WORDS})

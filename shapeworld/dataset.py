@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pararl.formats import WORLD_SPECIAL_TOKENS, ParallelFormat, world_format
 from pararl.snapshots import to_pil
-from pararl.world.scene import EOS, Scene, WorldSpec, scene_key
-from pararl.world.tasks import Example, sample_example
+from shapeworld.scene import EOS, Scene, WorldSpec, scene_key
+from shapeworld.tasks import Example, sample_example
 
 WORLD_FILE = "world.json"
 TRAIN_FILE, EVAL_FILE = "train.jsonl", "eval.jsonl"

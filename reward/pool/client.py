@@ -18,11 +18,12 @@ from reward.config import RewardConfig
 from reward.messages import ChunkResult, ScoreRequest, ScoreResult, chunk_requests
 from reward.scorer import SemanticScorer, requests_from
 from reward.semantic import clipped_shares
+from pararl.errors import RunError
 
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
-class RewardError(RuntimeError):
+class RewardError(RunError):
     """The reward step cannot complete (non-finite scores under nonfinite=fail, or a pool that stays down)."""
 
 

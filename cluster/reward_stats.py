@@ -5,10 +5,12 @@ from pathlib import Path
 from typing import Sequence
 
 from pararl.bundle import load_codecs
-from pararl.config import load_run_config, require
+from pararl.config import require
+from cluster.run_config import load_run_config
 from pararl.data import CodeCache, read_records, reference_pairs
 from reward.base import build_reward_model
 from reward.stats import ModelStats, compute_stats, save_stats
+from pararl.errors import ConfigError
 
 
 def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int = 32) -> Path:
@@ -26,7 +28,7 @@ def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int =
         s = stats[label]
         print(f"{label}: {s.identity}  mean {s.mean:.4f}  Z {s.std:.4f}  over {s.count} pairs")
     if not stats:
-        raise ValueError("no reward model standardises: there are no statistics to compute")
+        raise ConfigError("no reward model standardises: there are no statistics to compute")
     path = save_stats(cfg.reward.stats_file, stats)
     print(f"saved {path}")
     return path

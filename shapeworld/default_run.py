@@ -9,11 +9,11 @@ held-out prompts; runs ParaRL on a local Ray; exports the final policy, evaluate
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from pararl.config import load_run_config
+from cluster.run_config import load_run_config
+from pararl.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -28,36 +28,37 @@ def resolved_overrides(paths: dict) -> list[str]:
 
 
 def evaluate_folder(model: str | Path, cfg, spec, prompts: int, samples: int, seed: int) -> dict:
+    from cluster.evaluate import evaluate
     from pararl.bundle import load_bundle
     from pararl.data import CodeCache, read_records
-    from pararl.evaluate import evaluate
     from reward.scorer import SemanticScorer
+    from shapeworld.checks import world_checks
 
     bundle = load_bundle(model)
     records = read_records(cfg.data.eval)[:prompts]
     scorer = SemanticScorer(bundle, cfg.reward)
-    result = evaluate(bundle.policy, bundle, cfg.sampler, scorer, records, spec,
-                      CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=samples, seed=seed)
+    result = evaluate(bundle.policy, bundle, cfg.sampler, scorer, records,
+                      CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=samples, seed=seed,
+                      checks=world_checks(spec, bundle))
     return result.summary()
 
 
 def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), cache_dir: str = ".cache/pararl-default",
                 eval_samples: int = 2, prepare_cfg=None) -> dict:
-    import yaml
 
     from cluster.tracking import Tracker
     from cluster.train import train
     from learner.export import export_policy
     from pararl.bundle import load_codecs
-    from pararl.world.dataset import WorldConfig
-    from pararl.world_prepare import prepare_default
+    from shapeworld.dataset import WorldConfig
+    from shapeworld.prepare import prepare_default
 
     from cluster.train import check_run_dir
 
     first = load_run_config(config, overrides)
     done = [name for name in ("results.json", "final-policy") if (Path(first.run_dir) / name).exists()]
     if done:  # refused before any work, and nothing of the finished run is touched
-        raise ValueError(f"{first.run_dir} holds a finished default run ({', '.join(done)}); choose another with "
+        raise ConfigError(f"{first.run_dir} holds a finished default run ({', '.join(done)}); choose another with "
                          f'make train ARGS="run_dir=runs/NAME", or remove {first.run_dir}')
     check_run_dir(first)
     seed = first.seed

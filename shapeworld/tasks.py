@@ -19,7 +19,7 @@ import itertools
 import random
 from dataclasses import dataclass, replace
 
-from pararl.world.scene import COL_NAMES, ROW_NAMES, Obj, Scene, WorldSpec, make_scene, scene_key
+from shapeworld.scene import COL_NAMES, ROW_NAMES, Obj, Scene, WorldSpec, make_scene, scene_key
 
 FREE_COLOUR, FREE_SHAPE, FREE_PLACE = "coloured", "shape", ("any", "place")
 INSTRUCTION_WORDS = ("draw", "a", "at", FREE_COLOUR, FREE_SHAPE, *FREE_PLACE, "and", "add", "paint", "the", "in", "make",

@@ -4,46 +4,29 @@
 trajectories, so a CLIP forward always sees a full batch however the work was split upstream. The
 replica's event loop stays free while a batch is scored (on the replica's one torch thread), so
 health checks and the next batch's requests are not held up. Requests go to the replica with the
-fewest in flight (``reward.routing``). An optional HTTP route, protected by a bearer token,
+fewest in flight (``reward.pool.routing``). An optional HTTP route, protected by a bearer token,
 serves raw scores to other machines (the ``remote`` reward backend).
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pararl.bundle import load_codecs
 from reward.config import RewardConfig, check_reward_config
-from reward.messages import ChunkResult, ScoreChunk
-from reward.routing import LeastLoadedRouter
+from reward.messages import ChunkResult, ScoreChunk, decode_images
+from reward.pool.routing import LeastLoadedRouter
 from reward.scorer import SemanticScorer
 from reward.stats import RewardStatsError
 
 APP_NAME = "pararl-reward"
-
-
-def encode_images(images: torch.Tensor) -> str:
-    """[N, 3, H, W] in [0, 1] -> base64 of an .npy uint8 array (what the HTTP route takes)."""
-    buf = io.BytesIO()
-    np.save(buf, (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode_images(payload: str) -> torch.Tensor:
-    arr = np.load(io.BytesIO(base64.b64decode(payload)), allow_pickle=False)
-    if arr.ndim != 4 or arr.shape[1] != 3 or arr.dtype != np.uint8:
-        raise ValueError("images must be a uint8 array [N, 3, H, W]")
-    return torch.from_numpy(arr).float() / 255.0
 
 
 def trajectory_count(chunks: list[ScoreChunk]) -> int:
@@ -152,7 +135,7 @@ def replica_error() -> str:
                 errors = [ln for ln in lines if "Error:" in ln and "RuntimeError: Traceback" not in ln]
                 if errors:
                     return errors[-1].strip()
-    except Exception:  # status itself unavailable: say so rather than hide the original error
+    except Exception:  # noqa: BLE001 - status itself unavailable: say so rather than hide the original error
         pass
     return "see the Ray Serve controller log"
 
@@ -161,4 +144,4 @@ def stop_reward_pool() -> None:
     serve.delete(APP_NAME)
 
 
-__all__ = ["RewardReplica", "start_reward_pool", "stop_reward_pool", "encode_images", "decode_images"]
+__all__ = ["RewardReplica", "start_reward_pool", "stop_reward_pool"]

@@ -1,0 +1,48 @@
+"""The generated world's own checks of a policy's outputs, for the generic held-out evaluation.
+
+Exact alignment (does the final text name exactly the objects the final image shows), a soft
+per-object agreement, and prompt following (does the image obey the instruction: a guard against a
+policy that buys alignment by ignoring the prompt). ``cluster.evaluate`` averages them with their
+standard errors beside the reward.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from pararl.bundle import Codecs
+from pararl.data import Record
+from pararl.types import GenerationRequest, Trajectories
+from shapeworld.scene import WorldSpec
+from shapeworld.tasks import PromptError, follows
+
+
+def check_outputs(spec: WorldSpec, codecs: Codecs, traj: Trajectories, records: Sequence[Record],
+                  input_codes: Sequence[torch.Tensor | None]) -> dict[str, list[float]]:
+    """Per trajectory: exact alignment, soft agreement, and prompt following of the final outputs."""
+    codes = codecs.fmt.image_codes(traj.image_tokens.cpu())
+    out: dict[str, list[float]] = {"aligned": [], "agreement": [], "follows": []}
+    for row in range(len(traj)):
+        rec = records[int(traj.prompt_index[row])]
+        text = codecs.decode_text(traj.text_tokens[row].cpu())
+        out["aligned"].append(float(spec.aligned(text, codes[row])))
+        out["agreement"].append(spec.agreement(text, codes[row]))
+        parsed = spec.parse_image(codes[row])
+        inp = input_codes[int(traj.prompt_index[row])]
+        try:
+            ok = not parsed.garbled and follows(spec, rec.prompt, spec.parse_image(inp).objects if inp is not None else None,
+                                                parsed.objects)
+        except PromptError:
+            ok = False
+        out["follows"].append(float(ok))
+    return out
+
+
+def world_checks(spec: WorldSpec, codecs: Codecs) -> Callable[..., dict[str, list[float]]]:
+    """The checks as the evaluation's hook: (trajectories, their records, their requests) -> values per check."""
+
+    def checks(traj: Trajectories, records: Sequence[Record], requests: Sequence[GenerationRequest]) -> dict[str, list[float]]:
+        return check_outputs(spec, codecs, traj, records, [r.input_codes for r in requests])
+
+    return checks

@@ -1,0 +1,55 @@
+"""The run config is checked whole when it loads: every stage's checks and those between stages,
+so a bad value exits 2 with one line naming the key, found by the loader before anything starts."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cluster.run_config import load_run_config
+from pararl.cli import main
+from pararl.errors import ConfigError
+
+CONFIG = """
+model: /nonexistent/model
+run_dir: {run_dir}
+data: {{train: /nonexistent/train.jsonl}}
+reward:
+  models: {{clip: {{name: open_clip, standardize: false}}}}
+"""
+
+BAD = [
+    ("sampler.block_length=5", "sampler.text_len 32 is not a multiple of block_length 5"),
+    ("sampler.steps=64", "more steps than tokens allow"),
+    ("sampler.image_start=40", "sampler.image_start 40 must lie in [0, steps=32)"),
+    ("reward.nonfinite=maybe", "reward.nonfinite must be 'drop' or 'fail', got 'maybe'"),
+    ("reward.request_size=64", "reward.request_size must be between 1 and reward.max_batch_size (16), got 64"),
+    ("reward.step_sampling=every", "reward.step_sampling must be 'random' or 'uniform'"),
+    ("reward.sampled_steps=40", "do not fit sampler.steps=32"),
+    ("learner.kl_estimator=k4", "learner.kl_estimator='k4' is not a known KL estimator; known: k1, k2, k3"),
+    ("cluster.mode=async", "cluster.mode='async' is not one of: sync, off_policy"),
+    ("data.group_size=0", "data.group_size=0 must be >= 1"),
+    ("train.max_idle_steps=-1", "train.max_idle_steps=-1 must be >= 0"),
+]
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG.format(run_dir=tmp_path / "run"))
+    return path
+
+
+def test_a_good_config_loads_with_its_paths_and_preset_filled(config):
+    cfg = load_run_config(config)
+    assert cfg.sampler.guidance == "pararl" and cfg.reward.stats_file.endswith("reward_stats.json")
+    assert cfg.learner.checkpoint.folder.endswith("checkpoints")
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[o for o, _ in BAD])
+def test_a_bad_value_exits_2_with_one_line_before_ray_starts(config, capsys, override, message):
+    assert main(["train", str(config), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    with pytest.raises(ConfigError, match=re.escape(message)):  # found by the loader itself, which starts nothing
+        load_run_config(config, [override])
