@@ -37,7 +37,7 @@ from reward.pool.client import RewardClient  # noqa: E402
 from reward.config import RewardConfig, RewardModelConfig  # noqa: E402
 from reward.scorer import ScoreRequest  # noqa: E402
 from reward.pool.service import start_reward_pool, stop_reward_pool  # noqa: E402
-from tests.tiny import tiny_clip  # noqa: E402
+from reward.testing import tiny_clip  # noqa: E402
 
 WORDS = "a red green blue yellow square circle triangle top bottom left right".split()
 BATCH = 64  # trajectories per reward-model call (configs/default.yaml's reward.max_batch_size)

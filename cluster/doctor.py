@@ -291,9 +291,9 @@ def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb
             out_len, span = len(fmt.output_ids(cfg.sampler.text_len)[0]), fmt.image_span_len
             vocab, codebook = fmt.text_vocab_size, fmt.codebook_size
         else:
-            from cluster.memory import preset_lengths
+            from cluster.memory import preset_shapes
 
-            (out_len, span), vocab, codebook = preset_lengths("mmada-parallel-a", cfg.sampler.text_len), 126464, 8192
+            out_len, span, vocab, codebook = preset_shapes("mmada-parallel-a", cfg.sampler.text_len)
         tok = model.get("image_tokenizer")
         reward_weights = model.get("image_weights", 0.0) + sum(
             Path(v).expanduser().stat().st_size for m in r.models.values() for v in m.kwargs.values()

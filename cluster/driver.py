@@ -10,7 +10,6 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import ray
 import torch
@@ -25,12 +24,12 @@ from cluster.learner_group import LearnerGroup
 from learner.advantages import compute_advantages
 from learner.batch import TrainBatch, iteration_plan
 from learner.checkpoint import RunState, latest_checkpoint
-from pararl.logprobs import TracePlan
 from pararl.bundle import load_codecs
 from pararl.config import require
 from cluster.run_config import RunConfig
 from pararl.data import CodeCache, PromptSource, read_records
 from pararl.errors import RunError
+from pararl.seeds import PLAN_STRIDE, derive
 from pararl.snapshots import snapshot_grid
 from reward.pool.client import RewardClient
 from reward.semantic import run_steps
@@ -93,18 +92,11 @@ class Driver:
         # the rollout workers start from the model folder: bring them to the checkpoint's weights
         self.sync.broadcast(self.state.policy_version)
 
-    def _plan(self, step: int, snapshot_steps: list[int]) -> Any:
-        """ParaRL estimates the likelihood at the reward's sampled steps (trace replay) unless configured otherwise."""
-        lc = self.cfg.learner
-        if lc.logprob_estimator == "trace" and lc.sampled_steps == 0 and lc.merge_steps == 1:
-            return TracePlan(tuple(snapshot_steps))
-        return iteration_plan(lc, self.cfg.sampler.steps, self.cfg.seed * 7919 + step)
-
     def _rollout(self, step: int):
-        rng = random.Random(self.cfg.seed * 1_000_003 + step)
+        rng = random.Random(derive(self.cfg.seed, step))
         r = self.cfg.reward
         steps = run_steps(r, self.cfg.sampler.steps, rng)
-        plan = self._plan(step, steps)
+        plan = iteration_plan(self.cfg.learner, self.cfg.sampler.steps, derive(self.cfg.seed, step, PLAN_STRIDE), steps)
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
         t = time.perf_counter()
         traj, old = self.rollouts.sample(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from pararl.bundle import Codecs
 from pararl.data import CodeCache, Record
+from pararl.seeds import derive
 from pararl.types import GenerationRequest, Trajectories
 from reward.config import RewardConfig
 from reward.pool.client import RewardClient
@@ -48,7 +49,7 @@ class EvalResult:
 
 def requests_for(records: Sequence[Record], codecs: Codecs, cache: CodeCache, seed: int) -> list[GenerationRequest]:
     return [GenerationRequest(codecs.encode_text(r.prompt), cache.codes(r.input_image) if r.input_image else None,
-                              seed=seed * 1_000_003 + i) for i, r in enumerate(records)]
+                              seed=derive(seed, i)) for i, r in enumerate(records)]
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from learner.batch import rows_per_trajectory
+from pararl.formats import mmada_m_format
 from pararl.models.config import LLaDAConfig, parameter_count
 from rollout.config import resolve_sampler
 
@@ -140,22 +142,14 @@ def host_memory(s: Shapes, lc: Any, learner_ranks: int, rollout_workers: int, re
     return learner_ranks * per_rank + rollout_workers * 2 * s.params + replicas * reward_weights
 
 
-def windows_per_trajectory(lc: Any, reward_sampled_steps: int, sampler_steps: int) -> int:
-    """Rows each trajectory becomes in a log-prob forward (the driver's plan: the reward's steps by default)."""
-    if lc.logprob_estimator == "random_mask":
-        return 1
-    if lc.sampled_steps:
-        return lc.sampled_steps
-    if lc.merge_steps == 1:
-        return reward_sampled_steps
-    return -(-sampler_steps // lc.merge_steps)
-
-
-def preset_lengths(preset: str, text_len: int) -> tuple[int, int]:
-    """(output length, image span) of a released layout at 512x512 (32x32 codes)."""
+def preset_shapes(preset: str, text_len: int) -> tuple[int, int, int, int]:
+    """(output length, image span, text vocabulary, codebook) of a released layout at 512x512 (32x32 codes),
+    for an estimate made without the model folder. -M's come from its format object; -A's format needs
+    its tokenizer to exist, so its lengths are written out (its 32 rows of 33: codes plus a row end)."""
     if preset == "mmada-parallel-a":
-        return 2 + 1056 + 1 + text_len + 1, 1056
-    return 1 + 1024 + 2 + text_len, 1024
+        return 2 + 1056 + 1 + text_len + 1, 1056, 126356, 8192
+    fmt = mmada_m_format()
+    return len(fmt.output_ids(text_len)[0]), fmt.image_span_len, fmt.text_vocab_size, fmt.codebook_size
 
 
 def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int, image_size: tuple[int, int] = (512, 512),
@@ -165,7 +159,7 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
     s = Shapes.of(config, sequence_length(output_len, image_span, prompt_tokens), cfg.sampler.text_len, image_span,
                   text_vocab, codebook)
     c, lc, r = cfg.cluster, cfg.learner, cfg.reward
-    windows = windows_per_trajectory(lc, r.sampled_steps, cfg.sampler.steps)
+    windows = rows_per_trajectory(lc, r.sampled_steps, cfg.sampler.steps)
     prompts_per_worker = -(-cfg.data.prompts_per_step // c.rollout_workers)
     cfg_rows = forward_rows(cfg.sampler)
     estimates = [
@@ -207,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cfg = load_run_config(args[0])
     preset = args[1] if len(args) > 1 else ("mmada-parallel-a" if "-a-" in args[0] else "mmada-parallel-m")
-    out_len, span = preset_lengths(preset, cfg.sampler.text_len)
+    out_len, span, vocab, codebook = preset_shapes(preset, cfg.sampler.text_len)
     estimates, host, s = estimate_run(cfg, llada_8b_config(embedding_size=134656), out_len, span,
-                                      text_vocab=126356 if preset == "mmada-parallel-a" else 126464)
+                                      text_vocab=vocab, codebook=codebook)
     print(f"{preset}: {s.params / 1e9:.2f}B parameters, longest sequence {s.seq_len} tokens (GiB per GPU)\n")
     print(markdown_table(estimates))
     print(f"\nhost RAM at start-up, whole cluster: {host / GiB:.0f} GiB")

@@ -8,6 +8,7 @@ one per learner rank, without copying models or anything but tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
@@ -100,14 +101,32 @@ class TrainBatch:
         return replace(self, old=None if self.old is None else self.old.to(device), **rows)
 
 
-def iteration_plan(cfg, total_steps: int, seed: int) -> Plan:
+def uses_reward_steps(cfg) -> bool:
+    """ParaRL estimates the likelihood at the reward's sampled steps (trace replay), unless the learner
+    config asks for its own sampled or merged steps, or another estimator."""
+    return cfg.logprob_estimator == "trace" and cfg.sampled_steps == 0 and cfg.merge_steps == 1
+
+
+def iteration_plan(cfg, total_steps: int, seed: int, reward_steps: Sequence[int] | None = None) -> Plan:
     """The plan of one iteration from a ``LearnerConfig`` (estimator, sampled/merged steps, mask ratios).
 
     The driver draws it once per iteration and ships it with the batch; rollout workers compute the
-    behaviour log-probs with the same plan. For ParaRL's semantic reward, pass the reward's sampled
-    steps instead (``TracePlan(steps)``) so the likelihood is estimated at the same steps.
+    behaviour log-probs with the same plan. With ``reward_steps`` (the reward's sampled steps) and the
+    default config, the likelihood is estimated at the same steps as the reward.
     """
-    from pararl.logprobs import make_plan
+    from pararl.logprobs import TracePlan, make_plan
 
+    if reward_steps is not None and uses_reward_steps(cfg):
+        return TracePlan(tuple(reward_steps))
     return make_plan(cfg.logprob_estimator, total_steps, seed, cfg.sampled_steps, cfg.merge_steps,
                      cfg.mask_ratio_min, cfg.mask_ratio_max)
+
+
+def rows_per_trajectory(cfg, reward_sampled_steps: int, total_steps: int) -> int:
+    """Rows each trajectory becomes in a log-prob forward under ``iteration_plan`` (for memory estimates)."""
+    if cfg.logprob_estimator == "random_mask":
+        return 1
+    if uses_reward_steps(cfg):
+        return reward_sampled_steps
+    blocks = -(-total_steps // cfg.merge_steps)
+    return min(cfg.sampled_steps, blocks) if cfg.sampled_steps else blocks

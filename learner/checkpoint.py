@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pararl.errors import CheckpointError
+from pararl.files import atomic_write, write_synced
 
 COMPLETE, LATEST, DS_TAG = "COMPLETE", "latest", "deepspeed"
 PREFIX, TMP_PREFIX = "step-", ".tmp-"
@@ -60,13 +61,6 @@ def _rank_world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _sha256(path: Path) -> str:
@@ -125,20 +119,18 @@ def _finalize(engine, root: Path, tmp: Path, final: Path, state: RunState, world
               source: str | None) -> None:
     """Rank 0: the small files, then COMPLETE, then the rename, then ``latest``: each only after the one before."""
     cfg = engine.module.config
-    _fsync_write(tmp / "run_state.json", json.dumps(asdict(state), indent=1))
-    _fsync_write(tmp / "policy_config.json", cfg.to_json_string())
+    write_synced(tmp / "run_state.json", json.dumps(asdict(state), indent=1))
+    write_synced(tmp / "policy_config.json", cfg.to_json_string())
     meta = {"zero_stage": engine.zero_optimization_stage(), "world_size": world, "bf16": bool(engine.bfloat16_enabled()),
             "source": source, "global_steps": int(engine.global_steps)}
-    _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
-    _fsync_write(tmp / COMPLETE, json.dumps({"files": _manifest(tmp, checksums)}, indent=1))
+    write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
+    write_synced(tmp / COMPLETE, json.dumps({"files": _manifest(tmp, checksums)}, indent=1))
     if final.exists():  # the same step saved again: replace it whole
         old = root / f"{TMP_PREFIX}old-{final.name}"
         os.replace(final, old)
         shutil.rmtree(old)
     os.replace(tmp, final)
-    pointer = root / f"{TMP_PREFIX}{LATEST}"
-    _fsync_write(pointer, final.name)
-    os.replace(pointer, root / LATEST)
+    atomic_write(root / LATEST, final.name)
     dir_fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

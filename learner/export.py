@@ -11,7 +11,6 @@ under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from learner.checkpoint import DS_TAG, resolve_checkpoint, verify
 from pararl.models import LLaDAConfig, LLaDAModelLM
 from pararl.models.loading import check_keys
 from pararl.errors import ConfigError
+from pararl.files import atomic_folder
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -54,19 +54,14 @@ def export_policy(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
     check_keys(model, state, checkpoint)
     model.load_state_dict(state, strict=True, assign=True)
 
-    tmp = out.parent / f".tmp-{out.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    source = json.loads((checkpoint / "meta.json").read_text()).get("source")
-    if source and Path(source).is_dir():
-        for f in Path(source).iterdir():
-            if f.is_dir() and not f.name.startswith("."):  # the image tokenizer's folder (-A: vqvae/)
-                shutil.copytree(f, tmp / f.name)
-            elif f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
-                shutil.copy2(f, tmp / f.name)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        source = json.loads((checkpoint / "meta.json").read_text()).get("source")
+        if source and Path(source).is_dir():
+            for f in Path(source).iterdir():
+                if f.is_dir() and not f.name.startswith("."):  # the image tokenizer's folder (-A: vqvae/)
+                    shutil.copytree(f, tmp / f.name)
+                elif f.is_file() and f.name not in WEIGHT_FILES and not f.name.endswith(".safetensors"):
+                    shutil.copy2(f, tmp / f.name)
     return out
 

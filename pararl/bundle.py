@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pararl.files import atomic_write
 from pararl.formats import FormatBase
 from pararl.image_tokenizers import ImageTokenizer, build_image_tokenizer
 from pararl.models import CheckpointError, LLaDAModelLM, load_policy
@@ -39,7 +40,7 @@ class Codecs:
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path)
         meta = {"format": self.fmt.to_dict(), "image_tokenizer": self.image_tokenizer.spec()}
-        (path / BUNDLE_FILE).write_text(json.dumps(meta, indent=1))
+        atomic_write(path / BUNDLE_FILE, json.dumps(meta, indent=1))
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

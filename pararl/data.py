@@ -17,6 +17,7 @@ from PIL import Image
 
 from pararl.image_tokenizers import ImageTokenizer
 from pararl.errors import DataError
+from pararl.seeds import EPOCH_STRIDE, derive
 
 TASKS = ("generate", "edit")
 
@@ -116,7 +117,7 @@ class PromptSource:
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.records))
-        order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(derive(self.seed, epoch, EPOCH_STRIDE)))
         return int(order[offset])
 
     def request(self, position: int):
@@ -124,7 +125,7 @@ class PromptSource:
 
         rec = self.records[self._index(position)]
         codes = self.cache.codes(rec.input_image) if rec.task == "edit" else None
-        return GenerationRequest(self.encode_text(rec.prompt), codes, seed=self.seed * 1_000_003 + position)
+        return GenerationRequest(self.encode_text(rec.prompt), codes, seed=derive(self.seed, position))
 
     def next_batch(self, size: int) -> list:
         batch = [self.request(self.position + i) for i in range(size)]

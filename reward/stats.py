@@ -7,8 +7,6 @@ every reward.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -18,6 +16,7 @@ from tqdm.auto import tqdm
 
 from reward.base import RewardModel, static_identity
 from pararl.errors import ConfigError
+from pararl.files import atomic_write
 
 
 class RewardStatsError(ConfigError):
@@ -56,15 +55,9 @@ def compute_stats(
 
 
 def save_stats(path: str | Path, stats: dict[str, ModelStats]) -> Path:
-    """Atomic write (temporary file, then rename): a crash never leaves half a stats file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A crash never leaves half a stats file."""
     payload = {"models": {label: asdict(s) for label, s in stats.items()}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(payload, indent=1))
 
 
 def load_stats(path: str | Path) -> dict[str, ModelStats]:

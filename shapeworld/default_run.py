@@ -14,6 +14,7 @@ from typing import Sequence
 
 from cluster.run_config import load_run_config
 from pararl.errors import ConfigError
+from pararl.files import atomic_write
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -88,7 +89,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     tracker.finish()
     results = {"before": before, "after": after, "run_dir": str(run_dir.resolve()), "run_id": out["run_id"],
                "prepare": {k: paths[k] for k in ("model", "train", "eval", "reward_stats")}}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    atomic_write(run_dir / "results.json", json.dumps(results, indent=1, default=str))
     print(f"held-out exact alignment: {before['aligned']:.3f} -> {after['aligned']:.3f}; "
           f"mean reward: {before['reward']:.3f} -> {after['reward']:.3f}")
     print(f"results: {run_dir / 'results.json'}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from learner.sft import SFTConfig
+from pararl.files import atomic_folder
 from shapeworld.dataset import EVAL_FILE, TRAIN_FILE, WorldConfig
 from shapeworld.scene import EOS, WorldSpec
 from reward.train_clip import ClipTrainConfig
@@ -79,15 +79,11 @@ def _stage(folder: Path, key: str, build, log) -> tuple[dict, bool]:
     if meta is not None:
         log(f"{folder.name}: complete, skipped ({MARKER} {key})")
         return meta, False
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     start = time.perf_counter()
-    info = build(tmp)
-    meta = {"fingerprint": key, "seconds": round(time.perf_counter() - start, 2), **info}
-    (tmp / MARKER).write_text(json.dumps(meta, indent=1, default=str))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        info = build(tmp)
+        meta = {"fingerprint": key, "seconds": round(time.perf_counter() - start, 2), **info}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=1, default=str))
     log(f"{folder.name}: built in {meta['seconds']:.1f}s")
     return meta, True
 

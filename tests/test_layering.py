@@ -74,6 +74,14 @@ def test_every_import_points_down_the_layers():
     assert violations(ROOT) == []
 
 
+def test_benchmarks_never_import_the_tests():
+    """What bench/ shares with the tests lives in the packages (e.g. ``reward.testing``)."""
+    found = [f"{path.name}:{line} imports {name}" for path in sorted((ROOT / "bench").glob("*.py"))
+             for name, line, _ in _imports(ast.parse(path.read_text()), "bench." + path.stem, False)
+             if name.split(".")[0] == "tests"]
+    assert found == []
+
+
 def test_the_walk_catches_a_planted_upward_or_sideways_import(tmp_path):
     """The check itself can fail: a copy of the tree with bad imports planted in it."""
     for package in PROJECT:

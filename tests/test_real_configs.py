@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.memory import GiB, estimate_run, markdown_table, preset_lengths
+from cluster.memory import GiB, estimate_run, markdown_table, preset_shapes
 from cluster.placement import required
 from cluster.run_config import load_run_config
 from pararl.models import llada_8b_config
@@ -24,9 +24,10 @@ def test_8b_config_loads_and_fits_80gb_gpus(preset):
     assert cfg.data.prompts_per_step * cfg.data.group_size == unit, "one optimizer step uses the whole batch"
     assert cfg.reward.stats_file.endswith("reward_stats.json")
 
-    out, span = preset_lengths(preset, s.text_len)
-    estimates, _, shapes = estimate_run(cfg, llada_8b_config(embedding_size=134656), out, span,
-                                        text_vocab=126356 if preset == "mmada-parallel-a" else 126464)
+    out, span, vocab, codebook = preset_shapes(preset, s.text_len)
+    assert vocab == (126356 if preset == "mmada-parallel-a" else 126464)
+    estimates, _, shapes = estimate_run(cfg, llada_8b_config(embedding_size=134656), out, span, text_vocab=vocab,
+                                        codebook=codebook)
     assert shapes.params == 8_082_690_048
     assert all(e.total < 80e9 * 0.9 for e in estimates), [e.line() for e in estimates]
     doc = (ROOT / "docs" / "gpu-cluster.md").read_text()
