@@ -28,12 +28,12 @@ import torch
 
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from pararl.logprobs import TracePlan, sample_trace_plan, trajectory_logprobs
 from learner.trainer import Learner
-from rollout.config import SamplerConfig
 from pararl.formats import world_format
+from pararl.logprobs import TracePlan, sample_trace_plan, trajectory_logprobs
 from pararl.models import LLaDAConfig, build_policy
 from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 
 FMT = world_format(text_vocab_size=200, codebook_size=32, image_tokens=64)

@@ -31,23 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from cluster.evaluate import evaluate, requests_for
 from learner.advantages import compute_advantages
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from pararl.logprobs import TracePlan, trajectory_logprobs
 from learner.trainer import Learner
 from pararl.bundle import load_bundle
-from rollout.config import SamplerConfig
 from pararl.data import CodeCache, read_records
-from cluster.evaluate import evaluate, requests_for
-from shapeworld.checks import check_outputs, world_checks
-from shapeworld import load_world_config
-from shapeworld.prepare import default_config, prepare_default
-from reward.pool.client import RewardClient
+from pararl.logprobs import TracePlan, trajectory_logprobs
 from reward.config import RewardConfig, RewardModelConfig
+from reward.pool.client import RewardClient
 from reward.scorer import SemanticScorer
 from reward.semantic import choose_steps
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
+from shapeworld import load_world_config
+from shapeworld.checks import check_outputs, world_checks
+from shapeworld.prepare import default_config, prepare_default
 
 
 def reward_config(paths: dict, sampled_steps: int, first_step: float) -> RewardConfig:

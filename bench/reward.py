@@ -33,10 +33,10 @@ from pararl.formats import world_format  # noqa: E402
 from pararl.image_tokenizers import PaletteCodec  # noqa: E402
 from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
 from reward.base import build_reward_model  # noqa: E402
-from reward.pool.client import RewardClient  # noqa: E402
 from reward.config import RewardConfig, RewardModelConfig  # noqa: E402
-from reward.scorer import ScoreRequest  # noqa: E402
+from reward.pool.client import RewardClient  # noqa: E402
 from reward.pool.service import start_reward_pool, stop_reward_pool  # noqa: E402
+from reward.scorer import ScoreRequest  # noqa: E402
 from reward.testing import tiny_clip  # noqa: E402
 
 WORDS = "a red green blue yellow square circle triangle top bottom left right".split()

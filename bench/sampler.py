@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rollout.config import SamplerConfig
+from pararl.batching import build_batch
 from pararl.formats import DimooFormat, world_format
 from pararl.models import LLaDAConfig, build_policy
 from pararl.types import GenerationRequest
-from pararl.batching import build_batch
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 
 FMT = world_format(text_vocab_size=200, codebook_size=32, image_tokens=64)

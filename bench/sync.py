@@ -31,17 +31,17 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from cluster.config import ClusterConfig, sync_bucket_bytes  # noqa: E402
+from cluster.learner_group import LearnerGroup  # noqa: E402
 from cluster.placement import start_ray  # noqa: E402
 from cluster.rollout_group import RolloutGroup  # noqa: E402
 from cluster.weight_sync import build_weight_sync  # noqa: E402
-from cluster.learner_group import LearnerGroup  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
 from pararl.bundle import ModelBundle  # noqa: E402
-from rollout.config import SamplerConfig  # noqa: E402
 from pararl.formats import world_format  # noqa: E402
 from pararl.image_tokenizers import PaletteCodec  # noqa: E402
 from pararl.models import LLaDAConfig, build_policy  # noqa: E402
 from pararl.text_tokenizer import build_word_tokenizer  # noqa: E402
+from rollout.config import SamplerConfig  # noqa: E402
 
 REPEATS = 11
 WARMUP = 8  # each worker faults in the object-store pages of every region the allocator cycles through

@@ -9,36 +9,44 @@ from __future__ import annotations
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
 from tqdm.auto import tqdm
 
 from cluster.config import sync_bucket_bytes
+from cluster.learner_group import LearnerGroup
 from cluster.placement import place, start_ray
 from cluster.rollout_group import RolloutGroup
+from cluster.run_config import RunConfig
 from cluster.tracking import Tracker
 from cluster.weight_sync import build_weight_sync
-from cluster.learner_group import LearnerGroup
 from learner.advantages import compute_advantages
 from learner.batch import TrainBatch, iteration_plan
 from learner.checkpoint import RunState, latest_checkpoint
 from pararl.bundle import load_codecs
 from pararl.config import require
-from cluster.run_config import RunConfig
 from pararl.data import CodeCache, PromptSource, read_records
 from pararl.errors import RunError
+from pararl.logprobs import Plan, TokenLogProbs
 from pararl.seeds import PLAN_STRIDE, derive
 from pararl.snapshots import snapshot_grid
+from pararl.types import Trajectories
 from reward.pool.client import RewardClient
-from reward.semantic import run_steps
 from reward.pool.service import start_reward_pool, stop_reward_pool
+from reward.semantic import run_steps
 from reward.stats import check_stats_identities
 
 
-class LearnerDied(RunError):
-    """A learner rank died: the run stops; the last checkpoint is intact and resume=true continues it."""
+@dataclass
+class Rollout:
+    """One step's sampled batch: its trajectories, their behaviour log-probs and the plan that scored them."""
+
+    traj: Trajectories
+    old: TokenLogProbs | None
+    plan: Plan
+    seconds: float
 
 
 class Driver:
@@ -92,7 +100,7 @@ class Driver:
         # the rollout workers start from the model folder: bring them to the checkpoint's weights
         self.sync.broadcast(self.state.policy_version)
 
-    def _rollout(self, step: int):
+    def _rollout(self, step: int) -> Rollout:
         rng = random.Random(derive(self.cfg.seed, step))
         r = self.cfg.reward
         steps = run_steps(r, self.cfg.sampler.steps, rng)
@@ -100,10 +108,10 @@ class Driver:
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
         t = time.perf_counter()
         traj, old = self.rollouts.sample(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)
-        return traj, old, plan, time.perf_counter() - t
+        return Rollout(traj, old, plan, time.perf_counter() - t)
 
-    def _train_batch(self, traj, old, plan, rewards) -> tuple[TrainBatch | None, dict[str, float]]:
-        lc = self.cfg.learner
+    def _train_batch(self, rollout: Rollout, rewards) -> tuple[TrainBatch | None, dict[str, float]]:
+        lc, traj = self.cfg.learner, rollout.traj
         kept = rewards.kept.nonzero().flatten()  # trajectories with a finite reward (the rest were dropped)
         if len(kept) == 0:
             return None, {"train/trajectories": 0.0, "train/padding": 0.0}
@@ -122,7 +130,7 @@ class Driver:
         if len(rows) == 0:
             return None, metrics
         # Every usable trajectory trains: the batch is filled up to whole optimizer steps with weight-0 copies.
-        batch = TrainBatch.from_trajectories(traj, values, plan, old).select(rows).padded(unit)
+        batch = TrainBatch.from_trajectories(traj, values, rollout.plan, rollout.old).select(rows).padded(unit)
         return batch, metrics
 
     def _nothing_trained(self, step: int, traj, rewards, metrics: dict[str, float]) -> None:
@@ -155,60 +163,13 @@ class Driver:
         try:
             while self.state.step < cfg.train.steps and not self.stop_requested:
                 step = self.state.step
-                t0 = time.perf_counter()
-                traj, old, plan, t_roll = pending or self._rollout(step)
-                pending = None
-                t = time.perf_counter()
-                rewards = self.reward.score(traj)
-                t_reward = time.perf_counter() - t
-                batch, metrics = self._train_batch(traj, old, plan, rewards)
-                if batch is None:
-                    self._nothing_trained(step, traj, rewards, metrics)
-                else:
-                    self.idle_steps = 0
-                metrics["train/idle_steps"] = float(self.idle_steps)
-                t = time.perf_counter()
-                train_ref = None
-                if batch is not None:
-                    shards = [batch.shard(r, len(self.learners.actors)) for r in range(len(self.learners.actors))]
-                    train_ref = [a.train.remote(s) for a, s in zip(self.learners.actors, shards)]
-                if cfg.cluster.mode == "off_policy" and step + 1 < cfg.train.steps:
-                    pending = self._rollout(step + 1)  # overlaps the update: sampled with this version's weights
-                try:
-                    learn = ray.get(train_ref, timeout=cfg.cluster.call_timeout_s)[0] if train_ref else {}
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as err:
-                    why = str(err).strip().splitlines()[-1]
-                    raise LearnerDied(
-                        f"a learner rank died during step {step} ({why}). The last checkpoint is intact; "
-                        f"rerun with train.resume=true to continue from it"
-                    ) from err
-                t_learn = time.perf_counter() - t
-                t = time.perf_counter()
-                if batch is not None:
-                    self.state.policy_version += 1
-                    self.sync.broadcast(self.state.policy_version)
-                t_sync = time.perf_counter() - t
-                self.state.step += 1
-                wall = time.perf_counter() - t0
-                metrics.update(rewards.metrics())
-                metrics.update({f"learner/{k}": v for k, v in learn.items() if isinstance(v, (int, float))})
-                compute = traj.compute_seconds + rewards.compute_seconds + learn.get("compute_seconds", 0.0)
-                metrics.update({"compute/rollout": traj.compute_seconds, "compute/reward": rewards.compute_seconds,
-                                "compute/learner": learn.get("compute_seconds", 0.0),
-                                "overhead": wall / compute - 1 if compute > 0 else float("nan")})
-                metrics.update({"time/rollout": t_roll, "time/reward": t_reward, "time/learner": t_learn,
-                                "time/sync": t_sync, "time/step": wall, "throughput/trajectories_per_s": len(traj) / wall,
-                                "policy_version": self.state.policy_version, "rollout/restarts": self.rollouts.restarts,
-                                "rollout/trajectory_version": traj.policy_version,
-                                "learner/lr": cfg.learner.lr})
+                metrics, pending = self._step(step, pending)
                 self.tracker.log_metrics(metrics, step=step)
                 self.last_metrics = metrics
-                if cfg.tracking.snapshot_every and step % cfg.tracking.snapshot_every == 0:
-                    self._log_snapshots(traj, rewards, step)
                 if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
                     self._checkpoint()
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", traj_s=f"{len(traj) / wall:.1f}")
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", traj_s=f"{metrics['throughput/trajectories_per_s']:.1f}")
             self._checkpoint()
             self.tracker.finish("FINISHED" if not self.stop_requested else "KILLED")
             return self.state
@@ -222,6 +183,33 @@ class Driver:
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _step(self, step: int, pending: Rollout | None) -> tuple[dict[str, float], Rollout | None]:
+        """One ParaRL iteration: rollout, reward, advantages, update, weight sync. Off-policy, the next
+        step's rollout runs while the learner updates, with this step's weights."""
+        cfg, clock = self.cfg, Clock()
+        rollout = pending or self._rollout(step)
+        clock.lap("rollout", rollout.seconds)
+        rewards = self.reward.score(rollout.traj)
+        clock.lap("reward")
+        batch, facts = self._train_batch(rollout, rewards)
+        if batch is None:
+            self._nothing_trained(step, rollout.traj, rewards, facts)
+        else:
+            self.idle_steps = 0
+        update = self.learners.train_async(batch) if batch is not None else None
+        pending = self._rollout(step + 1) if cfg.cluster.mode == "off_policy" and step + 1 < cfg.train.steps else None
+        learn = self.learners.result(update, f"during step {step}") if update is not None else {}
+        clock.lap("learner")
+        if batch is not None:
+            self.state.policy_version += 1
+            self.sync.broadcast(self.state.policy_version)
+        clock.lap("sync")
+        self.state.step += 1
+        metrics = step_metrics(rollout.traj, rewards, facts, learn, clock.laps, clock.total(), self)
+        if cfg.tracking.snapshot_every and step % cfg.tracking.snapshot_every == 0:
+            self._log_snapshots(rollout.traj, rewards, step)
+        return metrics, pending
 
     def _log_snapshots(self, traj, rewards, step: int) -> None:
         n = min(self.cfg.tracking.snapshot_trajectories, len(traj))
@@ -252,3 +240,37 @@ def nothing_trained_reason(n: int, rewards, metrics: dict[str, float]) -> str:
         parts.append(f"{metrics['advantage/zero_variance_groups']:.0%} of the groups left had one reward for all "
                      "their members (learner.drop_constant_groups)")
     return "; ".join(parts) or "no trajectory had a usable advantage"
+
+
+class Clock:
+    """Wall time of a step's phases, lap by lap."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str, seconds: float | None = None) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.last if seconds is None else seconds
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def step_metrics(traj: Trajectories, rewards, facts: dict[str, float], learn: dict, laps: dict[str, float], wall: float,
+                 driver: Driver) -> dict[str, float]:
+    """Everything a step logs, built in one place: the batch's facts, the reward's and the learner's
+    metrics, compute measured where it ran, wall time per phase, and the run's counters."""
+    compute = {"rollout": traj.compute_seconds, "reward": rewards.compute_seconds,
+               "learner": learn.get("compute_seconds", 0.0)}
+    total = sum(compute.values())
+    metrics = {**facts, "train/idle_steps": float(driver.idle_steps), **rewards.metrics(),
+               **{f"learner/{k}": v for k, v in learn.items() if isinstance(v, (int, float))},
+               **{f"compute/{k}": v for k, v in compute.items()},
+               "overhead": wall / total - 1 if total > 0 else float("nan"),
+               **{f"time/{k}": v for k, v in laps.items()}, "time/step": wall,
+               "throughput/trajectories_per_s": len(traj) / wall,
+               "policy_version": driver.state.policy_version, "rollout/restarts": driver.rollouts.restarts,
+               "rollout/trajectory_version": traj.policy_version, "learner/lr": driver.cfg.learner.lr}
+    return metrics

@@ -14,11 +14,13 @@ from typing import Any
 
 import ray
 
+from cluster.actor_group import DEAD, ActorGroup
 from learner.batch import TrainBatch
 from learner.checkpoint import RunState
 from learner.config import LearnerConfig, validate
 from learner.engine import free_port
 from learner.rank import LearnerRank
+from pararl.errors import RunError
 from pararl.formats import ParallelFormat
 
 
@@ -33,48 +35,66 @@ class LearnerActor(LearnerRank):
         return ray.util.get_node_ip_address(), self.free_port()
 
 
+class LearnerDied(RunError):
+    """A learner rank died: the run stops; the last checkpoint is intact and resume=true continues it."""
+
+
 class LearnerGroup:
-    """N learner ranks on Ray: ``train`` splits a batch into N equal shards and returns rank 0's (global) metrics."""
+    """N learner ranks on Ray: ``train`` splits a batch into N equal shards and returns rank 0's (global)
+    metrics. Every call on the ranks goes through ``_get``, so a dead rank, in training or while it
+    writes a checkpoint, is one ``LearnerDied`` naming what it was doing."""
 
     def __init__(self, cfg: LearnerConfig, policy_path: str | Path, fmt: ParallelFormat, world: int = 1,
                  reference_path: str | Path | None = None, num_cpus: float = 1, num_gpus: float | None = None,
                  actor_options: dict[str, Any] | None = None, timeout_s: float = 600) -> None:
         validate(cfg)
-        self.world, self.timeout = world, timeout_s
+        self.world = world
         gpus = num_gpus if num_gpus is not None else (1 if cfg.device == "cuda" else 0)
         options = {"num_cpus": num_cpus, "num_gpus": gpus, **(actor_options or {})}
-        self.actors = [LearnerActor.options(**options).remote(cfg, rank, world) for rank in range(world)]
-        addresses = self._get([a.node_address.remote() for a in self.actors])
-        ips = {ip for ip, _ in addresses}
-        if ips == {ray.util.get_node_ip_address()}:
+        self.group = ActorGroup(LearnerActor, world, lambda rank: (cfg, rank, world), lambda rank: options, timeout_s)
+        addresses = self._get(self.group.submit("node_address"), "starting")
+        if {ip for ip, _ in addresses} == {ray.util.get_node_ip_address()}:
             addr, port = "127.0.0.1", free_port()
         else:
             addr, port = addresses[0]
         ref = None if reference_path is None else str(reference_path)
-        self._get([a.setup.remote(str(policy_path), fmt, addr, port, ref) for a in self.actors])
+        self._get(self.group.submit("setup", str(policy_path), fmt, addr, port, ref), "starting")
 
-    def _get(self, refs):
-        return ray.get(refs, timeout=self.timeout)
+    @property
+    def actors(self) -> list:
+        return self.group.actors
+
+    def _get(self, refs: list, doing: str) -> list:
+        try:
+            return self.group.get(refs)
+        except DEAD as err:
+            why = str(err).strip().splitlines()[-1]
+            raise LearnerDied(f"a learner rank died {doing} ({why}). The last checkpoint is intact; "
+                              "rerun with train.resume=true to continue from it") from err
+
+    def train_async(self, batch: TrainBatch) -> list:
+        """Start one update on every rank (its shard of ``batch``); ``result`` collects it."""
+        batch.validate()
+        return self.group.submit_each("train", [(batch.shard(rank, self.world),) for rank in range(self.world)])
+
+    def result(self, refs: list, doing: str = "during an update") -> dict:
+        return self._get(refs, doing)[0]
 
     def train(self, batch: TrainBatch) -> dict:
-        batch.validate()
-        shards = [batch.shard(rank, self.world) for rank in range(self.world)]
-        return self._get([a.train.remote(s) for a, s in zip(self.actors, shards)])[0]
+        return self.result(self.train_async(batch))
 
     def save_checkpoint(self, state: RunState, folder: str | None = None) -> str:
-        return self._get([a.save_checkpoint.remote(asdict(state), folder) for a in self.actors])[0]
+        return self._get(self.group.submit("save_checkpoint", asdict(state), folder), "while writing a checkpoint")[0]
 
     def load_checkpoint(self, path: str | None = None) -> RunState:
-        return RunState(**self._get([a.load_checkpoint.remote(path) for a in self.actors])[0])
+        return RunState(**self._get(self.group.submit("load_checkpoint", path), "while loading a checkpoint")[0])
 
     def weight_buckets(self, bucket_bytes: int = 256 << 20) -> list:
-        return self._get([a.weight_buckets.remote(bucket_bytes) for a in self.actors])[0]
+        return self._get(self.group.submit("weight_buckets", bucket_bytes), "while exporting weights")[0]
 
     def weights_hashes(self) -> list[str]:
         """Every rank's hash of its full weights (equal when the data-parallel ranks agree)."""
-        return self._get([a.weights_hash.remote() for a in self.actors])
+        return self._get(self.group.submit("weights_hash"), "while hashing its weights")
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+        self.group.kill()

@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from cluster.run_config import load_run_config
 from pararl.bundle import load_codecs
 from pararl.config import require
-from cluster.run_config import load_run_config
 from pararl.data import CodeCache, read_records, reference_pairs
+from pararl.errors import ConfigError
 from reward.base import build_reward_model
 from reward.stats import ModelStats, compute_stats, save_stats
-from pararl.errors import ConfigError
 
 
 def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int = 32) -> Path:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import ray
+
 from pararl.registry import Registry
 
 TRANSPORTS: Registry[Callable[..., "WeightSync"]] = Registry("weight-sync transport")

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from pararl.logprobs import Plan, TokenLogProbs
 from pararl.formats import OutputLayout
+from pararl.logprobs import Plan, TokenLogProbs
 from pararl.types import Trajectories
 
 ROW_FIELDS = ("tokens", "attention_mask", "step_map", "seeds", "advantages", "row_weight")

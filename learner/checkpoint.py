@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from pararl.errors import CheckpointError
 from pararl.files import atomic_write, write_synced
 

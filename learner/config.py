@@ -68,8 +68,8 @@ class LearnerConfig:
 def validate(cfg: LearnerConfig) -> LearnerConfig:
     """Refuse values that would fail later (inside an actor) or silently train something else."""
     from learner.advantages import ADVANTAGE_ESTIMATORS
-    from pararl.logprobs import LOGPROB_ESTIMATORS
     from learner.loss import KL_ESTIMATORS
+    from pararl.logprobs import LOGPROB_ESTIMATORS
 
     def choose(key: str, value: str, known) -> None:
         if isinstance(known, Registry):

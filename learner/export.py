@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from learner.checkpoint import DS_TAG, resolve_checkpoint, verify
-from pararl.models import LLaDAConfig, LLaDAModelLM
-from pararl.models.loading import check_keys
 from pararl.errors import ConfigError
 from pararl.files import atomic_folder
+from pararl.models import LLaDAConfig, LLaDAModelLM
+from pararl.models.loading import check_keys
 
 WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 

@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from learner.config import LearnerConfig
 from learner.engine import build_engine, free_port, init_distributed
+from pararl.batching import build_batch
 from pararl.bundle import Codecs, ModelBundle
 from pararl.data import CodeCache, Record
+from pararl.errors import ConfigError, DataError
 from pararl.formats import OutputLayout, ParallelFormat
 from pararl.models import LLaDAConfig, build_policy
 from pararl.types import GenerationRequest
-from pararl.batching import build_batch
-from pararl.errors import ConfigError, DataError
 
 
 @dataclass

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig, validate
 from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
-from pararl.logprobs import TokenLogProbs, trajectory_logprobs
 from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, summarize
 from pararl.formats import ParallelFormat
+from pararl.logprobs import TokenLogProbs, trajectory_logprobs
 from pararl.models import load_policy
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pararl.image_tokenizers import ImageTokenizer
 from pararl.errors import DataError
+from pararl.image_tokenizers import ImageTokenizer
 from pararl.seeds import EPOCH_STRIDE, derive
 
 TASKS = ("generate", "edit")

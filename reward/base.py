@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
+
 from pararl.errors import ConfigError, RunError
 from pararl.registry import Registry
 

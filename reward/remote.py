@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 
+from pararl.errors import ConfigError
 from reward.base import as_scores, register_reward_model
 from reward.messages import encode_images
-from pararl.errors import ConfigError
 
 
 @register_reward_model("remote")

@@ -10,6 +10,7 @@ import random
 from typing import Sequence
 
 import torch
+
 from pararl.errors import ConfigError
 
 

@@ -14,9 +14,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from reward.base import RewardModel, static_identity
 from pararl.errors import ConfigError
 from pararl.files import atomic_write
+from reward.base import RewardModel, static_identity
 
 
 class RewardStatsError(ConfigError):

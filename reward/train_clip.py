@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from reward.clip_models import CLIP_MEAN, CLIP_STD, prepare_images
 from pararl.errors import ConfigError, DataError
+from reward.clip_models import CLIP_MEAN, CLIP_STD, prepare_images
 
 
 @dataclass

@@ -7,7 +7,6 @@ forward (batched over every trajectory); at the other steps it runs the conditio
 """
 from __future__ import annotations
 
-
 import torch
 
 from pararl.registry import Registry

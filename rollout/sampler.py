@@ -14,14 +14,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from rollout.config import SamplerConfig, resolve_sampler
-from pararl.formats import ParallelFormat
-from pararl.types import GenerationRequest, Trajectories
 from pararl import noise
 from pararl.batching import build_batch
+from pararl.errors import ConfigError
+from pararl.formats import ParallelFormat
+from pararl.types import GenerationRequest, Trajectories
+from rollout.config import SamplerConfig, resolve_sampler
 from rollout.guidance import make_guidance
 from rollout.schedules import RevealPlan, reveal_plan
-from pararl.errors import ConfigError
 
 
 def sample_categorical(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

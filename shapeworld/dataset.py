@@ -13,7 +13,6 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from pararl.formats import WORLD_SPECIAL_TOKENS, ParallelFormat, world_format
 from pararl.snapshots import to_pil
 from shapeworld.scene import EOS, Scene, WorldSpec, scene_key

@@ -48,13 +48,11 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
                 eval_samples: int = 2, prepare_cfg=None) -> dict:
 
     from cluster.tracking import Tracker
-    from cluster.train import train
+    from cluster.train import check_run_dir, train
     from learner.export import export_policy
     from pararl.bundle import load_codecs
     from shapeworld.dataset import WorldConfig
     from shapeworld.prepare import prepare_default
-
-    from cluster.train import check_run_dir
 
     first = load_run_config(config, overrides)
     done = [name for name in ("results.json", "final-policy") if (Path(first.run_dir) / name).exists()]

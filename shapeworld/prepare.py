@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from learner.sft import SFTConfig
+from pararl.errors import ConfigError
 from pararl.files import atomic_folder
+from reward.train_clip import ClipTrainConfig
 from shapeworld.dataset import EVAL_FILE, TRAIN_FILE, WorldConfig
 from shapeworld.scene import EOS, WorldSpec
-from reward.train_clip import ClipTrainConfig
-from pararl.errors import ConfigError
 
 MARKER = "DONE.json"
 REWARD_LABEL = "clip"  # the label of the CLIP reward model in RewardConfig.models (and in the stats file)
@@ -140,11 +140,11 @@ def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | N
     built += ["policy"] if b else []
 
     def build_clip_stage(tmp: Path) -> dict:
-        from shapeworld.tasks import mismatched_description
+        from pararl.data import reference_pairs
         from reward.clip_models import OpenClipReward
         from reward.stats import compute_stats, save_stats
         from reward.train_clip import drop_words, separation, train_clip
-        from pararl.data import reference_pairs
+        from shapeworld.tasks import mismatched_description
 
         code_cache = CodeCache(codes_dir, codecs.image_tokenizer)
         pairs = {}

@@ -14,9 +14,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from pararl.errors import ConfigError
 from pararl.image_tokenizers import PaletteCodec
 from pararl.image_tokenizers.palette import NAMED_COLOURS
-from pararl.errors import ConfigError
 
 # Shapes as token patterns, per cell size (tokens per side of a cell).
 SHAPES: dict[int, dict[str, tuple[str, ...]]] = {

@@ -8,9 +8,9 @@ import torch
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from pararl.logprobs import TracePlan, trajectory_logprobs
-from rollout.config import SamplerConfig
 from pararl.models import build_policy, load_policy
 from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from tests.tiny import tiny_config, tiny_format
 

@@ -8,10 +8,10 @@ import torch
 import yaml
 
 from cluster.driver import Driver
+from cluster.run_config import load_run_config
 from cluster.train import train
 from pararl.bundle import load_codecs
 from pararl.cli import main
-from cluster.run_config import load_run_config
 from reward.base import build_reward_model
 from reward.stats import compute_stats, save_stats
 from tests.tiny import tiny_bundle, tiny_clip
@@ -103,11 +103,12 @@ def test_a_rollout_worker_killed_while_sampling_loses_nothing(ray_local, setup, 
     try:
         driver.run()  # two steps: the workers hold version 2
         victim = driver.rollouts.workers[1]
-        duration = driver._rollout(2)[3]
+        duration = driver._rollout(2).seconds
         for attempt in range(4):  # the kill must land while the workers sample: earlier on each try
             killer = threading.Timer(duration / (3 * 2**attempt), lambda: ray.kill(victim, no_restart=False))
             killer.start()
-            traj, old, plan, _ = driver._rollout(3 + attempt)
+            rollout = driver._rollout(3 + attempt)
+            traj, old = rollout.traj, rollout.old
             killer.join()
             if driver.rollouts.restarts:
                 break
@@ -161,7 +162,7 @@ def test_bad_input_exits_2_with_one_clear_line(ray_local, setup, tmp_path, capsy
 def test_a_dead_learner_rank_stops_the_run_and_resume_continues(ray_local, setup, tmp_path):
     import ray
 
-    from cluster.driver import LearnerDied
+    from cluster.learner_group import LearnerDied
     from learner.checkpoint import latest_checkpoint
 
     cfg = _cfg(setup, tmp_path, **{"train.steps": 1, "train.checkpoint_every": 1})

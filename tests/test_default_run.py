@@ -4,8 +4,8 @@ import json
 import mlflow
 import pytest
 
-from shapeworld.default_run import default_run
 from learner.sft import SFTConfig
+from shapeworld.default_run import default_run
 from shapeworld.prepare import PrepareConfig
 from tests.test_world_pipeline import ARCH, TINY_CLIP, WORLD
 

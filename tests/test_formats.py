@@ -2,13 +2,13 @@
 import pytest
 import torch
 
+from pararl.batching import build_batch
 from pararl.config import ConfigError, build_config
-from rollout.sample_command import SampleCommandConfig
-from rollout.config import SamplerConfig
 from pararl.formats import ParallelFormat, mmada_m_format, world_format
 from pararl.image_tokenizers import PaletteCodec, build_image_tokenizer
-from pararl.batching import build_batch
 from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
+from rollout.sample_command import SampleCommandConfig
 
 
 def test_mmada_m_editing_layout_follows_the_released_format():

@@ -6,9 +6,9 @@ import torch
 
 from learner.config import LearnerConfig, validate
 from learner.engine import deepspeed_config
-from pararl.logprobs import RandomMaskPlan, TokenLogProbs
 from learner.trainer import Learner
 from pararl.config import ConfigError, build_config
+from pararl.logprobs import RandomMaskPlan, TokenLogProbs
 from tests.learner_tiny import FMT, learner_config, policy_folder, sampled_batch
 
 

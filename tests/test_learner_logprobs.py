@@ -3,10 +3,14 @@ import pytest
 import torch
 
 from pararl.logprobs import (
-    RandomMaskPlan, TracePlan, make_plan, sample_trace_plan, trajectory_logprobs,
+    RandomMaskPlan,
+    TracePlan,
+    make_plan,
+    sample_trace_plan,
+    trajectory_logprobs,
 )
-from rollout.config import SamplerConfig
 from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from tests.tiny import tiny_format, tiny_policy
 

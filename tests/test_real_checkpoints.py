@@ -6,17 +6,17 @@ import shutil
 import pytest
 import torch
 
-from pararl.logprobs import TracePlan, trajectory_logprobs
 from pararl.bundle import load_bundle, load_codecs
-from rollout.config import SamplerConfig
 from pararl.detect import detect
 from pararl.formats import DimooFormat, ParallelFormat
 from pararl.image_tokenizers import Magvit2Tokenizer, VQModelTokenizer
+from pararl.logprobs import TracePlan, trajectory_logprobs
 from pararl.models import CheckpointError
 from pararl.snapshots import snapshot_grid
 from pararl.types import GenerationRequest
 from reward.config import RewardConfig, RewardModelConfig
 from reward.scorer import SemanticScorer, requests_from
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from tests.real_tiny import write_a_checkpoint, write_m_checkpoint
 
@@ -127,8 +127,8 @@ def test_a_format_named_in_the_run_config_overrides_detection(tmp_path):
 
     import pytest
 
-    from pararl.bundle import load_codecs
     from cluster.run_config import load_run_config
+    from pararl.bundle import load_codecs
     from pararl.models import CheckpointError
     from tests.real_tiny import write_a_checkpoint
 

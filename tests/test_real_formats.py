@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from pararl.batching import build_batch
 from pararl.formats import DimooFormat, format_from_dict, mmada_a_format, mmada_m_format
 from pararl.types import GenerationRequest
-from pararl.batching import build_batch
 from tests.real_tiny import A_SPECIALS, a_tokenizer
 
 MASK, NEWLINE, BOI, EOI, UNCOND, PAD, ANSWER = 126336, 126084, 126349, 126350, 126351, 126339, 126354

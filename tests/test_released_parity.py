@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 
 from pararl.formats import mmada_a_format, mmada_m_format
 from pararl.models import load_policy
-from rollout.config import SamplerConfig
 from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from tests.real_tiny import write_a_checkpoint, write_m_checkpoint
 

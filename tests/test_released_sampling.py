@@ -9,8 +9,8 @@ from scipy import stats
 from pararl.config import ConfigError
 from pararl.formats import DimooFormat, world_format
 from pararl.models import LLaDAConfig, build_policy
-from rollout.config import SamplerConfig, resolve_sampler
 from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig, resolve_sampler
 from rollout.sampler import ParallelSampler
 from rollout.schedules import reveal_plan
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from pararl.bundle import load_codecs
-from rollout.config import SamplerConfig
 from pararl.types import GenerationRequest
 from reward import build_reward_model
-from reward.pool.client import RewardClient, RewardError
 from reward.config import RewardConfig, RewardModelConfig
+from reward.pool.client import RewardClient, RewardError
 from reward.scorer import SemanticScorer, requests_from
 from reward.semantic import choose_steps, clipped_shares, standardise, trajectory_reward
 from reward.stats import RewardStatsError, compute_stats, load_stats, save_stats
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from tests.tiny import tiny_bundle, tiny_clip
 

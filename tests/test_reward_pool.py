@@ -1,21 +1,21 @@
 """The reward pool on real Ray Serve: batching, results to the right trajectory, replica death, HTTP."""
 import json
 import threading
-from collections import Counter
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 
 import pytest
 import torch
 
 from pararl.bundle import load_codecs
-from reward.pool.client import RewardClient
 from reward.config import RewardConfig, RewardHttpConfig, RewardModelConfig
+from reward.messages import encode_images
+from reward.pool.client import RewardClient
+from reward.pool.service import start_reward_pool, stop_reward_pool
 from reward.remote import RemoteReward
 from reward.scorer import ScoreRequest, SemanticScorer
-from reward.messages import encode_images
-from reward.pool.service import start_reward_pool, stop_reward_pool
 from tests.tiny import tiny_bundle
 
 

@@ -5,10 +5,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from rollout.config import SamplerConfig
-from pararl.types import GenerationRequest
 from pararl import noise
 from pararl.batching import build_batch
+from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from tests.tiny import CODEBOOK, IMAGE_TOKENS, tiny_format, tiny_policy
 

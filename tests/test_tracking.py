@@ -5,8 +5,8 @@ import mlflow
 import pytest
 from PIL import Image
 
-from cluster.tracking import Tracker, flatten
 from cluster.run_config import RunConfig
+from cluster.tracking import Tracker, flatten
 
 
 def test_params_metrics_and_pictures_land_in_the_run_folder(tmp_path, monkeypatch):

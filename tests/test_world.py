@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from pararl.data import CodeCache, read_records
-from shapeworld import (EOS, Obj, WorldConfig, WorldSpec, follows, make_scene, make_splits, world_token_format,
-                          world_tokenizer, write_world)
+from shapeworld import EOS, Obj, WorldConfig, WorldSpec, follows, make_scene, make_splits, world_token_format, world_tokenizer, write_world
 from shapeworld.tasks import PromptError, sample_example
 
 SPEC = WorldSpec(cell=3, shapes=("square", "plus", "triangle"))  # 3x3-token cells: shapes easy to read in asserts

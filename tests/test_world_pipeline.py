@@ -8,15 +8,15 @@ import torch
 
 from learner.sft import SFTConfig, encode_records, held_loss, train_sft
 from pararl.bundle import Codecs, load_bundle
-from rollout.config import SamplerConfig
 from pararl.data import CodeCache, read_records
 from pararl.models import LLaDAConfig
 from pararl.types import GenerationRequest
-from shapeworld import EOS, WorldConfig, world_token_format, world_tokenizer, write_world
-from shapeworld.prepare import PolicyArch, PrepareConfig, prepare_default
 from reward.clip_models import OpenClipReward
 from reward.train_clip import ClipTrainConfig, drop_words, train_clip
+from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
+from shapeworld import EOS, WorldConfig, world_token_format, world_tokenizer, write_world
+from shapeworld.prepare import PolicyArch, PrepareConfig, prepare_default
 
 WORLD = WorldConfig(train_size=64, eval_size=8)
 ARCH = PolicyArch(d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=48)
@@ -114,9 +114,9 @@ def test_prepare_default_builds_once_then_skips(tmp_path):
 
 def test_evaluation_reports_reward_alignment_and_their_errors(tmp_path):
     from cluster.evaluate import evaluate
-    from shapeworld.checks import world_checks
     from reward.config import RewardConfig, RewardModelConfig
     from reward.scorer import SemanticScorer
+    from shapeworld.checks import world_checks
 
     cfg = PrepareConfig(world=WORLD, policy=ARCH, sft=SFTConfig(steps=3, batch_size=8), clip=TINY_CLIP, stats_batch=32)
     paths = prepare_default(tmp_path / "cache", cfg=cfg, progress=False, log=lambda *_: None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pararl.formats import ParallelFormat, world_format
-from reward.testing import TINY_CLIP, tiny_clip  # noqa: F401 (shared with bench/, which never imports tests/)
 from pararl.models import LLaDAConfig, build_policy, load_policy
+from reward.testing import TINY_CLIP, tiny_clip  # noqa: F401 (shared with bench/, which never imports tests/)
 
 TEXT_VOCAB = 40
 CODEBOOK = 8

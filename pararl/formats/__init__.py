@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pararl.formats.base import TEXT_VOCABS, FormatBase, OutputLayout, PromptTokens
-from pararl.formats.dimoo import (DIMOO_EDIT_INSTRUCTION, DIMOO_GENERATE_INSTRUCTION, DimooFormat,
-                                  mmada_a_format)
+from pararl.formats.dimoo import DIMOO_EDIT_INSTRUCTION, DIMOO_GENERATE_INSTRUCTION, DimooFormat, mmada_a_format
 from pararl.formats.parallel import WORLD_SPECIAL_TOKENS, ParallelFormat, mmada_m_format, world_format
 from pararl.registry import Registry
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from pararl.errors import ConfigError
 
 TEXT_VOCABS = ("text", "all")

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from pararl.formats.base import FormatBase, PromptTokens
 from pararl.errors import ConfigError, DataError
+from pararl.formats.base import FormatBase, PromptTokens
 
 DIMOO_GENERATE_INSTRUCTION = "Generate an image according to the text prompt."
 DIMOO_EDIT_INSTRUCTION = "Generate an image applying the following editing instruction based on the original image."

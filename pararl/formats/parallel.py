@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from pararl.formats.base import FormatBase, PromptTokens
 from pararl.errors import ConfigError, DataError
+from pararl.formats.base import FormatBase, PromptTokens
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pararl.image_tokenizers import ModuleImageTokenizer, register_image_tokenizer
 from pararl.errors import CheckpointError
+from pararl.image_tokenizers import ModuleImageTokenizer, register_image_tokenizer
 
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.bin")
 

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import torch
 
-from pararl.image_tokenizers import ImageTokenizer, register_image_tokenizer
 from pararl.errors import ConfigError
+from pararl.image_tokenizers import ImageTokenizer, register_image_tokenizer
 
 NAMED_COLOURS: dict[str, tuple[float, float, float]] = {
     "black": (0.0, 0.0, 0.0),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PretrainedConfig
+
 from pararl.errors import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("llada", "mmada")

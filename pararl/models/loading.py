@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pararl.errors import CheckpointError
 from pararl.models.config import SUPPORTED_MODEL_TYPES, LLaDAConfig
 from pararl.models.llada import LLaDAModelLM
-from pararl.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -13,12 +13,12 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
+from pararl.errors import RunError
 from pararl.types import Trajectories
 from reward.config import RewardConfig
 from reward.messages import ChunkResult, ScoreRequest, ScoreResult, chunk_requests
 from reward.scorer import SemanticScorer, requests_from
 from reward.semantic import clipped_shares
-from pararl.errors import RunError
 
 RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
 

@@ -1,0 +1,68 @@
+"""N Ray actors of one class, each in its own placement bundle: the one shape of every actor group.
+
+The rollout workers and the learner ranks are both a list of actors that the driver calls all at
+once (every rank saves a checkpoint), one shard each (a batch split over the ranks), or one of
+(a restarted worker is waited for). Every call has the group's timeout, and a dead actor surfaces
+as ``DEAD`` for the group that owns it to turn into its own error.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+
+DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+class ActorGroup:
+    def __init__(self, actor_class: Any, count: int, args: Callable[[int], Sequence[Any]],
+                 options: Callable[[int], dict[str, Any]], timeout_s: float) -> None:
+        """``args(i)`` and ``options(i)`` give actor i's constructor arguments and Ray options (its
+        resources, its placement bundle, its restarts)."""
+        remote = actor_class if isinstance(actor_class, ray.actor.ActorClass) else ray.remote(actor_class)
+        self.timeout_s = timeout_s
+        self.actors = [remote.options(**options(i)).remote(*args(i)) for i in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.actors[index]
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """The same call on every actor; the references, in actor order."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def submit_each(self, method: str, per_actor: Sequence[Sequence[Any]]) -> list[ray.ObjectRef]:
+        """Actor i gets ``per_actor[i]`` (a shard); one entry per actor."""
+        if len(per_actor) != len(self.actors):
+            raise ValueError(f"{len(per_actor)} argument lists for {len(self.actors)} actors")
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_actor)]
+
+    def get(self, refs: Any, timeout_s: float | None = None) -> Any:
+        return ray.get(refs, timeout=self.timeout_s if timeout_s is None else timeout_s)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return self.get(self.submit(method, *args, **kwargs))
+
+    def call_each(self, method: str, per_actor: Sequence[Sequence[Any]]) -> list[Any]:
+        return self.get(self.submit_each(method, per_actor))
+
+    def wait_alive(self, index: int, probe: str = "ready", poll_s: float = 30.0) -> Any:
+        """Wait for actor ``index`` to answer ``probe`` again (Ray restarts a dead one); gives up after the
+        group's timeout with the last error."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return ray.get(getattr(self.actors[index], probe).remote(), timeout=poll_s)
+            except (*DEAD, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def kill(self, restart: bool = False) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=not restart)
+        self.actors = []
