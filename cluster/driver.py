@@ -6,6 +6,7 @@ rollout workers computed with the weights that actually produced the trajectorie
 """
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cluster.config import sync_bucket_bytes
 from cluster.learner_group import LearnerGroup
@@ -37,6 +39,8 @@ from reward.pool.client import RewardClient
 from reward.pool.service import start_reward_pool, stop_reward_pool
 from reward.semantic import run_steps
 from reward.stats import check_stats_identities
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,7 +142,7 @@ class Driver:
         stop the run with the cause, since a run that updates nothing must not "finish"."""
         self.idle_steps += 1
         why = nothing_trained_reason(len(traj), rewards, metrics)
-        tqdm.write(f"step {step}: no trajectory trained ({why})")
+        log.warning("step %d: no trajectory trained (%s)", step, why)
         limit = self.cfg.train.max_idle_steps
         if limit and self.idle_steps >= limit:
             raise RunError(f"{self.idle_steps} steps in a row trained no trajectory (train.max_idle_steps={limit}): "
@@ -152,7 +156,7 @@ class Driver:
         if self.stop_requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.stop_requested = signum
-        tqdm.write(f"signal {signum}: finishing this step, writing a checkpoint, then stopping")
+        log.warning("signal %d: finishing this step, writing a checkpoint, then stopping", signum)
 
     # ---------------------------------------------------------------------------------------------
     def run(self) -> RunState:
@@ -160,6 +164,8 @@ class Driver:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         pending = None  # off-policy mode: the next step's rollout, already sampled
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="ParaRL", unit="step")
+        quiet_bars = logging_redirect_tqdm()  # a warning prints above the bar, not through it
+        quiet_bars.__enter__()
         try:
             while self.state.step < cfg.train.steps and not self.stop_requested:
                 step = self.state.step
@@ -180,6 +186,7 @@ class Driver:
             self.tracker.fail(f"{type(err).__name__}: {err}")
             raise
         finally:
+            quiet_bars.__exit__(None, None, None)
             bar.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)

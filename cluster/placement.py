@@ -24,11 +24,11 @@ def start_ray(cfg: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=False)
+        ray.init(address=cfg.address, log_to_driver=True)
     else:
         store = None if cfg.object_store_mb is None else cfg.object_store_mb << 20
         system = {"preallocate_plasma_memory": True} if cfg.preallocate_object_store else None
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=True,
                  object_store_memory=store, _system_config=system)
 
 

@@ -5,15 +5,17 @@ as a warning and the run goes on without it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import OmegaConf
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -55,8 +57,8 @@ class Tracker:
 
     def _disable(self, err: Exception) -> None:
         if self.enabled:
-            warnings.warn(f"MLflow tracking at {self.uri} is unavailable ({type(err).__name__}: {err}); "
-                          "the run continues without tracking", stacklevel=3)
+            log.warning("MLflow tracking at %s is unavailable (%s: %s); the run continues without tracking",
+                        self.uri, type(err).__name__, err)
         self.enabled = False
 
     def _call(self, fn: str, *args: Any, **kwargs: Any) -> None:

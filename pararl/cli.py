@@ -6,6 +6,7 @@ The one module of the core that reaches up to the stages, and only inside a subc
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Sequence
 
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # library code logs; the command shows warnings (a step that trained nothing, tracking that went away)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except (PararlError, FileNotFoundError) as err:  # the user's inputs; anything else is a bug: its traceback shows

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pararl.tensors import from_shared
+
 
 def _to_numpy(value):
     if isinstance(value, torch.Tensor):
@@ -28,7 +30,7 @@ def _to_numpy(value):
 
 def _to_torch(value):
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
+        return from_shared(value)
     if isinstance(value, dict):
         return {k: _to_torch(v) for k, v in value.items()}
     return value

@@ -15,6 +15,7 @@ import torch
 
 from pararl.errors import PararlError
 from pararl.sync.buckets import Bucket, contiguous_runs, run_span
+from pararl.tensors import from_shared
 
 
 class SyncError(PararlError):
@@ -40,7 +41,7 @@ class TensorRun:
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The named tensors, as views of the one array; refuses an array of the wrong length."""
-        flat = torch.from_numpy(np.asarray(self.data))
+        flat = from_shared(np.asarray(self.data))
         if self.dtype == "bfloat16":
             flat = flat.view(torch.bfloat16)
         sizes = [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -102,10 +103,12 @@ def start_reward_pool(cfg: RewardConfig, model_folder: str,
     """Deploy the pool into the running Ray; returns the handle rollout workers and the driver call."""
     check_reward_config(cfg)
     token = resolve_token(cfg)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's progress lines, not a run's
+    quiet = {"log_level": "WARNING"}  # the controller's and replicas' own: their warnings still reach the driver
     if cfg.http.enabled:
-        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port}, logging_config=quiet)
     else:
-        serve.start(proxy_location="Disabled")
+        serve.start(proxy_location="Disabled", logging_config=quiet)
     replica = RewardReplica.options(
         num_replicas=cfg.replicas,
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
@@ -113,7 +116,7 @@ def start_reward_pool(cfg: RewardConfig, model_folder: str,
         # backs off before it retries, so the queue belongs in the replica (checked by check_reward_config)
         max_ongoing_requests=cfg.max_ongoing_requests,
         # one access-log line per request costs the replica a file write under the GIL, per request
-        logging_config={"enable_access_log": False},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
         request_router_config=RequestRouterConfig(request_router_class=LeastLoadedRouter),
     )
     app = replica.bind(str(model_folder), cfg, token, named_format)
