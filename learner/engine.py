@@ -17,16 +17,13 @@ from typing import Any
 import torch
 
 from learner.config import LearnerConfig
+from pararl import devices
 from pararl.config import ConfigError
 
 
 def resolve_device(cfg: LearnerConfig) -> str:
     """``cpu`` or ``cuda``; refuses combinations DeepSpeed would reject later with a less clear message."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("learner.device=cuda but no CUDA device is visible to this process")
+    device = devices.resolve_device(cfg.device, "learner.device").type
     if device == "cpu" and cfg.precision == "fp16":
         raise ConfigError(
             "learner.precision=fp16 is not supported on CPU (DeepSpeed's CPU accelerator refuses fp16 training); "

@@ -10,12 +10,11 @@ import os
 from dataclasses import asdict
 from typing import Iterator
 
-import torch
-
 from learner.batch import TrainBatch
 from learner.checkpoint import RunState
 from learner.config import LearnerConfig, validate
 from learner.engine import free_port
+from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.sync import collective
 from pararl.sync.buckets import bucket_plan
@@ -80,4 +79,4 @@ class LearnerRank:
 
     def send_weights(self, bucket_bytes: int, wire_dtype: str) -> int:
         return collective.send(self.sync_group, self.learner.weight_buckets(bucket_bytes), self.sync_backend,
-                               getattr(torch, wire_dtype))
+                               resolve_dtype(wire_dtype))

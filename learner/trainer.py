@@ -23,11 +23,10 @@ from learner.batch import TrainBatch
 from learner.config import LearnerConfig, validate
 from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
 from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, summarize
+from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.logprobs import TokenLogProbs, trajectory_logprobs
 from pararl.models import load_policy
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Learner:
@@ -51,7 +50,7 @@ class Learner:
         self.reference = None
         if cfg.beta > 0 and cfg.kl_reference == "reference":
             where = "cpu" if cfg.reference_offload else self.device
-            self.reference = load_policy(reference_path or policy_path, dtype=DTYPES[cfg.precision], device=where)
+            self.reference = load_policy(reference_path or policy_path, dtype=resolve_dtype(cfg.precision), device=where)
             self.reference.requires_grad_(False)
 
     # ----- log-probabilities -------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from pararl.bundle import load_bundle
+from pararl.devices import resolve_dtype
 from pararl.logprobs import Plan, TokenLogProbs, trajectory_logprobs
 from pararl.sync import collective
 from pararl.sync.buckets import weights_hash
@@ -30,7 +31,7 @@ class RolloutWorker:
         if threads:
             torch.set_num_threads(threads)
         self.device = device
-        self.bundle = load_bundle(model_folder, dtype=getattr(torch, dtype) if dtype else None, device=device,
+        self.bundle = load_bundle(model_folder, dtype=resolve_dtype(dtype) if dtype else None, device=device,
                                   named=named_format)
         self.policy = self.bundle.policy
         self.sampler = ParallelSampler(self.policy, self.bundle.fmt, sampler_cfg)
@@ -78,7 +79,7 @@ class RolloutWorker:
 
     def receive_weights(self, plan: list[list[str]], wire_dtype: str, version: int) -> int:
         """Collective transport: receive every bucket by broadcast, then move to ``version``."""
-        collective.receive(self.sync_group, self.live, plan, self.sync_backend, getattr(torch, wire_dtype))
+        collective.receive(self.sync_group, self.live, plan, self.sync_backend, resolve_dtype(wire_dtype))
         self.version = version
         return version
 

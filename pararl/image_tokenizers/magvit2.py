@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pararl.devices import resolve_device, resolve_dtype
 from pararl.errors import CheckpointError
 from pararl.image_tokenizers import ModuleImageTokenizer, register_image_tokenizer
 
@@ -277,8 +278,7 @@ class Magvit2Tokenizer(ModuleImageTokenizer):
     def __init__(self, path: str, grid: Sequence[int] = (32, 32), device: str = "auto", dtype: str = "float32") -> None:
         self.path, self.device_name, self.dtype_name = str(path), device, dtype
         self.model = load_magvit2(path)
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-        self.model.to(dev, getattr(torch, dtype))
+        self.model.to(resolve_device(device), resolve_dtype(dtype))
         self.codebook_size = 2**self.model.config.codebook_bits
         self.grid = (int(grid[0]), int(grid[1]))
         scale = self.model.config.downsampling

@@ -13,13 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
+from pararl.devices import resolve_device, resolve_dtype
 from pararl.image_tokenizers import ModuleImageTokenizer, register_image_tokenizer
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @register_image_tokenizer("vqmodel")
@@ -39,8 +34,8 @@ class VQModelTokenizer(ModuleImageTokenizer):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} holds no VQModel (no config.json)")
         self.path, self.subfolder, self.normalize, self.device_name, self.dtype_name = str(path), subfolder, normalize, device, dtype
-        self.model = VQModel.from_pretrained(str(path), subfolder=subfolder or None, torch_dtype=getattr(torch, dtype))
-        self.model.to(_device(device)).eval().requires_grad_(False)
+        self.model = VQModel.from_pretrained(str(path), subfolder=subfolder or None, torch_dtype=resolve_dtype(dtype))
+        self.model.to(resolve_device(device)).eval().requires_grad_(False)
         cfg = self.model.config
         self.scale = 2 ** (len(cfg.block_out_channels) - 1)
         self.embed_dim = cfg.vq_embed_dim or cfg.latent_channels
