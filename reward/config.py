@@ -23,6 +23,9 @@ class RewardHttpConfig:
     route: str = "/reward"
     token: Optional[str] = None  # or read from the environment variable below
     token_env: str = "PARARL_REWARD_TOKEN"
+    max_body_mb: float = 64.0  # a larger request is refused (413) before it is read
+    max_images: int = 1024  # images per request
+    max_image_side: int = 1024  # pixels; a larger image is refused, not resized and scored
 
 
 @dataclass
@@ -61,6 +64,9 @@ def check_reward_config(cfg: RewardConfig) -> None:
                          "run `pararl reward-stats CONFIG`")
     if cfg.nonfinite not in ("drop", "fail"):
         raise ConfigError(f"reward.nonfinite must be 'drop' or 'fail', got {cfg.nonfinite!r}")
+    h = cfg.http
+    if h.max_body_mb <= 0 or h.max_images < 1 or h.max_image_side < 1:
+        raise ConfigError("reward.http.max_body_mb, max_images and max_image_side must be positive")
     if cfg.step_sampling not in ("random", "uniform"):
         raise ConfigError(f"reward.step_sampling must be 'random' or 'uniform', got {cfg.step_sampling!r}")
     if cfg.max_batch_size < 1 or cfg.replicas < 1:

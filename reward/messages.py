@@ -142,8 +142,15 @@ def encode_images(images: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def decode_images(payload: str) -> torch.Tensor:
-    arr = np.load(io.BytesIO(base64.b64decode(payload)), allow_pickle=False)
+class TooLarge(ValueError):
+    """A request above one of the HTTP route's limits (``reward.http``): answered 413."""
+
+
+def decode_images(payload: str, max_side: int | None = None) -> torch.Tensor:
+    """The inverse of ``encode_images``; refuses anything but a uint8 [N, 3, H, W] array, and sides above ``max_side``."""
+    arr = np.load(io.BytesIO(base64.b64decode(payload, validate=True)), allow_pickle=False)
     if arr.ndim != 4 or arr.shape[1] != 3 or arr.dtype != np.uint8:
         raise ValueError("images must be a uint8 array [N, 3, H, W]")
+    if max_side is not None and max(arr.shape[2:]) > max_side:
+        raise TooLarge(f"images of {arr.shape[2]}x{arr.shape[3]} pixels, the limit is {max_side} (reward.http.max_image_side)")
     return torch.from_numpy(arr).float() / 255.0

@@ -130,10 +130,12 @@ def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, f
 
 
 def _post(url, body, token=None):
+    """POST a JSON body (or raw bytes); (status, the JSON answer)."""
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -147,7 +149,8 @@ def test_http_route_needs_the_token_and_serves_the_remote_backend(ray_local, fol
     serve.shutdown()  # the HTTP proxy is configured when Serve starts
     monkeypatch.delenv("HTTP_PROXY", raising=False)  # urllib must reach loopback directly
     port = free_port()
-    cfg = user_cfg(http=RewardHttpConfig(enabled=True, port=port, token="s3cret"))
+    cfg = user_cfg(http=RewardHttpConfig(enabled=True, port=port, token="s3cret", max_body_mb=1.0, max_images=4,
+                                         max_image_side=64))
     start_reward_pool(cfg, str(folder))
     try:
         url = f"http://127.0.0.1:{port}/reward"
@@ -164,6 +167,24 @@ def test_http_route_needs_the_token_and_serves_the_remote_backend(ray_local, fol
         quantised = (images * 255).round() / 255
         assert torch.allclose(remote.score(images, body["texts"]), local.raw_scores(quantised, body["texts"])["words"])
         assert remote.identity == "remote:word-count(delay=0.0)"
+
+        # every malformed body is a 400 naming the problem, never a 500
+        bad = {b"[1, 2]": "must be a JSON object", b"{not json": "bad request",
+               json.dumps({"images": "@@ not base64 @@", "texts": ["a"]}).encode(): "bad request",
+               json.dumps({"images": encode_images(images), "texts": "red"}).encode(): "texts must be a list",
+               json.dumps({"images": 7, "texts": ["a"]}).encode(): "images must be a base64 string",
+               json.dumps({"images": encode_images(images[:2]), "texts": ["a", "b", "c"]}).encode(): "2 images for 3 texts"}
+        for data, why in bad.items():
+            status, answer = _post(url, data, token="s3cret")
+            assert status == 400 and why in answer["error"], (data[:40], status, answer)
+        # above the limits: 413, and the reward model never sees it
+        big = {"images": encode_images(torch.rand(5, 3, 8, 8)), "texts": ["a"] * 5}
+        assert _post(url, big, token="s3cret") == (413, {"error": "request too large: 5 texts, the limit is 4 "
+                                                                  "(reward.http.max_images)"})
+        status, answer = _post(url, {"images": encode_images(torch.rand(1, 3, 65, 65)), "texts": ["a"]}, token="s3cret")
+        assert status == 413 and "65x65 pixels, the limit is 64" in answer["error"]
+        status, answer = _post(url, b" " * (2 << 20), token="s3cret")
+        assert status == 413 and "reward.http.max_body_mb" in answer["error"]
         with pytest.raises(RuntimeError, match="answered 401"):
             RemoteReward(url, token="nope")
     finally:

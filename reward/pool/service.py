@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,8 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pararl.bundle import load_codecs
-from reward.config import RewardConfig, check_reward_config
-from reward.messages import ChunkResult, ScoreChunk, decode_images
+from reward.config import RewardConfig, RewardHttpConfig, check_reward_config
+from reward.messages import ChunkResult, ScoreChunk, TooLarge, decode_images
 from reward.pool.routing import LeastLoadedRouter
 from reward.scorer import SemanticScorer
 from reward.stats import RewardStatsError
@@ -47,7 +48,7 @@ class RewardReplica:
         self.scorer = self.torch_thread.submit(self._build_scorer, model_folder, named_format).result()
         self.score.set_max_batch_size(self.cfg.max_batch_size)
         self.score.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        self.http_token = http_token
+        self.http_token, self.http = http_token, cfg.http
 
     def _build_scorer(self, model_folder: str, named_format: dict[str, Any] | None) -> SemanticScorer:
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))  # a replica's threads follow its CPUs
@@ -68,25 +69,61 @@ class RewardReplica:
         return os.getpid()
 
     async def __call__(self, request: Any) -> Any:
-        """HTTP: ``POST {"images": <npy base64>, "texts": [...]}`` with ``Authorization: Bearer TOKEN``."""
+        """HTTP: ``POST {"images": <npy base64>, "texts": [...]}`` with ``Authorization: Bearer TOKEN``.
+
+        401 for a missing or wrong token (compared in constant time), 413 for a body, an image count
+        or an image side above the configured limits (the body is never read past its limit), 400 for
+        any other malformed body; a request this route refuses never reaches the reward model.
+        """
         from starlette.responses import JSONResponse
 
         given = request.headers.get("authorization", "")
         if not self.http_token or not hmac.compare_digest(given.encode(), f"Bearer {self.http_token}".encode()):
             return JSONResponse({"error": "missing or wrong token"}, status_code=401)
         try:
-            body = await request.json()
-            texts = list(body.get("texts", []))
-            images = decode_images(body["images"]) if texts else torch.zeros(0, 3, 1, 1)
-            if len(images) != len(texts):
-                raise ValueError(f"{len(images)} images for {len(texts)} texts")
-        except (ValueError, KeyError, TypeError) as err:
+            images, texts = parse_http_request(await read_capped(request, int(self.http.max_body_mb * 2**20)), self.http)
+        except TooLarge as err:
+            return JSONResponse({"error": f"request too large: {err}"}, status_code=413)
+        except (ValueError, KeyError, TypeError, EOFError, OSError) as err:
             return JSONResponse({"error": f"bad request: {err}"}, status_code=400)
         scores = await self._on_torch_thread(self.scorer.raw_scores, images, texts) if texts else {}
         return JSONResponse({
             "identities": self.identities(),
             "scores": {label: s.tolist() for label, s in scores.items()},
         })
+
+
+async def read_capped(request: Any, limit: int) -> bytes:
+    """The body, refused as soon as it is known to exceed ``limit`` bytes (by its header, or while streaming)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"{int(declared)} bytes, the limit is {limit} (reward.http.max_body_mb)")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise TooLarge(f"more than {limit} bytes (reward.http.max_body_mb)")
+    return bytes(body)
+
+
+def parse_http_request(raw: bytes, limits: RewardHttpConfig) -> tuple[torch.Tensor, list[str]]:
+    """(images [N, 3, H, W], N texts) from a request body, or the reason it is refused."""
+    body = json.loads(raw)
+    if not isinstance(body, dict):
+        raise ValueError(f"the body must be a JSON object with images and texts, got a {type(body).__name__}")
+    texts = body.get("texts", [])
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a list of strings")
+    if len(texts) > limits.max_images:
+        raise TooLarge(f"{len(texts)} texts, the limit is {limits.max_images} (reward.http.max_images)")
+    if not texts:
+        return torch.zeros(0, 3, 1, 1), []
+    if not isinstance(body.get("images"), str):
+        raise ValueError("images must be a base64 string of an .npy uint8 array [N, 3, H, W]")
+    images = decode_images(body["images"], max_side=limits.max_image_side)
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images for {len(texts)} texts")
+    return images, texts
 
 
 def resolve_token(cfg: RewardConfig) -> str | None:
