@@ -29,7 +29,7 @@ from learner.batch import TrainBatch, iteration_plan
 from learner.checkpoint import RunState, latest_checkpoint
 from pararl.bundle import load_codecs
 from pararl.config import require
-from pararl.data import CodeCache, PromptSource, read_records
+from pararl.data import CodeCache, PromptSource, check_images, read_records
 from pararl.errors import RunError
 from pararl.logprobs import Plan, TokenLogProbs
 from pararl.seeds import PLAN_STRIDE, derive
@@ -63,6 +63,7 @@ class Driver:
             # a missing, unreadable or other-model stats file fails here, before Ray starts
             check_stats_identities(cfg.reward)
         records = read_records(require(cfg.data.train, "data.train"))
+        check_images(records, self.codecs.image_tokenizer.image_size, cfg.data.train)
         self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer), cfg.seed)
         self.stop_requested = False
         self.idle_steps = 0  # steps in a row that trained no trajectory

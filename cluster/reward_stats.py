@@ -7,7 +7,7 @@ from typing import Sequence
 from cluster.run_config import load_run_config
 from pararl.bundle import load_codecs
 from pararl.config import require
-from pararl.data import CodeCache, read_records, reference_pairs
+from pararl.data import CodeCache, check_images, read_records, reference_pairs
 from pararl.errors import ConfigError
 from reward.base import build_reward_model
 from reward.stats import ModelStats, compute_stats, save_stats
@@ -17,6 +17,7 @@ def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int =
     cfg = load_run_config(config, overrides)
     codecs = load_codecs(require(cfg.model, "model"), cfg.model_format.named())
     records = read_records(require(cfg.data.train, "data.train"))
+    check_images(records, codecs.image_tokenizer.image_size, cfg.data.train)
     cache = CodeCache(cfg.data.cache_dir, codecs.image_tokenizer)
     total = sum(1 for r in records if r.output_image and r.output_text)
     stats: dict[str, ModelStats] = {}

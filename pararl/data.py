@@ -60,6 +60,30 @@ def read_records(path: str | Path) -> list[Record]:
     return records
 
 
+def check_images(records: list[Record], size: tuple[int, int], source: str | Path) -> int:
+    """Every image the records name exists, opens and has the image tokenizer's size; returns how many.
+
+    Found now, from each file's header, not when a bad record is first drawn (minutes or never into a
+    run, on an actor). The error counts the bad images and names the first ones.
+    """
+    problems, seen = [], set()
+    for rec in records:
+        for path in (rec.input_image, rec.output_image):
+            if not path or path in seen:
+                continue
+            seen.add(path)
+            try:
+                with Image.open(path) as img:
+                    if (img.height, img.width) != tuple(size):
+                        problems.append(f"{path} is {img.width}x{img.height}")
+            except (OSError, ValueError) as err:  # missing, unreadable or not an image
+                problems.append(f"{path}: {type(err).__name__}: {err}")
+    if problems:
+        raise DataError(f"{len(problems)} of {len(seen)} images named by {source} cannot be used (the image tokenizer "
+                        f"needs {size[1]}x{size[0]}): {'; '.join(problems[:3])}" + ("; ..." if len(problems) > 3 else ""))
+    return len(seen)
+
+
 def load_image(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():

@@ -285,3 +285,23 @@ def test_stats_of_another_reward_model_exit_2_with_one_line_before_ray_starts(se
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "was computed with reward model 'open_clip:ViT-B-32:laion2b'" in err[0] and "rerun `pararl reward-stats`" in err[0]
+
+
+def test_a_bad_image_anywhere_in_the_dataset_exits_2_at_load_before_ray_starts(setup, tmp_path, capsys):
+    """One edit record in 100 names an image of the wrong size: found from the file headers before Ray
+    (the cluster address points at nothing, so a check made later would fail on the connection)."""
+    from PIL import Image
+
+    size = load_codecs(setup["folder"]).image_tokenizer.image_size
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (size[1], size[0])).save(good)
+    Image.new("RGB", (size[1] + 1, size[0])).save(bad)
+    rows = [{"prompt": "make it red", "task": "edit", "input_image": str(bad if i == 73 else good)} for i in range(100)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", f"data.train={data}",
+                 "cluster.address=ray://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"1 of 2 images named by {data} cannot be used" in err[0] and f"{bad} is {size[1] + 1}x{size[0]}" in err[0]
+    assert not (tmp_path / "run" / "mlflow.db").exists(), "nothing was started"
