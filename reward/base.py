@@ -26,6 +26,10 @@ class RewardModel(Protocol):
         """images [N, 3, H, W] in [0, 1], N texts -> N float scores."""
 
 
+class RewardModelError(RunError):
+    """A reward model failed while scoring; the message names it (label and identity) and what it raised."""
+
+
 REWARD_MODELS: Registry[Callable[..., RewardModel]] = Registry("reward model")
 register_reward_model = REWARD_MODELS.register
 

@@ -14,8 +14,9 @@ from typing import Sequence
 import torch
 
 from pararl.bundle import Codecs
+from pararl.errors import PararlError
 from pararl.types import Trajectories
-from reward.base import RewardModel, build_reward_model
+from reward.base import RewardModel, RewardModelError, build_reward_model
 from reward.config import RewardConfig, check_reward_config
 from reward.messages import ChunkResult, ScoreChunk, ScoreRequest, ScoreResult, chunk_requests
 from reward.semantic import combine, standardise, trajectory_reward
@@ -47,8 +48,20 @@ class SemanticScorer:
                 self.stats[label] = stats_for(table, label, self.models[label].identity, cfg.stats_file)
 
     def raw_scores(self, images: torch.Tensor, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Each reward model's raw score of the same images and texts (what the HTTP route serves)."""
-        return {label: model.score(images, texts) for label, model in self.models.items()}
+        """Each reward model's raw score of the same images and texts (what the HTTP route serves).
+
+        A reward model that raises is named in one ``RewardModelError`` (a plugin's bug is the user's
+        to fix, and the run must say which model it was, not show the pool's traceback)."""
+        out = {}
+        for label, model in self.models.items():
+            try:
+                out[label] = model.score(images, texts)
+            except PararlError:
+                raise
+            except Exception as err:
+                raise RewardModelError(f"reward model {label!r} ({model.identity}) raised "
+                                       f"{type(err).__name__}: {err}") from err
+        return out
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """One scoring pass over the requests (in one process: the pilot, tests)."""

@@ -305,3 +305,24 @@ def test_a_bad_image_anywhere_in_the_dataset_exits_2_at_load_before_ray_starts(s
     assert code == 2 and len(err) == 1, err
     assert f"1 of 2 images named by {data} cannot be used" in err[0] and f"{bad} is {size[1] + 1}x{size[0]}" in err[0]
     assert not (tmp_path / "run" / "mlflow.db").exists(), "nothing was started"
+
+
+@pytest.mark.parametrize("reward,message", [
+    ({"name": "tests.user_rewards:RaisingReward", "standardize": False},
+     "reward model 'flaky' (raising) raised KeyError: \"no such column: 'clip_score'\""),
+    ({"name": "tests.user_rewards:PartlyNaNReward", "kwargs": {"share": 0.5}, "standardize": False},
+     "non-finite reward (reward.nonfinite=fail): trajectory 0: reward model 'flaky' returned a non-finite score"),
+])
+def test_a_failing_reward_model_exits_2_with_one_line_and_a_failed_mlflow_run(ray_local, setup, tmp_path, capsys,
+                                                                             reward, message):
+    config = yaml.safe_load(_flaky_config(setup, tmp_path, share=0.5).read_text())
+    config["reward"]["models"]["flaky"] = reward
+    config["reward"]["nonfinite"] = "fail"
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1], err
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and message in run.data.tags["failure"]

@@ -36,3 +36,12 @@ class PartlyNaNReward:
         scores = torch.tensor([float(len(t.split())) for t in texts]) + images[:, 0].mean((1, 2))
         scores[: int(len(texts) * self.share)] = float("nan")
         return scores
+
+
+class RaisingReward:
+    """A reward model with a bug: it raises on every batch."""
+
+    identity = "raising"
+
+    def score(self, images, texts):
+        raise KeyError("no such column: 'clip_score'")

@@ -13,7 +13,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-from pararl.errors import RunError
+from pararl.errors import PararlError, RunError
 from pararl.types import Trajectories
 from reward.config import RewardConfig
 from reward.messages import ChunkResult, ScoreRequest, ScoreResult, chunk_requests
@@ -135,6 +135,8 @@ class RewardClient:
                                           f"{attempts[i]} times; last error: {err}") from err
                     retried += 1
                     pending[i] = self.handle.score.remote(chunks[i])
+                except PararlError as err:  # raised in the replica (a reward model that failed): one line
+                    raise RewardError(str(getattr(err, "cause", None) or err).strip().splitlines()[-1]) from err
                 except (GetTimeoutError, TimeoutError) as err:
                     raise RewardError(f"reward pool gave no answer within {self.cfg.request_timeout_s}s "
                                       f"(trajectories {chunks[i].keys})") from err
