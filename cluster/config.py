@@ -10,6 +10,7 @@ class ClusterConfig:
     address: Optional[str] = None  # None: a local Ray started in-process; "auto" or an address joins a cluster
     num_cpus: Optional[int] = None  # local Ray only (logical CPUs; None: the machine's)
     num_gpus: Optional[int] = None  # local Ray only
+    dashboard: bool = False  # local Ray only: Ray's dashboard (`ray list actors`, the web UI on 127.0.0.1:8265)
     rollout_workers: int = 2
     rollout_cpus: float = 1.0
     rollout_gpus: float = 0.0
@@ -48,6 +49,9 @@ def check_cluster_config(cfg: ClusterConfig) -> None:
         raise ConfigError(f"cluster.sync_transport={cfg.sync_transport!r} is not one of: collective, object_store")
     if cfg.rollout_workers < 1 or cfg.learner_ranks < 1:
         raise ConfigError("cluster.rollout_workers and cluster.learner_ranks must be >= 1")
+    if cfg.address and cfg.dashboard:
+        raise ConfigError("cluster.dashboard applies to a local Ray only; a running cluster has its own "
+                          "(`ray start --include-dashboard`)")
     if cfg.address and (cfg.object_store_mb is not None or cfg.preallocate_object_store):
         raise ConfigError("cluster.object_store_mb and cluster.preallocate_object_store apply to a local Ray only; "
                           "on a running cluster pass --object-store-memory to `ray start` and set "

@@ -5,6 +5,8 @@ for with what the cluster has first, then bound the wait for the placement group
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import ray
@@ -14,9 +16,33 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import ClusterConfig
 from pararl.errors import PararlError
 
+log = logging.getLogger(__name__)
+
 
 class PlacementError(PararlError):
     """The cluster cannot host what the config asks for; the message names the shortfall."""
+
+
+ORPHAN_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def reap_orphaned_agents() -> list[int]:
+    """Kill this user's Ray agents whose local session is gone: a driver killed with SIGKILL takes its
+    raylet with it, but these two are reparented to init and live on. A live session's agents have
+    their raylet as parent and are never touched. Returns the pids killed."""
+    import psutil
+
+    killed = []
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "uids"]):
+        try:
+            cmd = proc.info["cmdline"] or [""]
+            if cmd[0].startswith(ORPHAN_AGENTS) and proc.info["ppid"] == 1 and proc.info["uids"].real == os.getuid():
+                proc.kill()
+                killed.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs([psutil.Process(pid) for pid in killed if psutil.pid_exists(pid)], timeout=10)
+    return killed
 
 
 def start_ray(cfg: ClusterConfig) -> None:
@@ -26,9 +52,12 @@ def start_ray(cfg: ClusterConfig) -> None:
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True)
     else:
+        reaped = reap_orphaned_agents()
+        if reaped:
+            log.warning("removed %d Ray agent process(es) left by a local run that was killed: pids %s", len(reaped), reaped)
         store = None if cfg.object_store_mb is None else cfg.object_store_mb << 20
         system = {"preallocate_plasma_memory": True} if cfg.preallocate_object_store else None
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.dashboard, log_to_driver=True,
                  object_store_memory=store, _system_config=system)
 
 

@@ -326,3 +326,30 @@ def test_a_failing_reward_model_exits_2_with_one_line_and_a_failed_mlflow_run(ra
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and message in run.data.tags["failure"]
+
+
+def test_a_driver_killed_with_sigkill_leaves_no_ray_agent_behind_the_next_start(tmp_path):
+    """The dashboard and runtime-env agents outlive a SIGKILLed local driver (reparented to init); the
+    next local start removes them, and only them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from cluster.placement import ORPHAN_AGENTS, reap_orphaned_agents
+
+    code = ("import os, signal, ray; from cluster.config import ClusterConfig; from cluster.placement import start_ray; "
+            "start_ray(ClusterConfig(num_cpus=1)); ray.get(ray.put(1)); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    def orphans():
+        return [p.pid for p in psutil.process_iter(["cmdline", "ppid"])
+                if (p.info["cmdline"] or [""])[0].startswith(ORPHAN_AGENTS) and p.info["ppid"] == 1]
+
+    left = orphans()
+    assert left, "the agents of the killed driver should be orphaned"
+    assert sorted(reap_orphaned_agents()) == sorted(left) and orphans() == []

@@ -125,6 +125,11 @@ def test_replica_killed_while_a_batch_is_in_flight_loses_no_request(ray_local, f
         for got, want in zip(results, local):
             assert torch.allclose(got.raw["words"], want.raw["words"])
         assert retries >= 1, "the kill should have hit requests in flight"
+        # the loss shows in the metrics once the replacement replica answers, retried or not
+        deadline = time.monotonic() + 90
+        while client.replica_losses == 0 and time.monotonic() < deadline:
+            client.score_requests(requests[:8])
+        assert len(client.replicas) == 3 and client.replica_losses == 1
     finally:
         stop_reward_pool()
 

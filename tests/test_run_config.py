@@ -30,6 +30,8 @@ BAD = [
     ("cluster.mode=async", "cluster.mode='async' is not one of: sync, off_policy"),
     ("data.group_size=0", "data.group_size=0 must be >= 1"),
     ("train.max_idle_steps=-1", "train.max_idle_steps=-1 must be >= 0"),
+    ("cluster.dashboard=true cluster.address=auto", "cluster.dashboard applies to a local Ray only"),
+    ("reward.http.max_images=0", "reward.http.max_body_mb, max_images and max_image_side must be positive"),
 ]
 
 
@@ -48,8 +50,8 @@ def test_a_good_config_loads_with_its_paths_and_preset_filled(config):
 
 @pytest.mark.parametrize("override,message", BAD, ids=[o for o, _ in BAD])
 def test_a_bad_value_exits_2_with_one_line_before_ray_starts(config, capsys, override, message):
-    assert main(["train", str(config), override]) == 2
+    assert main(["train", str(config), *override.split()]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     with pytest.raises(ConfigError, match=re.escape(message)):  # found by the loader itself, which starts nothing
-        load_run_config(config, [override])
+        load_run_config(config, override.split())

@@ -40,6 +40,8 @@ class RewardBatch:
     problems: list[str] = field(default_factory=list)
     mean_batch_size: float = 0.0
     retries: int = 0
+    replicas_seen: int = 0  # distinct replica processes that have answered this client so far
+    replica_losses: int = 0  # of those, ones beyond the pool's size: replicas that died and were replaced
     texts: list[list[str]] = field(default_factory=list)
     compute_seconds: float = 0.0  # reward-model time of all batches, divided by the replicas that shared them
 
@@ -55,6 +57,8 @@ class RewardBatch:
             "reward/dropped": float(self.dropped),
             "reward/mean_batch_size": self.mean_batch_size,
             "reward/retries": float(self.retries),
+            "reward/replicas_seen": float(self.replicas_seen),
+            "reward/replica_losses": float(self.replica_losses),
         }
         for label, values in self.per_model.items():
             v = values[kept].mean(-1)
@@ -104,6 +108,7 @@ class RewardClient:
         if (handle is None) == (scorer is None):
             raise ValueError("give exactly one of a Serve handle or a local scorer")
         self.cfg, self.handle, self.scorer = cfg, handle, scorer
+        self.replicas: set[int] = set()
 
     def score(self, traj: Trajectories) -> RewardBatch:
         requests = requests_from(traj)
@@ -112,7 +117,16 @@ class RewardClient:
             results = [res for i in range(0, len(requests), size) for res in self.scorer.score_batch(requests[i : i + size])]
             return assemble(results, requests[0].steps, self.cfg.nonfinite)
         results, retries = self.score_requests(requests)
-        return assemble(results, requests[0].steps, self.cfg.nonfinite, retries)
+        batch = assemble(results, requests[0].steps, self.cfg.nonfinite, retries)
+        batch.replicas_seen, batch.replica_losses = len(self.replicas), self.replica_losses
+        return batch
+
+    @property
+    def replica_losses(self) -> int:
+        """Replicas beyond the pool's size that have answered: each one replaced a replica that died.
+        Serve may re-send a dead replica's requests itself (no retry is counted here); a new process
+        answering is what shows the loss."""
+        return max(0, len(self.replicas) - self.cfg.replicas)
 
     def score_requests(self, requests: Sequence[ScoreRequest]) -> tuple[list[ScoreResult], int]:
         """All requests in flight at once, ``request_size`` trajectories each (stacked in one
@@ -140,4 +154,5 @@ class RewardClient:
                 except (GetTimeoutError, TimeoutError) as err:
                     raise RewardError(f"reward pool gave no answer within {self.cfg.request_timeout_s}s "
                                       f"(trajectories {chunks[i].keys})") from err
+        self.replicas.update(chunk.replica for chunk in results)
         return [r for chunk in results for r in chunk.results()], retried  # type: ignore[union-attr]
