@@ -96,6 +96,9 @@ class Driver:
             self.tracker.log_config(cfg)
             self.tracker.log_file(cfg.reward.stats_file, "reward")
         self.state.extra["mlflow_run_id"] = self.tracker.run_id
+        # A resumed run repeats the steps after its checkpoint that were logged before the stop; resume
+        # is exact (the same seeds, data position and weights), so they are not logged a second time.
+        self.logged_through = self.tracker.last_logged_step() if cfg.train.resume else -1
 
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -171,7 +174,8 @@ class Driver:
             while self.state.step < cfg.train.steps and not self.stop_requested:
                 step = self.state.step
                 metrics, pending = self._step(step, pending)
-                self.tracker.log_metrics(metrics, step=step)
+                if step > self.logged_through:
+                    self.tracker.log_metrics(metrics, step=step)
                 self.last_metrics = metrics
                 if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
                     self._checkpoint()

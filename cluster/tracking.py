@@ -87,6 +87,16 @@ class Tracker:
                  if v is not None and math.isfinite(float(v))]
         self._call("log_batch", metrics=clean)
 
+    def last_logged_step(self, key: str = "policy_version") -> int:
+        """The highest step this run has logged ``key`` at (-1: none, or tracking is off)."""
+        if not self.enabled:
+            return -1
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+        except Exception as err:  # noqa: BLE001 - any tracking failure must leave the run alive
+            self._disable(err)
+            return -1
+
     def log_image(self, image: Image.Image, name: str) -> None:
         self._call("log_image", image, artifact_file=name)
 

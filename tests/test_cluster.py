@@ -353,3 +353,24 @@ def test_a_driver_killed_with_sigkill_leaves_no_ray_agent_behind_the_next_start(
     left = orphans()
     assert left, "the agents of the killed driver should be orphaned"
     assert sorted(reap_orphaned_agents()) == sorted(left) and orphans() == []
+
+
+def test_resume_after_a_stop_between_checkpoints_logs_no_step_twice(ray_local, setup, tmp_path):
+    """Steps 0 and 1 are logged; the checkpoint after step 1 is lost (the crash the learner can have while
+    writing it), so resume repeats step 1 from the checkpoint after step 0: MLflow keeps one point per step."""
+    import shutil
+
+    from learner.checkpoint import LATEST, latest_checkpoint
+
+    first = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.checkpoint_every=1"])
+    folder = Path(first["run_dir"]) / "checkpoints"
+    lost = latest_checkpoint(folder)
+    kept = sorted(p for p in folder.glob("step-*") if p != lost)[-1]
+    shutil.rmtree(lost)
+    (folder / LATEST).write_text(kept.name)  # the pointer as it was before the lost save
+    again = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=3", "train.checkpoint_every=1",
+                                    "train.resume=true"])
+    assert again["run_id"] == first["run_id"] and again["state"].step == 3
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    for key in ("reward.mean", "policy_version"):
+        assert sorted(m.step for m in client.get_metric_history(first["run_id"], key)) == [0, 1, 2], key
