@@ -176,6 +176,10 @@ def test_a_dead_learner_rank_stops_the_run_and_resume_continues(ray_local, setup
         with pytest.raises(LearnerDied, match=died):
             driver.run()
         assert latest_checkpoint(cfg.learner.checkpoint.folder) == saved  # intact, not overwritten
+        # a rank that is dead when a checkpoint is written: the same one line, not Ray's traceback
+        with pytest.raises(LearnerDied, match="a learner rank died while writing a checkpoint"):
+            driver._checkpoint()
+        assert latest_checkpoint(cfg.learner.checkpoint.folder) == saved
     finally:
         driver.shutdown()
     out = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.resume=true"])
