@@ -102,9 +102,8 @@ class TrainBatch:
 
 
 def uses_reward_steps(cfg) -> bool:
-    """ParaRL estimates the likelihood at the reward's sampled steps (trace replay), unless the learner
-    config asks for its own sampled or merged steps, or another estimator."""
-    return cfg.logprob_estimator == "trace" and cfg.sampled_steps == 0 and cfg.merge_steps == 1
+    """Trace replay at the reward's sampled steps (``learner.coverage=reward_steps``, ParaRL's choice)."""
+    return cfg.logprob_estimator == "trace" and cfg.coverage == "reward_steps"
 
 
 def iteration_plan(cfg, total_steps: int, seed: int, reward_steps: Sequence[int] | None = None) -> Plan:
@@ -116,10 +115,13 @@ def iteration_plan(cfg, total_steps: int, seed: int, reward_steps: Sequence[int]
     """
     from pararl.logprobs import TracePlan, make_plan
 
-    if reward_steps is not None and uses_reward_steps(cfg):
+    if uses_reward_steps(cfg):
+        if reward_steps is None:
+            raise ValueError("learner.coverage=reward_steps needs the reward's sampled steps (reward_steps)")
         return TracePlan(tuple(reward_steps))
-    return make_plan(cfg.logprob_estimator, total_steps, seed, cfg.sampled_steps, cfg.merge_steps,
-                     cfg.mask_ratio_min, cfg.mask_ratio_max)
+    sampled = cfg.sampled_steps if cfg.coverage == "random" else 0
+    return make_plan(cfg.logprob_estimator, total_steps, seed, sampled, cfg.merge_steps, cfg.mask_ratio_min,
+                     cfg.mask_ratio_max)
 
 
 def rows_per_trajectory(cfg, reward_sampled_steps: int, total_steps: int) -> int:
@@ -129,4 +131,4 @@ def rows_per_trajectory(cfg, reward_sampled_steps: int, total_steps: int) -> int
     if uses_reward_steps(cfg):
         return reward_sampled_steps
     blocks = -(-total_steps // cfg.merge_steps)
-    return min(cfg.sampled_steps, blocks) if cfg.sampled_steps else blocks
+    return min(cfg.sampled_steps, blocks) if cfg.coverage == "random" else blocks

@@ -57,12 +57,33 @@ class LearnerConfig:
 
     # Trajectory log-probabilities.
     logprob_estimator: str = "trace"  # trace (replay the recorded steps) | random_mask (d1 / UniGRPO)
-    sampled_steps: int = 0  # trace: steps scored per iteration (0: every step)
-    merge_steps: int = 1  # trace: a sampled step k scores the window [k, k + merge_steps)
+    # trace: which denoising steps' reveals get a gradient (the same plan for behaviour, old, current and
+    # reference log-probs). reward_steps: the reward's sampled steps, one forward each (ParaRL's choice);
+    # all: every step, in windows of merge_steps; random: sampled_steps of those windows per iteration.
+    coverage: str = "reward_steps"
+    sampled_steps: int = 0  # coverage=random: windows scored per iteration
+    merge_steps: int = 1  # coverage=all | random: a window [k, k + merge_steps) is scored in one forward
     mask_ratio_min: float = 0.05  # random_mask: the ratio t is drawn from U(min, max) per trajectory
     mask_ratio_max: float = 1.0
 
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+COVERAGES = ("reward_steps", "all", "random")
+
+
+def check_coverage(cfg: LearnerConfig) -> None:
+    """Each coverage reads its own knobs; a knob that would be ignored, or a plan that scores nothing, is refused."""
+    if cfg.coverage == "reward_steps" and (cfg.sampled_steps or cfg.merge_steps != 1):
+        raise ConfigError(f"learner.coverage=reward_steps scores the reward's steps one forward each: "
+                          f"learner.sampled_steps={cfg.sampled_steps} and merge_steps={cfg.merge_steps} apply to "
+                          "coverage=random (and merge_steps to coverage=all)")
+    if cfg.coverage == "all" and cfg.sampled_steps:
+        raise ConfigError(f"learner.sampled_steps={cfg.sampled_steps} applies to coverage=random; "
+                          "coverage=all scores every step")
+    if cfg.coverage == "random" and cfg.sampled_steps < 1:
+        raise ConfigError("learner.coverage=random with sampled_steps=0 would score nothing; set "
+                          "learner.sampled_steps >= 1 (or coverage=all for every step)")
 
 
 def validate(cfg: LearnerConfig) -> LearnerConfig:
@@ -84,6 +105,7 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     choose("aggregation", cfg.aggregation, ("token", "sequence"))
     choose("advantage", cfg.advantage, ADVANTAGE_ESTIMATORS)
     choose("logprob_estimator", cfg.logprob_estimator, LOGPROB_ESTIMATORS)
+    choose("coverage", cfg.coverage, COVERAGES)
     if cfg.dist_backend is not None:
         choose("dist_backend", cfg.dist_backend, ("gloo", "nccl"))
     if cfg.zero_stage not in (0, 1, 2, 3):
@@ -94,6 +116,7 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     for key in ("lr", "eps_low", "eps_high", "beta", "weight_decay", "grad_clip", "sampled_steps", "advantage_eps"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"learner.{key}={getattr(cfg, key)} must be >= 0")
+    check_coverage(cfg)
     if cfg.eps_low >= 1:
         raise ConfigError(f"learner.eps_low={cfg.eps_low} must be < 1 (the ratio's lower clip is 1 - eps_low)")
     if not 0 < cfg.mask_ratio_min <= cfg.mask_ratio_max <= 1:

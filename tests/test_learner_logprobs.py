@@ -171,9 +171,37 @@ def test_bad_plans_and_batches_are_refused_by_name(sampled):
 
 def test_iteration_plan_follows_the_learner_config():
     from learner.batch import iteration_plan
-    from learner.config import LearnerConfig
+    from learner.config import LearnerConfig, validate
 
-    plan = iteration_plan(LearnerConfig(sampled_steps=2, merge_steps=2), total_steps=8, seed=3)
+    plan = iteration_plan(LearnerConfig(coverage="random", sampled_steps=2, merge_steps=2), total_steps=8, seed=3)
     assert isinstance(plan, TracePlan) and len(plan.steps) == 2 and plan.merge == 2
+    # the default: the reward's steps, one forward each; every step in merged windows; refusals by name
+    assert iteration_plan(LearnerConfig(), 8, seed=3, reward_steps=[5, 7]) == TracePlan((5, 7))
+    full = iteration_plan(LearnerConfig(coverage="all", merge_steps=3), 8, seed=3, reward_steps=[5, 7])
+    assert full.windows(8) == [(0, 3), (3, 6), (6, 8)]
+    for bad, why in [({"sampled_steps": 2}, "coverage=reward_steps scores the reward's steps"),
+                     ({"coverage": "all", "sampled_steps": 2}, "applies to coverage=random"),
+                     ({"coverage": "random"}, "would score nothing")]:
+        with pytest.raises(ValueError, match=why):
+            validate(LearnerConfig(**bad))
     mask_plan = iteration_plan(LearnerConfig(logprob_estimator="random_mask", mask_ratio_min=0.3), 8, seed=4)
     assert mask_plan == RandomMaskPlan(4, 0.3, 1.0)
+
+
+@torch.no_grad()
+def test_full_coverage_scores_every_revealed_token_exactly_once(sampled):
+    """coverage=all: every output token gets its log-prob once, whatever the window size; the default
+    scores only the tokens revealed at the reward's steps."""
+    from learner.batch import iteration_plan, rows_per_trajectory
+    from learner.config import LearnerConfig
+
+    policy, tr, _ = sampled
+    lay = tr.layout
+    for merge in (1, 3):
+        cfg = LearnerConfig(coverage="all", merge_steps=merge)
+        got = trajectory_logprobs(policy, FMT, tr, iteration_plan(cfg, STEPS, seed=0))
+        assert got.mask.sum(1).tolist() == [lay.text_len + lay.image_len] * len(tr), merge
+        assert rows_per_trajectory(cfg, 2, STEPS) == -(-STEPS // merge)
+    default = LearnerConfig()
+    got = trajectory_logprobs(policy, FMT, tr, iteration_plan(default, STEPS, seed=0, reward_steps=[STEPS - 2, STEPS - 1]))
+    assert torch.equal(got.mask, tr.step_map[:, lay.output] >= STEPS - 2) and rows_per_trajectory(default, 2, STEPS) == 2
