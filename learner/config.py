@@ -49,6 +49,10 @@ class LearnerConfig:
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_reference: str = "reference"  # reference (frozen initial policy) | old (the behaviour policy)
     aggregation: str = "token"  # token (mean over all scored tokens) | sequence (mean of per-trajectory means)
+    # Per-modality weights on each token's loss term. Under token-mean the image's many tokens carry most
+    # of the weight (-M: 1024 image against 256 text positions); these rebalance it. 1 and 1: unweighted.
+    text_weight: float = 1.0
+    image_weight: float = 1.0
 
     # Advantages (computed by the driver from group rewards).
     advantage: str = "grpo"  # grpo | drgrpo
@@ -113,10 +117,14 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     for key in ("micro_batch_size", "grad_accumulation", "updates_per_batch", "merge_steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"learner.{key}={getattr(cfg, key)} must be >= 1")
-    for key in ("lr", "eps_low", "eps_high", "beta", "weight_decay", "grad_clip", "sampled_steps", "advantage_eps"):
+    for key in ("lr", "eps_low", "eps_high", "beta", "weight_decay", "grad_clip", "sampled_steps", "advantage_eps",
+                "text_weight", "image_weight"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"learner.{key}={getattr(cfg, key)} must be >= 0")
     check_coverage(cfg)
+    if cfg.text_weight < 0 or cfg.image_weight < 0 or cfg.text_weight + cfg.image_weight == 0:
+        raise ConfigError(f"learner.text_weight={cfg.text_weight}, image_weight={cfg.image_weight}: both must be "
+                          ">= 0 and one positive")
     if cfg.eps_low >= 1:
         raise ConfigError(f"learner.eps_low={cfg.eps_low} must be < 1 (the ratio's lower clip is 1 - eps_low)")
     if not 0 < cfg.mask_ratio_min <= cfg.mask_ratio_max <= 1:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from pararl.formats import OutputLayout
 from pararl.registry import Registry
 
 KLFn = Callable[[torch.Tensor], torch.Tensor]
@@ -79,6 +80,14 @@ def coefficients(mask: torch.Tensor, weight: torch.Tensor, aggregation: str, nor
         return w / norm.tokens
     per_seq = mask.sum(-1, keepdim=True).clamp_min(1)
     return w / (per_seq * norm.sequences)
+
+
+def modality_weights(layout: OutputLayout, text: float, image: float) -> torch.Tensor:
+    """[N] per output column: ``text`` on the text positions, ``image`` on the image span's."""
+    w = torch.ones(layout.length - layout.output_start)
+    w[layout.relative(layout.text)] = text
+    w[layout.relative(layout.image)] = image
+    return w
 
 
 SUM_KEYS = ("loss", "pg_loss", "kl", "tokens", "clipped", "ratio_sum", "entropy_sum", "sequences")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig, validate
 from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
-from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, summarize
+from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, modality_weights, summarize
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.logprobs import TokenLogProbs, trajectory_logprobs
@@ -117,6 +117,7 @@ class Learner:
             raise ValueError("an optimizer step has no scored token on any rank: the plan scores nothing in this batch")
         sequences = self._all_reduce(real.view(steps, per_step).sum(1).double().cpu())
 
+        per_column = modality_weights(batch.layout, cfg.text_weight, cfg.image_weight).to(old.logp.device)
         updates, total = [], None
         for _ in range(cfg.updates_per_batch):
             stats = None
@@ -131,7 +132,7 @@ class Learner:
                                          "they were computed with a different plan")
                     loss, st = clipped_surrogate(
                         cur.logp, old.logp[rows], None if ref is None else ref.logp[rows], sub.advantages,
-                        scored[rows], cur.weight, self.settings, norm, cur.entropy,
+                        scored[rows], cur.weight * per_column, self.settings, norm, cur.entropy,
                     )
                     st["sequences"] = real[rows].sum().to(st["sequences"].dtype)
                     # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.

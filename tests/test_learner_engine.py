@@ -133,3 +133,23 @@ def test_padding_rows_train_nothing_and_count_in_no_denominator(folder, batch):
     counted = Learner(cfg, folder, FMT)
     counted.train_batch(replace(grown, row_weight=torch.ones(8)))
     assert counted.weights_hash() != padded.weights_hash()
+
+
+@pytest.mark.parametrize("text_weight,image_weight", [(1.0, 1.0), (1.0, 0.25), (0.0, 2.0)])
+def test_modality_weights_scale_each_tokens_term_as_computed_by_hand(folder, batch, text_weight, image_weight):
+    """First update, ratio 1: the policy-gradient loss is -sum_r A_r (w_t n_text_r + w_i n_image_r) / tokens."""
+    cfg = learner_config(updates_per_batch=1, beta=0.0, micro_batch_size=4, grad_accumulation=2,
+                         text_weight=text_weight, image_weight=image_weight)
+    m = Learner(cfg, folder, FMT).train_batch(batch)
+    lay, mask = batch.layout, batch.old.mask
+    n_text = mask[:, lay.relative(lay.text)].sum(1).double()
+    n_image = mask[:, lay.relative(lay.image)].sum(1).double()
+    expected = -(batch.advantages.double() * (text_weight * n_text + image_weight * n_image)).sum() / mask.sum()
+    assert m["pg_loss"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_modality_weights_are_checked():
+    with pytest.raises(ConfigError, match="one positive"):
+        validate(LearnerConfig(text_weight=0.0, image_weight=0.0))
+    with pytest.raises(ConfigError, match="learner.image_weight=-1.0 must be >= 0"):
+        validate(LearnerConfig(image_weight=-1.0))
