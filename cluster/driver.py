@@ -168,33 +168,31 @@ class Driver:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         pending = None  # off-policy mode: the next step's rollout, already sampled
         bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="ParaRL", unit="step")
-        quiet_bars = logging_redirect_tqdm()  # a warning prints above the bar, not through it
-        quiet_bars.__enter__()
-        try:
-            while self.state.step < cfg.train.steps and not self.stop_requested:
-                step = self.state.step
-                metrics, pending = self._step(step, pending)
-                if step > self.logged_through:
-                    self.tracker.log_metrics(metrics, step=step)
-                self.last_metrics = metrics
-                if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
-                    self._checkpoint()
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", traj_s=f"{metrics['throughput/trajectories_per_s']:.1f}")
-            self._checkpoint()
-            self.tracker.finish("FINISHED" if not self.stop_requested else "KILLED")
-            return self.state
-        except KeyboardInterrupt:
-            self.tracker.fail("interrupted", "KILLED")
-            raise
-        except Exception as err:
-            self.tracker.fail(f"{type(err).__name__}: {err}")
-            raise
-        finally:
-            quiet_bars.__exit__(None, None, None)
-            bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        with logging_redirect_tqdm():  # a warning prints above the bar, not through it
+            try:
+                while self.state.step < cfg.train.steps and not self.stop_requested:
+                    step = self.state.step
+                    metrics, pending = self._step(step, pending)
+                    if step > self.logged_through:
+                        self.tracker.log_metrics(metrics, step=step)
+                    self.last_metrics = metrics
+                    if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
+                        self._checkpoint()
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", traj_s=f"{metrics['throughput/trajectories_per_s']:.1f}")
+                self._checkpoint()
+                self.tracker.finish("FINISHED" if not self.stop_requested else "KILLED")
+                return self.state
+            except KeyboardInterrupt:
+                self.tracker.fail("interrupted", "KILLED")
+                raise
+            except Exception as err:
+                self.tracker.fail(f"{type(err).__name__}: {err}")
+                raise
+            finally:
+                bar.close()
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
     def _step(self, step: int, pending: Rollout | None) -> tuple[dict[str, float], Rollout | None]:
         """One ParaRL iteration: rollout, reward, advantages, update, weight sync. Off-policy, the next
