@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from pararl.errors import ConfigError
+from pararl.errors import ConfigError, RunError
 from reward.base import as_scores, register_reward_model
 from reward.messages import encode_images
 
@@ -42,9 +42,9 @@ class RemoteReward:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as err:
-            raise RuntimeError(f"remote reward {self.url} answered {err.code}: {err.read().decode(errors='replace')}") from err
+            raise RunError(f"remote reward {self.url} answered {err.code}: {err.read().decode(errors='replace')}") from err
         except urllib.error.URLError as err:
-            raise RuntimeError(f"remote reward {self.url} is unreachable: {err.reason}") from err
+            raise RunError(f"remote reward {self.url} is unreachable: {err.reason}") from err
 
     def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         return as_scores(self._post(images, texts)["scores"][self.label], len(texts), self.identity)

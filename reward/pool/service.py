@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pararl.bundle import load_codecs
+from pararl.errors import ConfigError, RunError
 from reward.config import RewardConfig, RewardHttpConfig, check_reward_config
 from reward.messages import ChunkResult, ScoreChunk, TooLarge, decode_images
 from reward.pool.routing import LeastLoadedRouter
@@ -131,7 +132,7 @@ def resolve_token(cfg: RewardConfig) -> str | None:
         return None
     token = cfg.http.token or os.environ.get(cfg.http.token_env)
     if not token:
-        raise ValueError(f"reward.http.enabled is true but no token is set (reward.http.token or ${cfg.http.token_env})")
+        raise ConfigError(f"reward.http.enabled is true but no token is set (reward.http.token or ${cfg.http.token_env})")
     return token
 
 
@@ -163,7 +164,7 @@ def start_reward_pool(cfg: RewardConfig, model_folder: str,
         why = replica_error()
         if "RewardStatsError: " in why:  # the user's stats file, not the pool: one line, as the check says it
             raise RewardStatsError(why.split("RewardStatsError: ", 1)[1]) from err
-        raise RuntimeError(f"reward pool failed to start: {why}") from err
+        raise RunError(f"reward pool failed to start: {why}") from err
 
 
 def replica_error() -> str:
