@@ -16,6 +16,7 @@ from cluster.run_config import load_run_config
 from pararl.errors import ConfigError
 from pararl.files import atomic_write
 
+EVAL_THREADS = 2
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
@@ -34,13 +35,15 @@ def evaluate_folder(model: str | Path, cfg, spec, prompts: int, samples: int, se
     from pararl.data import CodeCache, read_records
     from reward.scorer import SemanticScorer
     from shapeworld.checks import world_checks
+    from shapeworld.prepare import torch_threads
 
     bundle = load_bundle(model)
     records = read_records(cfg.data.eval)[:prompts]
     scorer = SemanticScorer(bundle, cfg.reward)
-    result = evaluate(bundle.policy, bundle, cfg.sampler, scorer, records,
-                      CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=samples, seed=seed,
-                      checks=world_checks(spec, bundle))
+    with torch_threads(EVAL_THREADS):  # the same sums on any core count, like the preparation's
+        result = evaluate(bundle.policy, bundle, cfg.sampler, scorer, records,
+                          CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=samples, seed=seed,
+                          checks=world_checks(spec, bundle))
     return result.summary()
 
 

@@ -4,8 +4,13 @@ Three stages, each in its own subfolder: the world (JSONL + PNGs), the SFT warm-
 and the CLIP reward (open_clip config + weights, the reward statistics over the training data and a
 check that held-out matched pairs outscore mismatched ones). A stage is built in a temporary folder
 whose ``DONE.json`` marker is written last, then renamed into place, so a crash never leaves a stage
-that looks complete. The marker records a fingerprint of the stage's settings (and of the stages it
-was built from): a second call with the same settings skips the stage; other settings rebuild it.
+that looks complete. The marker records a fingerprint of the stage's settings, of the code that builds
+it (``pararl.provenance``) and of the stages it was built from: a second call with the same settings
+and code skips the stage; other settings, or changed code, rebuild it.
+
+The preparation runs with a fixed number of torch threads (``PrepareConfig.threads``): a reduction
+split over another number of threads rounds differently, and after thousands of SFT steps the warm-up
+would differ with the machine's core count.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import hashlib
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +28,17 @@ import torch
 from learner.sft import SFTConfig
 from pararl.errors import ConfigError
 from pararl.files import atomic_folder
+from pararl.provenance import code_version
 from reward.train_clip import ClipTrainConfig
 from shapeworld.dataset import EVAL_FILE, TRAIN_FILE, WorldConfig
 from shapeworld.scene import EOS, WorldSpec
 
 MARKER = "DONE.json"
 REWARD_LABEL = "clip"  # the label of the CLIP reward model in RewardConfig.models (and in the stats file)
+# The modules each stage runs (their project imports are followed); this module builds all three.
+STAGE_CODE = {"world": ("shapeworld.dataset", __name__),
+              "policy": ("learner.sft", "pararl.models", __name__),
+              "clip": ("reward.train_clip", "reward.clip_models", "reward.stats", "pararl.data", __name__)}
 
 
 @dataclass
@@ -56,6 +67,22 @@ class PrepareConfig:
     # words still masked). With "full", every partial or imperfect snapshot lands far below the mean of
     # perfect pairs and R_t is clipped at 0 for most of them.
     stats_texts: str = "partial"
+    threads: int = 2  # torch threads for every stage, whatever the machine's core count
+
+
+def stage_code(stage: str) -> str:
+    """The code version of a stage (a hash of its source files)."""
+    return code_version(STAGE_CODE[stage])
+
+
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -101,18 +128,24 @@ def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | N
     ``clip_kwargs`` for ``RewardConfig.models['clip'].kwargs``), ``built``: the stages built by this
     call (empty when everything was cached), and the stages' figures.
     """
+    cfg = cfg or default_config(seed)
+    if cfg.threads < 1:
+        raise ConfigError(f"the preparation's threads must be at least 1, got {cfg.threads}")
+    with torch_threads(cfg.threads):
+        return _prepare(Path(cache_dir), cfg, progress, log)
+
+
+def _prepare(cache: Path, cfg: PrepareConfig, progress: bool, log) -> dict[str, Any]:
     from pararl.bundle import Codecs
     from pararl.data import CodeCache, read_records
     from shapeworld.dataset import world_token_format, world_tokenizer, write_world
 
-    cfg = cfg or default_config(seed)
-    cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     spec: WorldSpec = cfg.world.spec
     codes_dir = cache / "codes"
     built = []
 
-    world_key = fingerprint("world", cfg.world.to_dict())
+    world_key = fingerprint("world", cfg.world.to_dict(), stage_code("world"))
     world_meta, b = _stage(cache / "world", world_key,
                            lambda tmp: {"records": {k: str(v.name) for k, v in write_world(tmp, cfg.world, progress).items()}},
                            log)
@@ -135,7 +168,8 @@ def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | N
         (tmp / "world.json").write_text(json.dumps(cfg.world.to_dict(), indent=1))  # which world it speaks
         return figures
 
-    policy_key = fingerprint("policy", world_key, asdict(cfg.policy), asdict(cfg.sft))
+    policy_key = fingerprint("policy", world_key, asdict(cfg.policy), asdict(cfg.sft), cfg.threads,
+                             stage_code("policy"))
     policy_meta, b = _stage(cache / "policy", policy_key, build_policy_stage, log)
     built += ["policy"] if b else []
 
@@ -174,7 +208,8 @@ def prepare_default(cache_dir: str | Path, seed: int = 0, cfg: PrepareConfig | N
                 "kwargs_files": {"config_file": Path(result["kwargs"]["config_file"]).name,
                                  "pretrained": Path(result["kwargs"]["pretrained"]).name}}
 
-    clip_key = fingerprint("clip", world_key, asdict(cfg.clip), cfg.stats_batch, cfg.stats_texts)
+    clip_key = fingerprint("clip", world_key, asdict(cfg.clip), cfg.stats_batch, cfg.stats_texts, cfg.threads,
+                           stage_code("clip"))
     clip_meta, b = _stage(cache / "clip", clip_key, build_clip_stage, log)
     built += ["clip"] if b else []
     clip_dir = cache / "clip"

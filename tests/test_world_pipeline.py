@@ -112,6 +112,33 @@ def test_prepare_default_builds_once_then_skips(tmp_path):
     assert third["built"] == ["policy"]
 
 
+def _weights(cache) -> dict[str, str]:
+    import hashlib
+    files = [p for stage in ("policy", "clip") for p in sorted((cache / stage).iterdir()) if p.suffix in (".pt", ".safetensors", ".bin")]
+    assert files
+    return {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_same_seed_gives_the_same_weights_whatever_the_callers_threads(tmp_path, monkeypatch):
+    import shapeworld.prepare as prepare
+
+    cfg = PrepareConfig(world=WORLD, policy=ARCH, sft=SFTConfig(steps=3, batch_size=8), clip=TINY_CLIP, stats_batch=32)
+    hashes = []
+    for i, caller_threads in enumerate((1, 2)):
+        torch.set_num_threads(caller_threads)
+        prepare_default(tmp_path / f"cache{i}", cfg=cfg, progress=False, log=lambda *_: None)
+        assert torch.get_num_threads() == caller_threads  # the preparation's own count, restored after
+        hashes.append(_weights(tmp_path / f"cache{i}"))
+    assert hashes[0] == hashes[1]
+    # The code that builds a stage is part of its key: another version of the SFT's code rebuilds the
+    # warm-up (and only it), never reuses it.
+    monkeypatch.setitem(prepare.STAGE_CODE, "policy", (*prepare.STAGE_CODE["policy"], "tests.user_rewards"))
+    again = prepare_default(tmp_path / "cache0", cfg=cfg, progress=False, log=lambda *_: None)
+    assert again["built"] == ["policy"]
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        prepare_default(tmp_path / "cache2", cfg=PrepareConfig(world=WORLD, threads=0), progress=False)
+
+
 def test_evaluation_reports_reward_alignment_and_their_errors(tmp_path):
     from cluster.evaluate import evaluate
     from reward.config import RewardConfig, RewardModelConfig
