@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cluster.config import sync_bucket_bytes
@@ -32,6 +31,7 @@ from pararl.config import require
 from pararl.data import CodeCache, PromptSource, check_images, read_records
 from pararl.errors import RunError
 from pararl.logprobs import Plan, TokenLogProbs
+from pararl.progress import progress as progress_bar
 from pararl.seeds import PLAN_STRIDE, derive
 from pararl.snapshots import snapshot_grid
 from pararl.types import Trajectories
@@ -167,7 +167,7 @@ class Driver:
         cfg = self.cfg
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         pending = None  # off-policy mode: the next step's rollout, already sampled
-        bar = tqdm(total=cfg.train.steps, initial=self.state.step, desc="ParaRL", unit="step")
+        bar = progress_bar(total=cfg.train.steps, initial=self.state.step, desc="ParaRL", unit="step")
         with logging_redirect_tqdm():  # a warning prints above the bar, not through it
             try:
                 while self.state.step < cfg.train.steps and not self.stop_requested:
@@ -179,7 +179,8 @@ class Driver:
                     if cfg.train.checkpoint_every and self.state.step % cfg.train.checkpoint_every == 0:
                         self._checkpoint()
                     bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", traj_s=f"{metrics['throughput/trajectories_per_s']:.1f}")
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                                    traj_s=f"{metrics['throughput/trajectories_per_s']:.1f}", refresh=False)
                 self._checkpoint()
                 self.tracker.finish("FINISHED" if not self.stop_requested else "KILLED")
                 return self.state

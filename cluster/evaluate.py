@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pararl.bundle import Codecs
 from pararl.data import CodeCache, Record
+from pararl.progress import progress as progress_bar
 from pararl.seeds import derive
 from pararl.types import GenerationRequest, Trajectories
 from reward.config import RewardConfig
@@ -83,7 +83,7 @@ def evaluate(policy: torch.nn.Module, codecs: Codecs, sampler_cfg: SamplerConfig
     # Batches of one task each: editing prompts carry an image, generation prompts do not (less padding).
     order = sorted(range(len(records)), key=lambda i: (records[i].task, len(requests[i].prompt_ids)))
     chunks = [order[i : i + batch_prompts] for i in range(0, len(order), batch_prompts)]
-    for chunk in tqdm(chunks, desc="evaluate", disable=not progress, unit="batch"):
+    for chunk in progress_bar(chunks, desc="evaluate", enabled=progress, unit="batch"):
         traj = sampler.sample([requests[i] for i in chunk], group_size=samples, snapshot_steps=steps)
         scored = reward.score(traj)
         per["reward"] += [float(v) for v, k in zip(scored.rewards.tolist(), scored.kept.tolist()) if k]

@@ -1,4 +1,8 @@
-"""``pararl reward-stats CONFIG``: measure each standardising reward model on the training data."""
+"""``pararl reward-stats CONFIG``: measure each standardising reward model on the training data.
+
+The pairs are ``reward.stats_texts`` ("partial" by default) drawn with the run's seed: on a default
+run's config this gives the statistics its preparation measured.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +11,10 @@ from typing import Sequence
 from cluster.run_config import load_run_config
 from pararl.bundle import load_codecs
 from pararl.config import require
-from pararl.data import CodeCache, check_images, read_records, reference_pairs
+from pararl.data import CodeCache, check_images, read_records
 from pararl.errors import ConfigError
 from reward.base import build_reward_model
-from reward.stats import ModelStats, compute_stats, save_stats
+from reward.stats import ModelStats, compute_stats, reference_batches, save_stats
 
 
 def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int = 32) -> Path:
@@ -25,7 +29,8 @@ def reward_stats(config: str | Path, overrides: Sequence[str] = (), batch: int =
         if not spec.standardize:
             continue
         model = build_reward_model(spec.name, dict(spec.kwargs))
-        stats[label] = compute_stats(model, reference_pairs(records, cache, batch), total=total, desc=f"reward stats: {label}")
+        pairs = reference_batches(records, cache, batch, cfg.reward.stats_texts, cfg.seed)
+        stats[label] = compute_stats(model, pairs, total=total, desc=f"reward stats: {label}")
         s = stats[label]
         print(f"{label}: {s.identity}  mean {s.mean:.4f}  Z {s.std:.4f}  over {s.count} pairs")
     if not stats:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from learner.config import LearnerConfig
 from learner.engine import build_engine, free_port, init_distributed
@@ -30,6 +29,7 @@ from pararl.data import CodeCache, Record
 from pararl.errors import ConfigError, DataError
 from pararl.formats import OutputLayout, ParallelFormat
 from pararl.models import LLaDAConfig, build_policy
+from pararl.progress import progress as progress_bar
 from pararl.types import GenerationRequest
 
 
@@ -180,7 +180,7 @@ def train_sft(out: str | Path, records: Sequence[Record], codecs: Codecs, policy
     rng = torch.Generator().manual_seed(cfg.seed)
     pick = random.Random(cfg.seed)
     weights = [len(b) for b in buckets]
-    bar = tqdm(range(cfg.steps), desc="SFT warm-up", disable=not progress, unit="step")
+    bar = progress_bar(range(cfg.steps), desc="SFT warm-up", enabled=progress, unit="step")
     smooth = None
     for step in bar:
         for group in engine.optimizer.param_groups:
@@ -191,7 +191,7 @@ def train_sft(out: str | Path, records: Sequence[Record], codecs: Codecs, policy
         engine.step()
         value = float(loss.detach())
         smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-        bar.set_postfix(loss=f"{smooth:.3f}", img=f"{stats['image_ce']:.2f}", txt=f"{stats['text_ce']:.2f}")
+        bar.set_postfix(loss=f"{smooth:.3f}", img=f"{stats['image_ce']:.2f}", txt=f"{stats['text_ce']:.2f}", refresh=False)
     policy = engine.module.eval()
     after = held_loss(policy, fmt, buckets)
     ModelBundle(codecs.tokenizer, fmt, codecs.image_tokenizer, policy).save(out)

@@ -33,6 +33,7 @@ class RewardConfig:
     # label -> reward model; empty in the schema so a config's own models replace, not join, a default
     models: Dict[str, RewardModelConfig] = field(default_factory=dict)
     stats_file: Optional[str] = None  # made by `pararl reward-stats`; required when a model standardises
+    stats_texts: str = "partial"  # what the statistics are measured on: "partial" or "full" texts (reward.stats)
     sampled_steps: int = 3  # s: snapshot steps scored per trajectory
     include_final: bool = True  # the last denoising step is always one of them
     step_sampling: str = "random"  # "random" (fresh per iteration) or "uniform" (evenly spaced)
@@ -62,6 +63,8 @@ def check_reward_config(cfg: RewardConfig) -> None:
     if standardising and not cfg.stats_file:
         raise ConfigError(f"reward models {standardising} standardise but reward.stats_file is not set; "
                          "run `pararl reward-stats CONFIG`")
+    if cfg.stats_texts not in ("partial", "full"):
+        raise ConfigError(f"reward.stats_texts must be 'partial' or 'full', got {cfg.stats_texts!r}")
     if cfg.nonfinite not in ("drop", "fail"):
         raise ConfigError(f"reward.nonfinite must be 'drop' or 'fail', got {cfg.nonfinite!r}")
     h = cfg.http

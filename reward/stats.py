@@ -1,21 +1,29 @@
 """Reward statistics: mean and Z (std) of each reward model's score over the training data.
 
-They are measured once (``pararl reward-stats``) and saved with the reward model's identity; a run
-refuses statistics made with another model, since standardising with them would silently shift
-every reward.
+They are measured once (``pararl reward-stats``, or the default run's preparation: one code path,
+``reference_batches``) and saved with the reward model's identity; a run refuses statistics made with
+another model, since standardising with them would silently shift every reward.
+
+What they are measured on is ``reward.stats_texts``. "full": the training pairs as they are, the
+paper's E[r_CLIP] and Z. "partial" (the default): the same pairs with a random share of each text's
+words dropped, i.e. the text as the reward sees it at a sampled intermediate step. The reward scores
+partial texts; standardised by the statistics of full ones, nearly every partial snapshot lands far
+below the mean and R_t is clipped at 0, and the group has nothing to contrast.
 """
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from pararl.data import CodeCache, Record, reference_pairs
 from pararl.errors import ConfigError
 from pararl.files import atomic_write
+from pararl.progress import progress as progress_bar
 from reward.base import RewardModel, static_identity
 
 
@@ -31,12 +39,35 @@ class ModelStats:
     count: int
 
 
+STATS_TEXTS = ("partial", "full")
+
+
+def drop_words(text: str, rng: random.Random) -> str:
+    """A random partial reveal: each word kept with probability 1 - t, t ~ U(0, 1); at least one word kept."""
+    words = text.split()
+    t = rng.random()
+    kept = [w for w in words if rng.random() >= t]
+    return " ".join(kept or [rng.choice(words)])
+
+
+def reference_batches(records: list[Record], cache: CodeCache, batch: int, texts: str = "partial",
+                      seed: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The (image, text) batches the statistics are measured on; ``texts`` as ``reward.stats_texts``."""
+    if texts not in STATS_TEXTS:
+        raise ConfigError(f"reward.stats_texts must be one of {STATS_TEXTS}, got {texts!r}")
+    batches = reference_pairs(records, cache, batch)
+    if texts == "full":
+        return batches
+    rng = random.Random(seed + 1)  # a run's seed gives the same partial texts in every batch size
+    return ((images, [drop_words(t, rng) for t in part]) for images, part in batches)
+
+
 def compute_stats(
     model: RewardModel, batches: Iterable[tuple[torch.Tensor, Sequence[str]]], total: int | None = None, desc: str = "reward stats"
 ) -> ModelStats:
     """Mean and population std over (image, text) batches, accumulated in float64."""
     n, s1, s2 = 0, 0.0, 0.0
-    with tqdm(total=total, desc=desc, unit="pair") as bar:
+    with progress_bar(total=total, desc=desc, unit="pair") as bar:
         for images, texts in batches:
             scores = model.score(images, texts).double()
             if not torch.isfinite(scores).all():

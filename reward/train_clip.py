@@ -13,17 +13,20 @@ dropped: the model learns what a partial description is compatible with, not onl
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pararl.errors import ConfigError, DataError
+from pararl.progress import progress as progress_bar
 from reward.clip_models import CLIP_MEAN, CLIP_STD, prepare_images
+from reward.stats import drop_words
 
 
 @dataclass
@@ -51,6 +54,22 @@ class ClipTrainConfig:
     seed: int = 0
 
 
+class _UntrainedNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_untrained_notice():
+    """open_clip warns that a model without pretrained weights starts random: here that is the point."""
+    root, notice = logging.getLogger(), _UntrainedNotice()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 def model_config(cfg: ClipTrainConfig, image_size: int) -> dict:
     """The open_clip model config (what ``add_model_config`` reads from a JSON file)."""
     if image_size % cfg.patch_size:
@@ -62,14 +81,6 @@ def model_config(cfg: ClipTrainConfig, image_size: int) -> dict:
         "text_cfg": {"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.text_width,
                      "heads": cfg.text_heads, "layers": cfg.text_layers},
     }
-
-
-def drop_words(text: str, rng: random.Random) -> str:
-    """A random partial reveal: each word kept with probability 1 - t, t ~ U(0, 1); at least one word kept."""
-    words = text.split()
-    t = rng.random()
-    kept = [w for w in words if rng.random() >= t]
-    return " ".join(kept or [rng.choice(words)])
 
 
 def train_clip(out: str | Path, images: torch.Tensor, texts: Sequence[str], cfg: ClipTrainConfig,
@@ -90,7 +101,8 @@ def train_clip(out: str | Path, images: torch.Tensor, texts: Sequence[str], cfg:
     config_file.write_text(json.dumps(model_config(cfg, size), indent=1))
     open_clip.add_model_config(str(config_file))
     torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(cfg.name, pretrained=None)
+    with _quiet_untrained_notice():
+        model = open_clip.create_model(cfg.name, pretrained=None)
     model.train()
     tokenizer = open_clip.get_tokenizer(cfg.name)
     pixels = prepare_images(images, (size, size), CLIP_MEAN, CLIP_STD)
@@ -102,7 +114,7 @@ def train_clip(out: str | Path, images: torch.Tensor, texts: Sequence[str], cfg:
     rng = random.Random(cfg.seed)
     batch = min(cfg.batch_size, len(texts))
     order: list[int] = []
-    bar = tqdm(range(cfg.steps), desc="CLIP training", disable=not progress, unit="step")
+    bar = progress_bar(range(cfg.steps), desc="CLIP training", enabled=progress, unit="step")
     smooth = None
     for step in bar:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
@@ -122,7 +134,7 @@ def train_clip(out: str | Path, images: torch.Tensor, texts: Sequence[str], cfg:
             model.logit_scale.clamp_(0, math.log(100))
         value = float(loss.detach())
         smooth = value if smooth is None else 0.95 * smooth + 0.05 * value
-        bar.set_postfix(loss=f"{smooth:.3f}")
+        bar.set_postfix(loss=f"{smooth:.3f}", refresh=False)
     weights = out / "clip.pt"
     torch.save(model.state_dict(), weights)
     return {"kwargs": {"model": cfg.name, "config_file": str(config_file), "pretrained": str(weights)},

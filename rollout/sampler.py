@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pararl import noise
 from pararl.batching import build_batch
 from pararl.errors import ConfigError
 from pararl.formats import ParallelFormat
+from pararl.progress import progress as progress_bar
 from pararl.types import GenerationRequest, Trajectories
 from rollout.config import SamplerConfig, resolve_sampler
 from rollout.guidance import make_guidance
@@ -177,7 +177,7 @@ class ParallelSampler:
         snap_tokens = torch.empty((rows, len(snaps), n_out), dtype=torch.long, device=device)
         snap_x0 = torch.empty_like(snap_tokens)
 
-        for s in tqdm(range(cfg.steps), desc="sampling", disable=not progress, leave=False):
+        for s in progress_bar(range(cfg.steps), desc="sampling", enabled=progress, leave=False):
             snap = s in snaps
             logits = self.model(buf, attention_mask=model_attn).logits
             cond_l, unc_l = logits[:rows], logits[rows:] if g.with_cond else None

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pararl.formats import WORLD_SPECIAL_TOKENS, ParallelFormat, world_format
+from pararl.progress import progress as progress_bar
 from pararl.snapshots import to_pil
 from shapeworld.scene import EOS, Scene, WorldSpec, scene_key
 from shapeworld.tasks import Example, sample_example
@@ -86,14 +87,12 @@ def _image_file(folder: Path, spec: WorldSpec, scene: Scene, codec) -> str:
 
 def write_world(folder: str | Path, cfg: WorldConfig, progress: bool = False) -> dict[str, Path]:
     """Write both splits as JSONL + PNGs into ``folder``; returns the paths (train, eval, world)."""
-    from tqdm.auto import tqdm
-
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     spec, codec = cfg.spec, cfg.spec.codec()
     paths = {"train": folder / TRAIN_FILE, "eval": folder / EVAL_FILE, "world": folder / WORLD_FILE}
     splits = make_splits(cfg)
-    bar = tqdm(total=sum(map(len, splits)), desc="world", unit="record", disable=not progress)
+    bar = progress_bar(total=sum(map(len, splits)), desc="world", unit="record", enabled=progress)
     for name, examples in zip(("train", "eval"), splits):
         lines = []
         for ex in examples:

@@ -9,6 +9,7 @@ held-out prompts; runs ParaRL on a local Ray; exports the final policy, evaluate
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -55,7 +56,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     from learner.export import export_policy
     from pararl.bundle import load_codecs
     from shapeworld.dataset import WorldConfig
-    from shapeworld.prepare import prepare_default
+    from shapeworld.prepare import default_config, prepare_default
 
     first = load_run_config(config, overrides)
     done = [name for name in ("results.json", "final-policy") if (Path(first.run_dir) / name).exists()]
@@ -64,6 +65,8 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
                          f'make train ARGS="run_dir=runs/NAME", or remove {first.run_dir}')
     check_run_dir(first)
     seed = first.seed
+    # the statistics measured as `pararl reward-stats` would measure them on this run's config
+    prepare_cfg = replace(prepare_cfg or default_config(seed), stats_texts=first.reward.stats_texts)
     paths = prepare_default(Path(cache_dir) / f"seed{seed}", seed=seed, cfg=prepare_cfg)  # one cache per seed
     cfg = load_run_config(config, [*resolved_overrides(paths), *overrides])
     run_dir = Path(cfg.run_dir)

@@ -62,11 +62,7 @@ class PrepareConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     stats_batch: int = 256
-    # What the reward statistics are measured on: "full" training pairs (the paper's E[r_CLIP] and Z), or
-    # "partial" ones, the training pairs as the reward sees them at a sampled step (a random share of the
-    # words still masked). With "full", every partial or imperfect snapshot lands far below the mean of
-    # perfect pairs and R_t is clipped at 0 for most of them.
-    stats_texts: str = "partial"
+    stats_texts: str = "partial"  # reward.stats_texts (reward/stats.py says why); the default run passes its own
     threads: int = 2  # torch threads for every stage, whatever the machine's core count
 
 
@@ -174,10 +170,9 @@ def _prepare(cache: Path, cfg: PrepareConfig, progress: bool, log) -> dict[str, 
     built += ["policy"] if b else []
 
     def build_clip_stage(tmp: Path) -> dict:
-        from pararl.data import reference_pairs
         from reward.clip_models import OpenClipReward
-        from reward.stats import compute_stats, save_stats
-        from reward.train_clip import drop_words, separation, train_clip
+        from reward.stats import compute_stats, reference_batches, save_stats
+        from reward.train_clip import separation, train_clip
         from shapeworld.tasks import mismatched_description
 
         code_cache = CodeCache(codes_dir, codecs.image_tokenizer)
@@ -188,12 +183,7 @@ def _prepare(cache: Path, cfg: PrepareConfig, progress: bool, log) -> dict[str, 
         images = codecs.image_tokenizer.decode(torch.stack([code_cache.codes(pairs[t]) for t in texts]))
         result = train_clip(tmp, images, texts, cfg.clip, progress)
         model = OpenClipReward(**result["kwargs"])
-        batches = reference_pairs(train_records, code_cache, cfg.stats_batch)
-        if cfg.stats_texts == "partial":
-            words = random.Random(cfg.clip.seed + 1)
-            batches = ((imgs, [drop_words(t, words) for t in txts]) for imgs, txts in batches)
-        elif cfg.stats_texts != "full":
-            raise ConfigError(f"stats_texts must be 'full' or 'partial', got {cfg.stats_texts!r}")
+        batches = reference_batches(train_records, code_cache, cfg.stats_batch, cfg.stats_texts, cfg.clip.seed)
         stats = compute_stats(model, batches, total=len(train_records), desc="reward stats")
         save_stats(tmp / "reward_stats.json", {REWARD_LABEL: stats})
         rng = random.Random(cfg.clip.seed)

@@ -140,12 +140,14 @@ def test_unknown_reward_model_is_a_clear_error():
 
 def test_reward_stats_command_measures_the_training_data(world, capsys):
     import json
+    import random
 
     import yaml
     from PIL import Image
 
     from pararl.cli import main
     from pararl.snapshots import to_pil
+    from reward.stats import drop_words
 
     codecs = load_codecs(world["folder"])
     data = world["tmp"] / "data"
@@ -164,7 +166,7 @@ def test_reward_stats_command_measures_the_training_data(world, capsys):
         "run_dir": str(run_dir), "model": str(world["folder"]), "data": {"train": str(data / "train.jsonl")},
         "reward": {"models": {"clip": {"name": "open_clip", "kwargs": world["clip"]}}},
     }))
-    assert main(["reward-stats", str(config)]) == 0
+    assert main(["reward-stats", str(config), "reward.stats_texts=full"]) == 0
     stats = load_stats(run_dir / "reward_stats.json")["clip"]
     clip = build_reward_model("open_clip", world["clip"])
     pixels = [__import__("numpy").asarray(Image.open(data / f"out{i}.png"), dtype="float32") / 255 for i in range(10)]
@@ -176,6 +178,14 @@ def test_reward_stats_command_measures_the_training_data(world, capsys):
     assert abs(stats.mean - float(direct.mean())) < 1e-5 and abs(stats.std - float(direct.std(unbiased=False))) < 1e-5
     assert len(list((run_dir / "codes").rglob("*.pt"))) == 10  # codes cached once per image
     assert "mean" in capsys.readouterr().out
+    # The default: the texts as the reward sees them at a sampled step, words dropped with the run's seed
+    # (seed 3 here), the same in any batch size; what the default run's preparation measures.
+    assert main(["reward-stats", str(config), "seed=3"]) == 0
+    partial = load_stats(run_dir / "reward_stats.json")["clip"]
+    rng = random.Random(3 + 1)
+    dropped = [drop_words(t, rng) for t in texts]
+    assert dropped != texts and all(set(d.split()) <= set(t.split()) for d, t in zip(dropped, texts))
+    assert abs(partial.mean - float(clip.score(seen, dropped).double().mean())) < 1e-5
 
     config.write_text(yaml.safe_dump({"run_dir": str(run_dir), "model": str(world["folder"]),
                                       "data": {"train": str(data / "train.jsonl")}, "reward": {"modles": {}}}))
