@@ -36,9 +36,9 @@ def histories(db: Path, run_id: str, keys: list[str]) -> dict[str, list[float]]:
 def measure(config: str, overrides: list[str], mode: str, steps: int) -> dict:
     from cluster.train import train
 
-    run_dir = Path(tempfile.mkdtemp()) / mode
-    out = train(config, [*overrides, f"run_dir={run_dir}", f"cluster.mode={mode}", f"train.steps={steps}",
-                         "train.checkpoint_every=0", "tracking.snapshot_every=0"])
+    run_dir = Path(tempfile.mkdtemp(prefix="pararl-e2e-")) / mode  # every mode in its own fresh folder
+    out = train(config, [*overrides, f"run_dir={run_dir}", f"learner.checkpoint.folder={run_dir / 'checkpoints'}",
+                         f"cluster.mode={mode}", f"train.steps={steps}", "train.checkpoint_every=0", "tracking.snapshot_every=0"])
     keys = ["time.step", "compute.rollout", "compute.reward", "compute.learner"]
     h = {k: v[1:] for k, v in histories(run_dir / "mlflow.db", out["run_id"], keys).items()}
     if mode == "sync":
@@ -59,7 +59,7 @@ def main() -> None:
         raise SystemExit(f"no run config at {config}: run `make train` first (it writes runs/default/config.yaml), "
                          "or give a config path")
     overrides = [a for a in args if "=" in a]
-    steps = 6
+    steps = int(os.environ.get("PARARL_E2E_STEPS", "6"))  # a test runs it shorter
     rows = [measure(config, overrides, mode, steps) for mode in ("sync", "off_policy")]
     print(f"{'mode':>11} {'wall s/step':>12} {'critical s':>11} {'overhead':>9} {'rollout':>8} {'reward':>7} {'learner':>8}")
     for r in rows:

@@ -6,6 +6,7 @@ minutes later inside an actor.
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from learner.config import LearnerConfig
 from learner.config import validate as validate_learner
 from pararl.config import ModelFormatConfig, build_config
 from pararl.errors import ConfigError
+from pararl.files import atomic_write
 from reward.config import RewardConfig, check_reward_config
 from reward.semantic import run_steps
 from rollout.config import SamplerConfig, resolve_sampler
@@ -66,17 +68,37 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _derived_paths(cfg: RunConfig) -> dict[str, tuple[object, str, str]]:
+    """Paths that default to a place in the run folder: key -> (owning section, field, that place)."""
+    run_dir = Path(cfg.run_dir)
+    return {"reward.stats_file": (cfg.reward, "stats_file", str(run_dir / "reward_stats.json")),
+            "data.cache_dir": (cfg.data, "cache_dir", str(run_dir / "codes")),
+            "learner.checkpoint.folder": (cfg.learner.checkpoint, "folder", str(run_dir / "checkpoints"))}
+
+
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """The run config with derived paths filled in (stats and code cache live in the run folder), checked."""
     cfg = build_config(RunConfig, [path] if path else [], overrides)
-    run_dir = Path(cfg.run_dir)
-    if cfg.reward.stats_file is None:
-        cfg.reward.stats_file = str(run_dir / "reward_stats.json")
-    if cfg.data.cache_dir is None:
-        cfg.data.cache_dir = str(run_dir / "codes")
-    if cfg.learner.checkpoint.folder is None:
-        cfg.learner.checkpoint.folder = str(run_dir / "checkpoints")
+    for section, name, default in _derived_paths(cfg).values():
+        if getattr(section, name) is None:
+            setattr(section, name, default)
     return validate_run(cfg)
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write a loaded config so that it can be run again elsewhere.
+
+    The paths that were derived from the run folder are written unset: the config given another
+    ``run_dir`` then writes its checkpoints (and statistics, codes) under that one, instead of into
+    the first run's folder, which holds another run's checkpoints.
+    """
+    from omegaconf import OmegaConf
+
+    out = copy.deepcopy(cfg)
+    for section, name, default in _derived_paths(out).values():
+        if getattr(section, name) == default:
+            setattr(section, name, None)
+    return atomic_write(path, OmegaConf.to_yaml(OmegaConf.structured(out)))
 
 
 def validate_run(cfg: RunConfig) -> RunConfig:

@@ -16,6 +16,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 log = logging.getLogger(__name__)
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI overview (traces, no runs); this kind
+# opens it on the runs table and their charts.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -47,7 +51,9 @@ class Tracker:
             if run_id is None:
                 exp = self.client.get_experiment_by_name(experiment)
                 exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                    experiment, artifact_location=(self.run_dir / "mlartifacts").as_uri())
+                    experiment, artifact_location=(self.run_dir / "mlartifacts").as_uri(), tags=EXPERIMENT_TAGS)
+                if exp is not None and EXPERIMENT_KIND not in exp.tags:
+                    self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
                 run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             else:
                 self.client.update_run(run_id, status="RUNNING")

@@ -1,6 +1,12 @@
-"""``pararl sample``: one output from a model folder, written where a user can look at it."""
+"""``pararl sample``: one output from a model folder, written where a user can look at it.
+
+The sampler starts from the settings the model was trained with when its folder keeps them
+(``sampler.json``: a policy trained on 16 image tokens and 8 steps is sampled that way, not with the
+sampler's defaults for a released model); the command's ``key=value`` overrides come last.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -10,10 +16,13 @@ import numpy as np
 from pararl.bundle import load_bundle
 from pararl.config import build_config
 from pararl.data import load_image
+from pararl.files import atomic_write
 from pararl.snapshots import snapshot_grid, to_pil
 from pararl.types import GenerationRequest
 from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
+
+SAMPLER_FILE = "sampler.json"  # in a model folder: the sampler settings it was trained with
 
 
 @dataclass
@@ -21,6 +30,19 @@ class SampleCommandConfig:
     """What ``pararl sample`` reads besides its flags (only the sampler, for now)."""
 
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+def save_sampler_settings(folder: str | Path, cfg: SamplerConfig) -> Path:
+    """Keep the sampler settings a policy was trained with beside it, for ``pararl sample`` to start from."""
+    from omegaconf import OmegaConf
+
+    return atomic_write(Path(folder) / SAMPLER_FILE, json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)), indent=1))
+
+
+def trained_sampler(folder: str | Path) -> dict:
+    """The model folder's sampler settings (``SAMPLER_FILE``), or none: the sampler's defaults."""
+    path = Path(folder) / SAMPLER_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def sample_to_folder(
@@ -32,7 +54,7 @@ def sample_to_folder(
     snapshots: int = 6,
     overrides: Sequence[str] = (),
 ) -> dict[str, Path]:
-    cfg = build_config(SampleCommandConfig, overrides=[f"sampler.{o}" for o in overrides]).sampler
+    cfg = build_config(SampleCommandConfig, [{"sampler": trained_sampler(model)}], [f"sampler.{o}" for o in overrides]).sampler
     bundle = load_bundle(model)
     prompt_ids = bundle.encode_text(prompt) if prompt.strip() else []
     codes = None

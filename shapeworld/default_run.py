@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from cluster.run_config import load_run_config
+from cluster.run_config import load_run_config, save_run_config
 from pararl.errors import ConfigError
 from pararl.files import atomic_write
 
@@ -48,6 +48,26 @@ def evaluate_folder(model: str | Path, cfg, spec, prompts: int, samples: int, se
     return result.summary()
 
 
+ROWS = (("exact alignment", "aligned"), ("mean reward", "reward"), ("follows the prompt", "follows"))
+
+
+def summary_table(before: dict, after: dict, cfg, out: dict, run_dir: Path) -> str:
+    """What a user reads last: before/after with standard errors, and where the results and pictures are."""
+    lines = [f"\nParaRL default run (seed {cfg.seed}): held-out {before['n']} samples, the same prompts and seeds "
+             "before and after", f"{'':20} {'warm-up':>15} {'after ParaRL':>15} {'change':>8}"]
+    for label, key in ROWS:
+        if key in before and key in after:
+            b, a = before[key], after[key]
+            lines.append(f"{label:20} {b:>7.3f} ± {before.get(key + '_se', float('nan')):.3f} "
+                         f"{a:>7.3f} ± {after.get(key + '_se', float('nan')):.3f} {a - b:>+8.3f}")
+    db = run_dir.resolve() / "mlflow.db"
+    lines += [f"results:  {run_dir / 'results.json'}",
+              f"MLflow:   .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}",
+              f"          experiment {cfg.tracking.experiment!r}, run {out['run_id']}: per-step curves under Model "
+              "metrics (reward.mean, eval.*), snapshot grids under Artifacts > snapshots/"]
+    return "\n".join(lines)
+
+
 def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), cache_dir: str = ".cache/pararl-default",
                 eval_samples: int = 2, prepare_cfg=None) -> dict:
 
@@ -55,6 +75,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     from cluster.train import check_run_dir, train
     from learner.export import export_policy
     from pararl.bundle import load_codecs
+    from rollout.sample_command import save_sampler_settings
     from shapeworld.dataset import WorldConfig
     from shapeworld.prepare import default_config, prepare_default
 
@@ -72,10 +93,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = WorldConfig.from_dict(json.loads(Path(paths["world"]).read_text())).spec
-    resolved = run_dir / "config.yaml"
-    from omegaconf import OmegaConf
-
-    resolved.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    resolved = save_run_config(cfg, run_dir / "config.yaml")
 
     prompts = cfg.train.eval_prompts
     print(f"evaluating the warm-up policy on {prompts} held-out prompts x {eval_samples} samples")
@@ -84,6 +102,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     final = run_dir / "final-policy"
     export_policy(cfg.learner.checkpoint.folder, final)
     load_codecs(cfg.model).save(final)  # tokenizer, format, image tokenizer beside the exported weights
+    save_sampler_settings(final, cfg.sampler)  # `pararl sample` on it samples as the run did
     print("evaluating the ParaRL policy on the same prompts and seeds")
     after = evaluate_folder(final, cfg, spec, prompts, eval_samples, seed)
 
@@ -94,8 +113,5 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     results = {"before": before, "after": after, "run_dir": str(run_dir.resolve()), "run_id": out["run_id"],
                "prepare": {k: paths[k] for k in ("model", "train", "eval", "reward_stats")}}
     atomic_write(run_dir / "results.json", json.dumps(results, indent=1, default=str))
-    print(f"held-out exact alignment: {before['aligned']:.3f} -> {after['aligned']:.3f}; "
-          f"mean reward: {before['reward']:.3f} -> {after['reward']:.3f}")
-    print(f"results: {run_dir / 'results.json'}")
-    print(f"look at it: .venv/bin/mlflow ui --backend-store-uri sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+    print(summary_table(before, after, cfg, out, run_dir))
     return results

@@ -27,6 +27,8 @@ def test_params_metrics_and_pictures_land_in_the_run_folder(tmp_path, monkeypatc
     paths = {a.path for a in client.list_artifacts(tracker.run_id, "snapshots")}
     assert paths == {"snapshots/step_1.png"}
     assert (tmp_path / "run" / "mlartifacts").is_dir()
+    # the experiment opens on its runs and charts in MLflow 3's UI, not on the GenAI overview
+    assert client.get_experiment_by_name("exp").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_unreachable_server_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
