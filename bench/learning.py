@@ -4,9 +4,9 @@ Each arm is ``make train`` (configs/default.yaml, each seed's cached preparation
 overrides: ``reward_steps`` scores the likelihood at the reward's sampled steps (two of eight);
 ``all_m4`` every step, in windows of 4 steps per forward (the same two forwards per trajectory, so
 the same learner cost); ``all_m2`` every step in windows of 2 (twice the forwards). A finished arm's
-``results.json`` is read, not rerun, so the bench continues where it stopped. Wall and learner
-seconds are printed beside each gain: arms compare at the same number of ParaRL steps, and the
-columns say whether that was the same wall-clock.
+``results.json`` is read, not rerun, so the bench continues where it stopped. ParaRL wall seconds and
+learner compute seconds (MLflow) are printed beside each gain: arms compare at the same number of
+ParaRL steps, and the columns say whether that was the same wall-clock.
 Run (alone on the machine): ``.venv/bin/python bench/learning.py [--seeds 0 1 2] [--arms reward_steps all_m4]
 [--out runs/learning] [key=value ...]``. Last line: one JSON object.
 """
@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,29 +33,30 @@ ARMS = {
 }
 
 
-def learner_seconds(run_dir: Path, run_id: str) -> float:
+def timings(run_dir: Path, run_id: str) -> tuple[float, float]:
+    """(wall seconds of the ParaRL steps, learner compute seconds) of a run, from its MLflow record."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    return sum(m.value for m in client.get_metric_history(run_id, "compute.learner"))
+    wall, learner = (sum(m.value for m in client.get_metric_history(run_id, key)) for key in ("time.step", "compute.learner"))
+    return wall, learner
 
 
 def run_arm(arm: str, seed: int, out: Path, extra: list[str], cache: str) -> dict:
+    """One arm on one seed; a run folder that already holds a finished default run is read, not rerun
+    (so ``make train ARGS="seed=N run_dir=runs/learning/reward_steps-seedN"`` is that arm's run)."""
     from shapeworld.default_run import default_run
 
     run_dir = out / f"{arm}-seed{seed}"
-    record = run_dir / "bench.json"
-    if record.is_file():
-        return json.loads(record.read_text())
-    start = time.perf_counter()
-    results = default_run(overrides=[f"seed={seed}", f"run_dir={run_dir}", *ARMS[arm], *extra], cache_dir=cache)
-    row = {"arm": arm, "seed": seed, "wall_s": time.perf_counter() - start,
-           "learner_s": learner_seconds(run_dir, results["run_id"]),
-           "before": results["before"]["aligned"], "after": results["after"]["aligned"],
-           "gain": results["after"]["aligned"] - results["before"]["aligned"],
-           "reward_gain": results["after"]["reward"] - results["before"]["reward"]}
-    record.write_text(json.dumps(row))
-    return row
+    if (run_dir / "results.json").is_file():
+        results = json.loads((run_dir / "results.json").read_text())
+    else:
+        results = default_run(overrides=[f"seed={seed}", f"run_dir={run_dir}", *ARMS[arm], *extra], cache_dir=cache)
+    wall, learner = timings(run_dir, results["run_id"])
+    return {"arm": arm, "seed": seed, "wall_s": wall, "learner_s": learner,
+            "before": results["before"]["aligned"], "after": results["after"]["aligned"],
+            "gain": results["after"]["aligned"] - results["before"]["aligned"],
+            "reward_gain": results["after"]["reward"] - results["before"]["reward"]}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -66,7 +66,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         gains = [r["gain"] for r in mine]
         learner = statistics.mean(r["learner_s"] for r in mine)
         out.append({"arm": arm, "seeds": [r["seed"] for r in mine], "gains": gains, "gain": statistics.mean(gains),
-                    "std": statistics.stdev(gains) if len(gains) > 1 else float("nan"),
+                    "std": statistics.stdev(gains) if len(gains) > 1 else None,
                     "reward_gain": statistics.mean(r["reward_gain"] for r in mine),
                     "wall_s": statistics.mean(r["wall_s"] for r in mine), "learner_s": learner,
                     "gain_per_learner_min": statistics.mean(gains) / learner * 60})
@@ -86,7 +86,8 @@ def main() -> None:
     print(f"{'arm':>13} {'gain':>7} {'std':>6} {'per seed':>24} {'reward':>7} {'wall s':>7} {'learner s':>9} {'gain/learner-min':>16}")
     for t in table:
         per_seed = " ".join(f"{g:+.3f}" for g in t["gains"])
-        print(f"{t['arm']:>13} {t['gain']:>+7.3f} {t['std']:>6.3f} {per_seed:>24} {t['reward_gain']:>+7.3f} "
+        std = float("nan") if t["std"] is None else t["std"]
+        print(f"{t['arm']:>13} {t['gain']:>+7.3f} {std:>6.3f} {per_seed:>24} {t['reward_gain']:>+7.3f} "
               f"{t['wall_s']:>7.0f} {t['learner_s']:>9.0f} {t['gain_per_learner_min']:>16.4f}")
     print(json.dumps({"arms": table, "runs": rows}))
 

@@ -48,7 +48,10 @@ class LearnerConfig:
     beta: float = 0.01  # KL weight (0: no reference forward at all)
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_reference: str = "reference"  # reference (frozen initial policy) | old (the behaviour policy)
-    aggregation: str = "token"  # token (mean over all scored tokens) | sequence (mean of per-trajectory means)
+    # How the per-token terms are averaged (learner/loss.py): token (over all scored tokens; the image's many
+    # tokens carry most of the weight) | sequence (mean of per-trajectory means) | row (mean of per
+    # (trajectory, replay window) means, TraceRL's: a step that reveals few tokens weighs as one that reveals many)
+    aggregation: str = "token"
     # Per-modality weights on each token's loss term. Under token-mean the image's many tokens carry most
     # of the weight (-M: 1024 image against 256 text positions); these rebalance it. 1 and 1: unweighted.
     text_weight: float = 1.0
@@ -93,7 +96,7 @@ def check_coverage(cfg: LearnerConfig) -> None:
 def validate(cfg: LearnerConfig) -> LearnerConfig:
     """Refuse values that would fail later (inside an actor) or silently train something else."""
     from learner.advantages import ADVANTAGE_ESTIMATORS
-    from learner.loss import KL_ESTIMATORS
+    from learner.loss import AGGREGATIONS, KL_ESTIMATORS
     from pararl.logprobs import LOGPROB_ESTIMATORS
 
     def choose(key: str, value: str, known) -> None:
@@ -106,7 +109,7 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     choose("device", cfg.device, ("auto", "cpu", "cuda"))
     choose("kl_estimator", cfg.kl_estimator, KL_ESTIMATORS)
     choose("kl_reference", cfg.kl_reference, ("reference", "old"))
-    choose("aggregation", cfg.aggregation, ("token", "sequence"))
+    choose("aggregation", cfg.aggregation, AGGREGATIONS)
     choose("advantage", cfg.advantage, ADVANTAGE_ESTIMATORS)
     choose("logprob_estimator", cfg.logprob_estimator, LOGPROB_ESTIMATORS)
     choose("coverage", cfg.coverage, COVERAGES)

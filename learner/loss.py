@@ -5,7 +5,10 @@ Per scored token of trajectory i: ``ratio = exp(logp - logp_old)``,
 The per-token terms are combined with coefficients ``c`` that encode the aggregation:
 
 - token: ``c = w / T`` with T the number of scored tokens in the whole optimizer step;
-- sequence: ``c = w / (n_i * S)`` with n_i the trajectory's scored tokens and S the trajectories in the step,
+- sequence: ``c = w / (n_i * S)`` with n_i the trajectory's scored tokens and S the trajectories in the step;
+- row: ``c = w / (n_ik * P)`` with n_ik the tokens trajectory i reveals in replay window k and P the
+  (trajectory, window) rows with a scored token in the step: TraceRL's mean over its replayed rows,
+  so a window that reveals few tokens (an early step's text) weighs as much as one that reveals many,
 
 where w is the estimator's token weight (1 for trace replay, 1/t for random masking). T and S are
 counted over the whole optimizer step (all micro-batches and all ranks), so the sum of the pieces
@@ -47,6 +50,9 @@ def k3(d: torch.Tensor) -> torch.Tensor:
     return torch.expm1(d) - d
 
 
+AGGREGATIONS = ("token", "sequence", "row")
+
+
 @dataclass(frozen=True)
 class LossSettings:
     eps_low: float = 0.2
@@ -57,8 +63,8 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         KL_ESTIMATORS.check(self.kl_estimator, "learner.kl_estimator")
-        if self.aggregation not in ("token", "sequence"):
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; known: sequence, token")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; known: {', '.join(sorted(AGGREGATIONS))}")
 
     @classmethod
     def from_config(cls, cfg) -> "LossSettings":
@@ -71,15 +77,29 @@ class Normalizer:
 
     tokens: float  # scored tokens
     sequences: float  # trajectories
+    rows: float = 0.0  # (trajectory, replay window) rows with a scored token: the row aggregation's
 
 
-def coefficients(mask: torch.Tensor, weight: torch.Tensor, aggregation: str, norm: Normalizer) -> torch.Tensor:
+def row_sizes(mask: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """[R, W] scored tokens of each (trajectory, window) row; ``window`` as ``pararl.logprobs.window_index``."""
+    idx = torch.where(mask, window, 0).clamp_min(0)
+    width = int(idx.max()) + 1 if idx.numel() else 1
+    return torch.zeros(mask.shape[0], width, dtype=torch.float64, device=mask.device).scatter_add_(1, idx, mask.double())
+
+
+def coefficients(mask: torch.Tensor, weight: torch.Tensor, aggregation: str, norm: Normalizer,
+                 window: torch.Tensor | None = None) -> torch.Tensor:
     """[R, N] per-token coefficients c: the loss is ``sum(c * per_token_term)``."""
     w = torch.where(mask, weight, torch.zeros_like(weight))
     if aggregation == "token":
         return w / norm.tokens
-    per_seq = mask.sum(-1, keepdim=True).clamp_min(1)
-    return w / (per_seq * norm.sequences)
+    if aggregation == "sequence":
+        per_seq = mask.sum(-1, keepdim=True).clamp_min(1)
+        return w / (per_seq * norm.sequences)
+    if window is None:
+        raise ValueError("the row aggregation needs each token's replay window")
+    sizes = row_sizes(mask, window).gather(1, torch.where(mask, window, 0).clamp_min(0)).to(w.dtype)
+    return w / (sizes.clamp_min(1) * norm.rows)
 
 
 def modality_weights(layout: OutputLayout, text: float, image: float) -> torch.Tensor:
@@ -103,18 +123,20 @@ def clipped_surrogate(
     settings: LossSettings,
     norm: Normalizer,
     entropy: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, stats) for per-token tensors [R, N] and advantages [R].
 
     ``ref_logp`` is the KL anchor (frozen reference, or pi_old when the run says so); None or beta = 0
-    drops the KL term. ``stats`` holds sums (see ``SUM_KEYS``) plus ``ratio_min`` / ``ratio_max``.
+    drops the KL term. ``window`` [R, N] (the row aggregation's) names each token's replay window.
+    ``stats`` holds sums (see ``SUM_KEYS``) plus ``ratio_min`` / ``ratio_max``.
     """
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages {tuple(advantages.shape)} do not match {logp.shape[0]} trajectories")
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("weight", weight)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} {tuple(t.shape)} does not match logp {tuple(logp.shape)}")
-    c = coefficients(mask, weight, settings.aggregation, norm)
+    c = coefficients(mask, weight, settings.aggregation, norm, window)
     adv = advantages.to(logp.dtype)[:, None]
     log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))
     ratio = log_ratio.exp()

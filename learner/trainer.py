@@ -22,10 +22,10 @@ import torch.distributed as dist
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig, validate
 from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
-from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, modality_weights, summarize
+from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, modality_weights, row_sizes, summarize
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
-from pararl.logprobs import TokenLogProbs, trajectory_logprobs
+from pararl.logprobs import TokenLogProbs, trajectory_logprobs, window_index
 from pararl.models import load_policy
 
 
@@ -116,13 +116,16 @@ class Learner:
         if (tokens == 0).any():
             raise ValueError("an optimizer step has no scored token on any rank: the plan scores nothing in this batch")
         sequences = self._all_reduce(real.view(steps, per_step).sum(1).double().cpu())
+        window = window_index(batch.step_map[:, batch.layout.output], batch.plan, batch.steps).to(scored.device)
+        row_count = (row_sizes(scored, window) > 0).sum(1)  # per trajectory: its scored replay rows
+        rows_total = self._all_reduce(row_count.view(steps, per_step).sum(1).double().cpu())
 
         per_column = modality_weights(batch.layout, cfg.text_weight, cfg.image_weight).to(old.logp.device)
         updates, total = [], None
         for _ in range(cfg.updates_per_batch):
             stats = None
             for j in range(steps):
-                norm = Normalizer(float(tokens[j]), float(sequences[j]))
+                norm = Normalizer(float(tokens[j]), float(sequences[j]), float(rows_total[j]))
                 for i in range(gas):
                     rows = slice(j * per_step + i * mb, j * per_step + (i + 1) * mb)
                     sub = batch.select(rows)
@@ -132,7 +135,7 @@ class Learner:
                                          "they were computed with a different plan")
                     loss, st = clipped_surrogate(
                         cur.logp, old.logp[rows], None if ref is None else ref.logp[rows], sub.advantages,
-                        scored[rows], cur.weight * per_column, self.settings, norm, cur.entropy,
+                        scored[rows], cur.weight * per_column, self.settings, norm, cur.entropy, window[rows],
                     )
                     st["sequences"] = real[rows].sum().to(st["sequences"].dtype)
                     # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.

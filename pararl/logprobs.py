@@ -99,6 +99,20 @@ class RandomMaskPlan:
 Plan = Union[TracePlan, RandomMaskPlan]
 
 
+def window_index(step_map_out: torch.Tensor, plan: Plan, total_steps: int) -> torch.Tensor:
+    """[R, N] the forward (replay window) that scores each output position, -1 where none does.
+
+    A trace plan scores window ``[a, b)`` of a trajectory in one forward; a random-mask plan scores a
+    trajectory in one forward (window 0). The learner's row aggregation averages within these rows.
+    """
+    if isinstance(plan, RandomMaskPlan):
+        return torch.zeros_like(step_map_out, dtype=torch.long)
+    index = torch.full_like(step_map_out, -1, dtype=torch.long)
+    for w, (a, b) in enumerate(plan.windows(total_steps)):
+        index = torch.where((step_map_out >= a) & (step_map_out < b), w, index)
+    return index
+
+
 @dataclass
 class TokenLogProbs:
     """Per-token log-probs over the output columns; zero where ``mask`` is False."""

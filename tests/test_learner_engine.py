@@ -148,6 +148,30 @@ def test_modality_weights_scale_each_tokens_term_as_computed_by_hand(folder, bat
     assert m["pg_loss"] == pytest.approx(float(expected), abs=1e-5)
 
 
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "row"])
+def test_each_aggregation_at_ratio_one_as_computed_by_hand(folder, batch, aggregation):
+    """First update, ratio 1: token t of trajectory r contributes -A_r w_t, w = 0.5 on text and 1 on image,
+    averaged over all tokens (token), within each trajectory then over trajectories (sequence), or within
+    each (trajectory, replay window) row then over rows (row)."""
+    from pararl.logprobs import window_index
+
+    cfg = learner_config(updates_per_batch=1, beta=0.0, micro_batch_size=4, grad_accumulation=2, aggregation=aggregation,
+                         text_weight=0.5, image_weight=1.0)
+    m = Learner(cfg, folder, FMT).train_batch(batch)
+    lay, mask = batch.layout, batch.old.mask
+    w = torch.ones(mask.shape[1], dtype=torch.float64)
+    w[lay.relative(lay.text)] = 0.5
+    window = window_index(batch.step_map[:, lay.output], batch.plan, batch.steps)
+    groups = {"token": [[(r, t) for r in range(len(batch)) for t in range(mask.shape[1]) if mask[r, t]]],
+              "sequence": [[(r, t) for t in range(mask.shape[1]) if mask[r, t]] for r in range(len(batch))],
+              "row": [[(r, t) for t in range(mask.shape[1]) if mask[r, t] and window[r, t] == k]
+                      for r in range(len(batch)) for k in range(int(window.max()) + 1)]}[aggregation]
+    groups = [g for g in groups if g]
+    a = batch.advantages.double()
+    expected = sum(sum(-a[r] * w[t] for r, t in g) / len(g) for g in groups) / len(groups)
+    assert m["pg_loss"] == pytest.approx(float(expected), abs=1e-5)
+
+
 def test_modality_weights_are_checked():
     with pytest.raises(ConfigError, match="one positive"):
         validate(LearnerConfig(text_weight=0.0, image_weight=0.0))

@@ -32,6 +32,33 @@ def hand_loss(aggregation, eps_low=0.2, eps_high=0.28, beta=0.1):
     return sum(sum(t) / len(t) for t in per_seq) / len(per_seq)
 
 
+WINDOW = [[0, 1, -1], [0, 0, 1]]  # the replay window of each token: rows (0,0) (0,1) (1,0) (1,1)
+
+
+def hand_row_loss(eps_low=0.2, eps_high=0.28, beta=0.1):
+    """TraceRL's: the mean over (trajectory, window) rows of each row's mean term."""
+    rows = {}
+    for i in range(2):
+        for j in range(3):
+            if MASK[i][j]:
+                r = math.exp(LOGP[i][j] - OLD[i][j])
+                pg = -min(r * ADV[i], min(max(r, 1 - eps_low), 1 + eps_high) * ADV[i])
+                d = REF[i][j] - LOGP[i][j]
+                rows.setdefault((i, WINDOW[i][j]), []).append(pg + beta * (math.exp(d) - d - 1))
+    return sum(sum(t) / len(t) for t in rows.values()) / len(rows)
+
+
+def test_row_aggregation_equals_hand_computation():
+    logp, old, ref, adv, mask = tensors()
+    settings = LossSettings(eps_low=0.2, eps_high=0.28, beta=0.1, kl_estimator="k3", aggregation="row")
+    loss, _ = clipped_surrogate(logp, old, ref, adv, mask, mask.double(), settings, Normalizer(5, 2, 4),
+                                window=torch.tensor(WINDOW))
+    assert float(loss) == pytest.approx(hand_row_loss(), abs=1e-12)
+    assert float(loss) != pytest.approx(hand_loss("token"), abs=1e-3) and float(loss) != pytest.approx(hand_loss("sequence"), abs=1e-3)
+    with pytest.raises(ValueError, match="needs each token's replay window"):
+        clipped_surrogate(logp, old, ref, adv, mask, mask.double(), settings, Normalizer(5, 2, 4))
+
+
 def tensors():
     return (torch.tensor(LOGP, dtype=torch.float64), torch.tensor(OLD, dtype=torch.float64),
             torch.tensor(REF, dtype=torch.float64), torch.tensor(ADV, dtype=torch.float64), torch.tensor(MASK))
