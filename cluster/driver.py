@@ -80,7 +80,7 @@ class Driver:
         # rollout workers take their own bundles first; learner ranks then fill the remaining ones
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
                                      dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
-                                     named_format=cfg.model_format.named())
+                                     named_format=cfg.model_format.named(), behaviour=cfg.learner.behaviour)
         self.learners = LearnerGroup(
             cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
             num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,

@@ -35,7 +35,7 @@ def split(requests: Sequence[GenerationRequest], parts: int) -> list[list[Genera
 class RolloutGroup:
     def __init__(self, cfg: ClusterConfig, model_folder: str, sampler: SamplerConfig, placement: Placement | None,
                  sync: WeightSync, pad_id: int, dtype: str | None = None, device: str = "cpu",
-                 named_format: dict[str, Any] | None = None) -> None:
+                 named_format: dict[str, Any] | None = None, behaviour: str = "replay") -> None:
         self.cfg, self.sync, self.pad_id = cfg, sync, pad_id
         self.restarts = 0
         threads = cfg.rollout_threads or max(1, int(cfg.rollout_cpus))
@@ -47,7 +47,7 @@ class RolloutGroup:
                 out["scheduling_strategy"] = placement.strategy(placement.rollout_bundles[i])
             return out
 
-        args = (model_folder, sampler, device, dtype, threads, cfg.rollout_logprob_chunk_rows, named_format)
+        args = (model_folder, sampler, device, dtype, threads, cfg.rollout_logprob_chunk_rows, named_format, behaviour)
         self.group = ActorGroup(RolloutWorker, cfg.rollout_workers, lambda i: args, options, cfg.call_timeout_s)
         self.group.call("ready")
 

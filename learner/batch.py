@@ -34,6 +34,9 @@ class TrainBatch:
     # [R] 1 for a trajectory that trains, 0 for a copy that only pads the batch to whole optimizer steps
     # (so no usable trajectory is cut): its tokens count in no loss and no denominator.
     row_weight: torch.Tensor | None = None
+    # [R, L_out] each output token's log-probability under the distribution the rollout drew it from
+    # (``Trajectories.sampled_logp``); None when the sampler did not record it
+    sampled: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.row_weight is None:
@@ -46,7 +49,7 @@ class TrainBatch:
     def from_trajectories(cls, tr: Trajectories, advantages: torch.Tensor, plan: Plan,
                           old: TokenLogProbs | None = None) -> "TrainBatch":
         batch = cls(tr.tokens, tr.attention_mask, tr.step_map, tr.seeds, torch.as_tensor(advantages, dtype=torch.float32),
-                    tr.layout, tr.steps, plan, old, tr.policy_version)
+                    tr.layout, tr.steps, plan, old, tr.policy_version, sampled=tr.sampled_logp)
         batch.validate()
         return batch
 
@@ -67,16 +70,17 @@ class TrainBatch:
             raise ValueError("non-finite advantages in the training batch")
         if not bool(((self.row_weight == 0) | (self.row_weight == 1)).all()):
             raise ValueError("row_weight must be 0 (padding) or 1 (a trajectory that trains)")
-        if self.old is not None:
-            n_out = self.layout.length - self.layout.output_start
-            if self.old.logp.shape != (rows, n_out):
-                raise ValueError(f"behaviour log-probs {tuple(self.old.logp.shape)} != ({rows}, {n_out}) output tokens")
+        n_out = self.layout.length - self.layout.output_start
+        if self.old is not None and self.old.logp.shape != (rows, n_out):
+            raise ValueError(f"behaviour log-probs {tuple(self.old.logp.shape)} != ({rows}, {n_out}) output tokens")
+        if self.sampled is not None and self.sampled.shape != (rows, n_out):
+            raise ValueError(f"sampled log-probs {tuple(self.sampled.shape)} != ({rows}, {n_out}) output tokens")
 
     def select(self, index: torch.Tensor | slice) -> "TrainBatch":
         """The rows ``index`` (a slice or index tensor), everything else shared."""
         rows = {k: getattr(self, k)[index] for k in ROW_FIELDS}
         old = None if self.old is None else self.old.rows(index)
-        return replace(self, old=old, **rows)
+        return replace(self, old=old, sampled=None if self.sampled is None else self.sampled[index], **rows)
 
     def padded(self, unit: int) -> "TrainBatch":
         """The batch grown to a multiple of ``unit`` rows with weight-0 copies of its first rows: every
@@ -98,7 +102,8 @@ class TrainBatch:
 
     def to(self, device: str | torch.device) -> "TrainBatch":
         rows = {k: getattr(self, k).to(device) for k in ROW_FIELDS}
-        return replace(self, old=None if self.old is None else self.old.to(device), **rows)
+        return replace(self, old=None if self.old is None else self.old.to(device),
+                       sampled=None if self.sampled is None else self.sampled.to(device), **rows)
 
 
 def uses_reward_steps(cfg) -> bool:

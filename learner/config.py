@@ -56,6 +56,14 @@ class LearnerConfig:
     # of the weight (-M: 1024 image against 256 text positions); these rebalance it. 1 and 1: unweighted.
     text_weight: float = 1.0
     image_weight: float = 1.0
+    # The rollout draws from guided, tempered logits; pi_old is the unguided policy at temperature 1. The
+    # correction weights each token's policy-gradient term by r = pi_old / sampled (learner/mismatch.py):
+    # none | tis (min(r, cap), truncated importance sampling) | mis (r, or 0 where r > cap: masked).
+    correction: str = "none"
+    correction_cap: float = 2.0
+    # Where pi_old comes from: replay (a trace replay forward on the rollout worker) | sampler (the
+    # sampler's own forwards, free; single-step windows only: coverage reward_steps, or merge_steps 1).
+    behaviour: str = "replay"
 
     # Advantages (computed by the driver from group rewards).
     advantage: str = "grpo"  # grpo | drgrpo
@@ -97,6 +105,7 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     """Refuse values that would fail later (inside an actor) or silently train something else."""
     from learner.advantages import ADVANTAGE_ESTIMATORS
     from learner.loss import AGGREGATIONS, KL_ESTIMATORS
+    from learner.mismatch import CORRECTIONS
     from pararl.logprobs import LOGPROB_ESTIMATORS
 
     def choose(key: str, value: str, known) -> None:
@@ -113,6 +122,13 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     choose("advantage", cfg.advantage, ADVANTAGE_ESTIMATORS)
     choose("logprob_estimator", cfg.logprob_estimator, LOGPROB_ESTIMATORS)
     choose("coverage", cfg.coverage, COVERAGES)
+    choose("correction", cfg.correction, CORRECTIONS)
+    choose("behaviour", cfg.behaviour, ("replay", "sampler"))
+    if cfg.behaviour == "sampler" and (cfg.logprob_estimator != "trace" or cfg.merge_steps != 1):
+        raise ConfigError(f"learner.behaviour=sampler reads pi_old off the sampler's forwards, one step each: it needs "
+                          f"logprob_estimator=trace and merge_steps=1 (got {cfg.logprob_estimator}, {cfg.merge_steps})")
+    if cfg.correction_cap < 1:
+        raise ConfigError(f"learner.correction_cap={cfg.correction_cap} must be >= 1 (it truncates ratios above it)")
     if cfg.dist_backend is not None:
         choose("dist_backend", cfg.dist_backend, ("gloo", "nccl"))
     if cfg.zero_stage not in (0, 1, 2, 3):

@@ -124,11 +124,13 @@ def clipped_surrogate(
     norm: Normalizer,
     entropy: torch.Tensor | None = None,
     window: torch.Tensor | None = None,
+    pg_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, stats) for per-token tensors [R, N] and advantages [R].
 
     ``ref_logp`` is the KL anchor (frozen reference, or pi_old when the run says so); None or beta = 0
     drops the KL term. ``window`` [R, N] (the row aggregation's) names each token's replay window.
+    ``pg_weight`` [R, N] multiplies the policy-gradient term only (a sampling correction, ``learner.mismatch``).
     ``stats`` holds sums (see ``SUM_KEYS``) plus ``ratio_min`` / ``ratio_max``.
     """
     if advantages.shape != logp.shape[:1]:
@@ -142,6 +144,8 @@ def clipped_surrogate(
     ratio = log_ratio.exp()
     clipped_ratio = ratio.clamp(1 - settings.eps_low, 1 + settings.eps_high)
     pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    if pg_weight is not None:
+        pg = pg * pg_weight.detach()
     loss_terms = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None and settings.beta > 0:

@@ -23,6 +23,7 @@ from learner.batch import TrainBatch
 from learner.config import LearnerConfig, validate
 from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
 from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, modality_weights, row_sizes, summarize
+from learner.mismatch import correction_weights, gap_metrics, gap_sums
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.logprobs import TokenLogProbs, trajectory_logprobs, window_index
@@ -121,6 +122,7 @@ class Learner:
         rows_total = self._all_reduce(row_count.view(steps, per_step).sum(1).double().cpu())
 
         per_column = modality_weights(batch.layout, cfg.text_weight, cfg.image_weight).to(old.logp.device)
+        correction, mismatch = self._mismatch(batch, old, scored)
         updates, total = [], None
         for _ in range(cfg.updates_per_batch):
             stats = None
@@ -136,6 +138,7 @@ class Learner:
                     loss, st = clipped_surrogate(
                         cur.logp, old.logp[rows], None if ref is None else ref.logp[rows], sub.advantages,
                         scored[rows], cur.weight * per_column, self.settings, norm, cur.entropy, window[rows],
+                        None if correction is None else correction[rows],
                     )
                     st["sequences"] = real[rows].sum().to(st["sequences"].dtype)
                     # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.
@@ -159,7 +162,23 @@ class Learner:
         out["ratio_mean_last_update"] = updates[-1]["ratio_mean"]
         out.update(updates=updates, optimizer_steps=steps * cfg.updates_per_batch, global_steps=int(self.engine.global_steps))
         out["compute_seconds"] = time.perf_counter() - start  # forward/backward/step of this rank, reference included
+        out.update(mismatch)
         return out
+
+    def _mismatch(self, batch: TrainBatch, old: TokenLogProbs, scored: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """(per-token correction weights or None, the gap's metrics over all ranks) between the sampled
+        distribution and pi_old; a correction asked for without recorded sampled log-probs is refused."""
+        cfg = self.cfg
+        if batch.sampled is None:
+            if cfg.correction != "none":
+                raise ValueError(f"learner.correction={cfg.correction} needs the log-probs the rollout sampled from, "
+                                 "and this batch has none (a sampler that does not record them)")
+            return None, {}
+        sampled = batch.sampled.to(old.logp.device)
+        sums = self._all_reduce(gap_sums(old.logp, sampled, scored, batch.layout, cfg.correction_cap).cpu())
+        weights = None if cfg.correction == "none" else correction_weights(old.logp, sampled, scored, cfg.correction,
+                                                                           cfg.correction_cap)
+        return weights, gap_metrics(sums)
 
     def _plain_grad_norm(self) -> float | None:
         """Global L2 norm of the (already averaged) gradients where they live on the parameters (ZeRO-0)."""

@@ -99,6 +99,22 @@ class RandomMaskPlan:
 Plan = Union[TracePlan, RandomMaskPlan]
 
 
+def from_sampler(tr, plan: Plan) -> TokenLogProbs | None:
+    """pi_old read off the sampler's own forwards (``Trajectories.policy_logp``) when the plan replays
+    single steps: the state before step k is exactly what trace replay rebuilds, so no forward is
+    repeated. None where that does not hold (merged windows, a random mask, a token no forward drew)."""
+    if not isinstance(plan, TracePlan) or plan.merge != 1 or getattr(tr, "policy_logp", None) is None:
+        return None
+    sm_out = tr.step_map[:, tr.layout.output]
+    mask = torch.zeros_like(sm_out, dtype=torch.bool)
+    for a, b in plan.windows(tr.steps):
+        mask |= (sm_out >= a) & (sm_out < b)
+    values = tr.policy_logp.to(sm_out.device)
+    if not bool(torch.isfinite(values[mask]).all()):
+        return None
+    return TokenLogProbs(torch.where(mask, values, 0.0), mask, mask.float())
+
+
 def window_index(step_map_out: torch.Tensor, plan: Plan, total_steps: int) -> torch.Tensor:
     """[R, N] the forward (replay window) that scores each output position, -1 where none does.
 

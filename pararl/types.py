@@ -41,6 +41,14 @@ class Trajectories:
     snapshot_x0: torch.Tensor | None = None  # [R, S, L_out]
     policy_version: int = 0
     compute_seconds: float = 0.0  # sampling + behaviour log-probs on the worker (the slowest worker, once merged)
+    # [R, L_out] log-probability of each output token under the distribution it was drawn from (guided,
+    # tempered), at the step that revealed it: what the rollout really sampled, where the behaviour
+    # log-probs are the unguided policy at temperature 1.
+    sampled_logp: torch.Tensor | None = None
+    # [R, L_out] the same tokens under the unguided policy at temperature 1, from the sampler's own forward
+    # at the step that revealed them (the state trace replay rebuilds): pi_old for single-step windows
+    # without extra forwards. NaN where no forward drew the token (the -A leftover's random code).
+    policy_logp: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -117,4 +125,6 @@ def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajector
         snapshot_x0=None if first.snapshot_x0 is None else cat("snapshot_x0"),
         policy_version=first.policy_version,
         compute_seconds=max(p.compute_seconds for p in parts),
+        sampled_logp=None if first.sampled_logp is None else cat("sampled_logp"),
+        policy_logp=None if first.policy_logp is None else cat("policy_logp"),
     )

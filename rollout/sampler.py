@@ -9,6 +9,7 @@ same alone or inside any batch.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -50,6 +51,11 @@ def softmax_at(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 16384) -> t
     return torch.exp(logits.gather(-1, ids[..., None]).double() - top).squeeze(-1) / total
 
 
+def logp_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits)[ids]`` in float32, as the learner's trace replay scores a token."""
+    return logits.float().log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+
+
 def top_k_mask(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k best-scoring candidates in each row (every row has at least k)."""
     chosen = torch.zeros_like(candidates)
@@ -67,12 +73,14 @@ class ParallelSampler:
         self.confidence_noise = noise.CONFIDENCE_NOISE[self.cfg.confidence_noise]
 
     def text_step(self, text_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
-        """x̂0 of the text span and the positions step ``s`` reveals (most confident masked, in the window)."""
+        """x̂0 of the text span, the positions step ``s`` reveals (most confident masked, in the window),
+        and the log-probability of each draw under the distribution it was drawn from."""
         cfg, fmt, plan = self.cfg, self.fmt, self.plan
         masked = cur == fmt.mask_id
         allowed = fmt.restrict_text_logits(text_l)
         u = noise.uniform(seeds, noise.TEXT_SAMPLE, s, cur.shape[1])
         draw, probs = sample_categorical(allowed, u, cfg.text_temperature)
+        drawn_logp = prob_of(probs, draw).log()
         # Confidence: the untempered probability of the draw; with the releases' "all" vocabulary, over
         # every id the head scores (the mask included), as they compute it.
         base = text_l if fmt.text_vocab == "all" else allowed
@@ -86,7 +94,7 @@ class ParallelSampler:
         lo, hi = plan.text_window[s]
         window = (position >= lo) & (position < hi)
         reveal = top_k_mask(conf, masked & window, plan.text_reveal[s])
-        return torch.where(masked, draw, cur), reveal
+        return torch.where(masked, draw, cur), reveal, drawn_logp
 
     def image_logits(self, logits: torch.Tensor, x: torch.Tensor, extra: list[torch.Tensor],
                      attn: torch.Tensor | None, image: slice, out: slice) -> torch.Tensor:
@@ -102,15 +110,16 @@ class ParallelSampler:
         return g.image(fmt.restrict_image_logits(logits[:rows, image]), unc)
 
     def image_step(self, image_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
-        """x̂0 of the image span, and at an image update the positions it reveals (MaskGIT)."""
+        """x̂0 of the image span, the draws, at an image update the positions it reveals (MaskGIT), and
+        the draws' probabilities under the (guided, tempered) distribution they were drawn from."""
         cfg, fmt, plan = self.cfg, self.fmt, self.plan
         masked = cur == fmt.mask_id
         u = noise.uniform(seeds, noise.IMAGE_SAMPLE, s, cur.shape[1])
         draw_c, probs = sample_categorical(image_l, u, cfg.image_temperature)
         draw = fmt.image_ids(draw_c)
         reveal = None
+        p = prob_of(probs, draw_c)
         if plan.image_update[s]:
-            p = prob_of(probs, draw_c)
             # The -A generator jitters log(p + 1e-10) with Gaussian noise; MaskGIT (-M) log(max(p, 1e-20)) with Gumbel.
             logp = (p + 1e-10).log() if cfg.confidence_noise == "gaussian" else p.clamp_min(1e-20).log()
             scale = cfg.image_noise * (1.0 - plan.image_ratio[s])
@@ -119,7 +128,7 @@ class ParallelSampler:
                 reveal = top_k_mask(conf, masked, plan.image_reveal[s])
             else:
                 reveal = masked & ~self.keep_masked(conf, masked, plan.image_target[s])
-        return torch.where(masked, draw, cur), draw, reveal
+        return torch.where(masked, draw, cur), draw, reveal, p
 
     def keep_masked(self, conf: torch.Tensor, masked: torch.Tensor, target: int) -> torch.Tensor:
         """The positions an image update leaves masked, per row as the released generators choose them:
@@ -176,21 +185,29 @@ class ParallelSampler:
         n_out = lay.length - lay.output_start
         snap_tokens = torch.empty((rows, len(snaps), n_out), dtype=torch.long, device=device)
         snap_x0 = torch.empty_like(snap_tokens)
+        sampled = torch.zeros((rows, n_out), dtype=torch.float32, device=device)  # [R, L_out] drawn-from log-probs
+        policy_logp = torch.zeros_like(sampled)  # [R, L_out] unguided, temperature 1
 
         for s in progress_bar(range(cfg.steps), desc="sampling", enabled=progress, leave=False):
             snap = s in snaps
             logits = self.model(buf, attention_mask=model_attn).logits
             cond_l, unc_l = logits[:rows], logits[rows:] if g.with_cond else None
             text_l = g.text(cond_l[:, text], None if unc_l is None else unc_l[:, text])
-            x0_t, reveal_t = self.text_step(text_l, x[:, text], seeds, s)
+            x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], seeds, s)
             x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it
             step_map[:, text].masked_fill_(reveal_t, s)
+            sampled[:, rtext] = torch.where(reveal_t, logp_t.float(), sampled[:, rtext])
+            unguided_t = logp_at(fmt.restrict_text_logits(cond_l[:, text]), x0_t)
+            policy_logp[:, rtext] = torch.where(reveal_t, unguided_t, policy_logp[:, rtext])
             if plan.image_update[s] or snap:
                 image_l = self.image_logits(logits, x, extra, attn_1, image, out)
-                x0_i, draw_i, reveal_i = self.image_step(image_l, x[:, image], seeds, s)
+                x0_i, draw_i, reveal_i, p_i = self.image_step(image_l, x[:, image], seeds, s)
                 if reveal_i is not None:
                     x[:, image] = torch.where(reveal_i, draw_i, x[:, image])
                     step_map[:, image].masked_fill_(reveal_i, s)
+                    sampled[:, rimage] = torch.where(reveal_i, p_i.log().float(), sampled[:, rimage])
+                    unguided_i = logp_at(fmt.restrict_image_logits(cond_l[:, image]), fmt.image_codes(draw_i))
+                    policy_logp[:, rimage] = torch.where(reveal_i, unguided_i, policy_logp[:, rimage])
             if g.with_cond:
                 buf[rows:, out] = x[:, out]
             if snap:
@@ -199,7 +216,10 @@ class ParallelSampler:
                 snap_x0[:, i] = x[:, out]
                 snap_x0[:, i, rtext] = x0_t
                 snap_x0[:, i, rimage] = x0_i
+        left = x[:, image] == fmt.mask_id
         self.fill_leftover(x[:, image], step_map[:, image], seeds)
+        sampled[:, rimage] = torch.where(left, -math.log(fmt.codebook_size), sampled[:, rimage])  # a uniform code
+        policy_logp[:, rimage] = policy_logp[:, rimage].masked_fill(left, float("nan"))
 
         if bool((x[:, out] == fmt.mask_id).any()):
             raise RuntimeError("sampler finished with masked output positions: the reveal plan is inconsistent")
@@ -215,6 +235,8 @@ class ParallelSampler:
             snapshot_steps=torch.tensor(snaps, dtype=torch.long),
             snapshot_tokens=snap_tokens,
             snapshot_x0=snap_x0,
+            sampled_logp=sampled,
+            policy_logp=policy_logp,
         )
 
     def fill_leftover(self, image: torch.Tensor, step_map: torch.Tensor, seeds: torch.Tensor) -> None:

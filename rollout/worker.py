@@ -14,7 +14,7 @@ import torch
 
 from pararl.bundle import load_bundle
 from pararl.devices import resolve_dtype
-from pararl.logprobs import Plan, TokenLogProbs, trajectory_logprobs
+from pararl.logprobs import Plan, TokenLogProbs, from_sampler, trajectory_logprobs
 from pararl.sync import collective
 from pararl.sync.buckets import weights_hash
 from pararl.sync.wire import SyncError, TensorRun, decode_bucket
@@ -26,8 +26,9 @@ from rollout.sampler import ParallelSampler
 class RolloutWorker:
     def __init__(self, model_folder: str, sampler_cfg: SamplerConfig, device: str = "cpu", dtype: str | None = None,
                  threads: int | None = None, logprob_chunk_rows: int | None = None,
-                 named_format: dict[str, Any] | None = None) -> None:
+                 named_format: dict[str, Any] | None = None, behaviour: str = "replay") -> None:
         self.logprob_chunk_rows = logprob_chunk_rows
+        self.behaviour = behaviour  # learner.behaviour: "replay" (extra forwards) or "sampler" (its own forwards)
         if threads:
             torch.set_num_threads(threads)
         self.device = device
@@ -98,9 +99,11 @@ class RolloutWorker:
         traj = self.sampler.sample(requests, group_size=group_size, snapshot_steps=snapshot_steps)
         traj.policy_version = self.version
         old = None
-        if plan is not None:
+        if plan is not None and self.behaviour == "sampler":
+            old = from_sampler(traj, plan)  # None where the sampler's forwards do not give it: replayed below
+        if plan is not None and old is None:
             with torch.inference_mode():
-                old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan,
-                                          chunk_rows=self.logprob_chunk_rows).to("cpu")
+                old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan, chunk_rows=self.logprob_chunk_rows)
+        old = None if old is None else old.to("cpu")
         traj.compute_seconds = time.perf_counter() - start
         return traj.to("cpu"), old

@@ -1,4 +1,5 @@
 """One learner rank with a real DeepSpeed engine (in-process, gloo, world of one): updates, clipping, bad input."""
+import math
 from dataclasses import replace
 
 import pytest
@@ -170,6 +171,24 @@ def test_each_aggregation_at_ratio_one_as_computed_by_hand(folder, batch, aggreg
     a = batch.advantages.double()
     expected = sum(sum(-a[r] * w[t] for r, t in g) / len(g) for g in groups) / len(groups)
     assert m["pg_loss"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_tis_weights_the_policy_gradient_and_a_correction_needs_the_sampled_log_probs(folder, batch):
+    """First update, ratio 1: with mu = pi_old every weight is 1 (the uncorrected loss); with pi_old / mu = 3
+    everywhere, TIS at cap 2 doubles the policy-gradient loss and every ratio counts as truncated."""
+    cfg = dict(updates_per_batch=1, beta=0.0, micro_batch_size=4, grad_accumulation=2)
+    plain = Learner(learner_config(**cfg), folder, FMT).train_batch(replace(batch, sampled=batch.old.logp.clone()))
+    assert plain["mismatch/text_gap"] == 0 and plain["mismatch/truncated"] == 0
+    same = Learner(learner_config(correction="tis", **cfg), folder, FMT).train_batch(replace(batch, sampled=batch.old.logp.clone()))
+    assert same["pg_loss"] == pytest.approx(plain["pg_loss"], abs=1e-6)
+    far = replace(batch, sampled=batch.old.logp - math.log(3))
+    tis = Learner(learner_config(correction="tis", correction_cap=2.0, **cfg), folder, FMT).train_batch(far)
+    assert tis["pg_loss"] == pytest.approx(2 * plain["pg_loss"], abs=1e-5)
+    assert tis["mismatch/truncated"] == 1 and tis["mismatch/image_gap"] == pytest.approx(math.log(3), abs=1e-5)
+    with pytest.raises(ValueError, match="needs the log-probs the rollout sampled from"):
+        Learner(learner_config(correction="mis", **cfg), folder, FMT).train_batch(replace(batch, sampled=None))
+    with pytest.raises(ConfigError, match="correction_cap=0.5 must be >= 1"):
+        validate(LearnerConfig(correction="tis", correction_cap=0.5))
 
 
 def test_modality_weights_are_checked():

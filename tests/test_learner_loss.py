@@ -117,5 +117,5 @@ def test_k3_is_non_negative_and_the_estimators_match_their_formulas():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(ValueError, match="known: k1, k2, k3"):
         LossSettings(kl_estimator="k4")
-    with pytest.raises(ValueError, match="known: sequence, token"):
+    with pytest.raises(ValueError, match="known: row, sequence, token"):
         LossSettings(aggregation="batch")
