@@ -109,17 +109,10 @@ class Learner:
             ref = self.reference_logprobs(batch) if cfg.kl_reference == "reference" else old
         else:
             ref = None
-        # Denominators of each optimizer step j over all ranks: scored tokens and trajectories; padding
-        # rows (row_weight 0) count in neither.
         real = batch.row_weight > 0
         scored = old.mask & real[:, None]
-        tokens = self._all_reduce(scored.sum(1).view(steps, per_step).sum(1).double().cpu())
-        if (tokens == 0).any():
-            raise ValueError("an optimizer step has no scored token on any rank: the plan scores nothing in this batch")
-        sequences = self._all_reduce(real.view(steps, per_step).sum(1).double().cpu())
         window = window_index(batch.step_map[:, batch.layout.output], batch.plan, batch.steps).to(scored.device)
-        row_count = (row_sizes(scored, window) > 0).sum(1)  # per trajectory: its scored replay rows
-        rows_total = self._all_reduce(row_count.view(steps, per_step).sum(1).double().cpu())
+        norms = self._normalizers(scored, real, window, steps, per_step)
 
         per_column = modality_weights(batch.layout, cfg.text_weight, cfg.image_weight).to(old.logp.device)
         correction, mismatch = self._mismatch(batch, old, scored)
@@ -127,7 +120,7 @@ class Learner:
         for _ in range(cfg.updates_per_batch):
             stats = None
             for j in range(steps):
-                norm = Normalizer(float(tokens[j]), float(sequences[j]), float(rows_total[j]))
+                norm = norms[j]
                 for i in range(gas):
                     rows = slice(j * per_step + i * mb, j * per_step + (i + 1) * mb)
                     sub = batch.select(rows)
@@ -164,6 +157,18 @@ class Learner:
         out["compute_seconds"] = time.perf_counter() - start  # forward/backward/step of this rank, reference included
         out.update(mismatch)
         return out
+
+    def _normalizers(self, scored: torch.Tensor, real: torch.Tensor, window: torch.Tensor, steps: int,
+                     per_step: int) -> list[Normalizer]:
+        """The denominators of each optimizer step over all ranks: scored tokens, trajectories and
+        (trajectory, window) rows; padding rows (row_weight 0) count in none."""
+        per_opt_step = lambda t: self._all_reduce(t.view(steps, per_step).sum(1).double().cpu())  # noqa: E731
+        tokens = per_opt_step(scored.sum(1))
+        if (tokens == 0).any():
+            raise ValueError("an optimizer step has no scored token on any rank: the plan scores nothing in this batch")
+        sequences = per_opt_step(real)
+        rows = per_opt_step((row_sizes(scored, window) > 0).sum(1))
+        return [Normalizer(float(t), float(s), float(r)) for t, s, r in zip(tokens, sequences, rows)]
 
     def _mismatch(self, batch: TrainBatch, old: TokenLogProbs, scored: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
         """(per-token correction weights or None, the gap's metrics over all ranks) between the sampled
