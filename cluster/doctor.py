@@ -11,7 +11,6 @@ no actor. Every problem is one line; the exit code is 2 if there is any.
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +85,6 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 
-def _on_cpu(spec: dict) -> dict:
-    """The tokenizer's spec, placed on the CPU where it has a device at all (a palette has no weights)."""
-    from pararl.image_tokenizers import IMAGE_TOKENIZERS
-
-    cls = IMAGE_TOKENIZERS.get(spec.get("type"))
-    return dict(spec, device="cpu") if "device" in inspect.signature(cls).parameters else dict(spec)
-
 def check_model(cfg: Any, report: Report) -> dict[str, Any]:
     """What the cluster check needs to know about the model (config, format, image tokenizer)."""
     import torch
@@ -154,7 +146,7 @@ def check_model(cfg: Any, report: Report) -> dict[str, Any]:
         from pararl.bundle import check_image_tokenizer
         from pararl.image_tokenizers import build_image_tokenizer
 
-        image_tokenizer = found["image_tokenizer"] = build_image_tokenizer(_on_cpu(detection.image_tokenizer))
+        image_tokenizer = found["image_tokenizer"] = build_image_tokenizer(detection.image_tokenizer, device="cpu")
         check_image_tokenizer(fmt, image_tokenizer, folder)
         report.ok("model", f"image tokenizer {detection.image_tokenizer['type']!r}: {image_tokenizer.codebook_size} codes, "
                            f"{image_tokenizer.image_size[0]}x{image_tokenizer.image_size[1]} pixels")

@@ -56,6 +56,11 @@ def logp_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.float().log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
 
 
+def put(out: torch.Tensor, cols: slice, where: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[:, cols]`` takes ``values`` where ``where`` holds (a step's reveals), and keeps the rest."""
+    out[:, cols] = torch.where(where, values, out[:, cols])
+
+
 def top_k_mask(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k best-scoring candidates in each row (every row has at least k)."""
     chosen = torch.zeros_like(candidates)
@@ -153,7 +158,10 @@ class ParallelSampler:
         group_size: int = 1,
         snapshot_steps: Sequence[int] = (),
         progress: bool = False,
+        record_policy: bool = False,
     ) -> Trajectories:
+        """``record_policy``: also keep each token's unguided, temperature-1 log-prob (``Trajectories.policy_logp``,
+        pi_old for ``learner.behaviour=sampler``); one more log-softmax per span and step, so only when asked."""
         cfg, fmt, plan, g = self.cfg, self.fmt, self.plan, self.guidance
         snaps = sorted(set(int(s) for s in snapshot_steps))
         if snaps and not (0 <= snaps[0] and snaps[-1] < cfg.steps):
@@ -186,7 +194,7 @@ class ParallelSampler:
         snap_tokens = torch.empty((rows, len(snaps), n_out), dtype=torch.long, device=device)
         snap_x0 = torch.empty_like(snap_tokens)
         sampled = torch.zeros((rows, n_out), dtype=torch.float32, device=device)  # [R, L_out] drawn-from log-probs
-        policy_logp = torch.zeros_like(sampled)  # [R, L_out] unguided, temperature 1
+        policy_logp = torch.zeros_like(sampled) if record_policy else None  # [R, L_out] unguided, temperature 1
 
         for s in progress_bar(range(cfg.steps), desc="sampling", enabled=progress, leave=False):
             snap = s in snaps
@@ -196,18 +204,19 @@ class ParallelSampler:
             x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], seeds, s)
             x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it
             step_map[:, text].masked_fill_(reveal_t, s)
-            sampled[:, rtext] = torch.where(reveal_t, logp_t.float(), sampled[:, rtext])
-            unguided_t = logp_at(fmt.restrict_text_logits(cond_l[:, text]), x0_t)
-            policy_logp[:, rtext] = torch.where(reveal_t, unguided_t, policy_logp[:, rtext])
+            put(sampled, rtext, reveal_t, logp_t.float())
+            if record_policy:
+                put(policy_logp, rtext, reveal_t, logp_at(fmt.restrict_text_logits(cond_l[:, text]), x0_t))
             if plan.image_update[s] or snap:
                 image_l = self.image_logits(logits, x, extra, attn_1, image, out)
                 x0_i, draw_i, reveal_i, p_i = self.image_step(image_l, x[:, image], seeds, s)
                 if reveal_i is not None:
                     x[:, image] = torch.where(reveal_i, draw_i, x[:, image])
                     step_map[:, image].masked_fill_(reveal_i, s)
-                    sampled[:, rimage] = torch.where(reveal_i, p_i.log().float(), sampled[:, rimage])
-                    unguided_i = logp_at(fmt.restrict_image_logits(cond_l[:, image]), fmt.image_codes(draw_i))
-                    policy_logp[:, rimage] = torch.where(reveal_i, unguided_i, policy_logp[:, rimage])
+                    put(sampled, rimage, reveal_i, p_i.log().float())
+                    if record_policy:
+                        codes = fmt.image_codes(draw_i)
+                        put(policy_logp, rimage, reveal_i, logp_at(fmt.restrict_image_logits(cond_l[:, image]), codes))
             if g.with_cond:
                 buf[rows:, out] = x[:, out]
             if snap:
@@ -219,7 +228,8 @@ class ParallelSampler:
         left = x[:, image] == fmt.mask_id
         self.fill_leftover(x[:, image], step_map[:, image], seeds)
         sampled[:, rimage] = torch.where(left, -math.log(fmt.codebook_size), sampled[:, rimage])  # a uniform code
-        policy_logp[:, rimage] = policy_logp[:, rimage].masked_fill(left, float("nan"))
+        if record_policy:
+            policy_logp[:, rimage] = policy_logp[:, rimage].masked_fill(left, float("nan"))
 
         if bool((x[:, out] == fmt.mask_id).any()):
             raise RuntimeError("sampler finished with masked output positions: the reveal plan is inconsistent")

@@ -96,7 +96,8 @@ class RolloutWorker:
         if version is not None and version != self.version:
             raise SyncError(f"asked to sample with policy version {version}, but this worker holds {self.version}")
         start = time.perf_counter()
-        traj = self.sampler.sample(requests, group_size=group_size, snapshot_steps=snapshot_steps)
+        traj = self.sampler.sample(requests, group_size=group_size, snapshot_steps=snapshot_steps,
+                                   record_policy=plan is not None and self.behaviour == "sampler")
         traj.policy_version = self.version
         old = None
         if plan is not None and self.behaviour == "sampler":

@@ -98,7 +98,8 @@ def test_the_samplers_own_forwards_give_pi_old_for_single_step_windows(policy, s
     from pararl.logprobs import from_sampler
 
     cfg = SamplerConfig(steps=8, text_len=16, cfg_text=1.5, cfg_image=2.0, text_temperature=0.8)
-    tr = ParallelSampler(policy, FMT, cfg).sample(REQUESTS, group_size=GROUP)
+    assert ParallelSampler(policy, FMT, cfg).sample(REQUESTS, group_size=GROUP).policy_logp is None  # only when asked
+    tr = ParallelSampler(policy, FMT, cfg).sample(REQUESTS, group_size=GROUP, record_policy=True)
     plan = TracePlan(steps)
     with torch.no_grad():
         replayed = trajectory_logprobs(policy, FMT, tr, plan)
@@ -106,7 +107,8 @@ def test_the_samplers_own_forwards_give_pi_old_for_single_step_windows(policy, s
     assert torch.equal(free.mask, replayed.mask) and free.mask.any()
     assert (free.logp - replayed.logp).abs().max() < 1e-5
     assert from_sampler(tr, TracePlan((0, 4), merge=4)) is None
-    left = ParallelSampler(policy, FMT, replace(cfg, image_leftover="random", image_steps=4)).sample(REQUESTS, group_size=GROUP)
+    left = ParallelSampler(policy, FMT, replace(cfg, image_leftover="random", image_steps=4)).sample(
+        REQUESTS, group_size=GROUP, record_policy=True)
     assert torch.isnan(left.policy_logp).any()  # the leftover's random code was drawn by no forward
     assert from_sampler(left, TracePlan(tuple(range(8)))) is None
 

@@ -6,6 +6,7 @@ MAGVIT-v2 (-M) plug in by a spec ``{"type": name, ...}`` resolved through the re
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
@@ -64,10 +65,13 @@ IMAGE_TOKENIZERS: Registry[Callable[..., ImageTokenizer]] = Registry("image toke
 register_image_tokenizer = IMAGE_TOKENIZERS.register
 
 
-def build_image_tokenizer(spec: dict[str, Any]) -> ImageTokenizer:
+def build_image_tokenizer(spec: dict[str, Any], device: str | None = None) -> ImageTokenizer:
+    """The tokenizer a spec names; ``device`` places one that has weights (a palette has none and takes none)."""
     spec = dict(spec)
-    kind = spec.pop("type", None)
-    return IMAGE_TOKENIZERS.get(kind)(**spec)
+    cls = IMAGE_TOKENIZERS.get(spec.pop("type", None))
+    if device is not None and "device" in inspect.signature(cls).parameters:
+        spec["device"] = device
+    return cls(**spec)
 
 
 from pararl.image_tokenizers.magvit2 import Magvit2Tokenizer  # noqa: E402  (registers itself)
