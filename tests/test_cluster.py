@@ -339,6 +339,7 @@ def test_a_driver_killed_with_sigkill_leaves_no_ray_agent_behind_the_next_start(
     import signal
     import subprocess
     import sys
+    import time
 
     import psutil
 
@@ -354,7 +355,15 @@ def test_a_driver_killed_with_sigkill_leaves_no_ray_agent_behind_the_next_start(
         return [p.pid for p in psutil.process_iter(["cmdline", "ppid"])
                 if (p.info["cmdline"] or [""])[0].startswith(ORPHAN_AGENTS) and p.info["ppid"] == 1]
 
-    left = orphans()
+    # The raylet notices its driver's death and exits on its own time; its agents are reparented to init
+    # only then, and not all in the same instant: wait until the orphans are there and stay the same.
+    left, deadline = orphans(), time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = orphans()
+        if now and now == left:
+            break
+        left = now
     assert left, "the agents of the killed driver should be orphaned"
     assert sorted(reap_orphaned_agents()) == sorted(left) and orphans() == []
 
