@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from learner.loss import k3
 from pararl.formats import OutputLayout
 
 CORRECTIONS = ("none", "tis", "mis")
@@ -44,7 +45,7 @@ def gap_sums(old_logp: torch.Tensor, sampled_logp: torch.Tensor, mask: torch.Ten
     text &= mask
     image = mask & ~text
     return torch.stack([d.abs()[text].sum(), text.sum().double(), d.abs()[image].sum(), image.sum().double(),
-                        (torch.expm1(d) - d)[mask].sum(), (d.exp() > cap)[mask].sum().double(), mask.sum().double()])
+                        k3(d)[mask].sum(), (d.exp() > cap)[mask].sum().double(), mask.sum().double()])
 
 
 def gap_metrics(sums: torch.Tensor) -> dict[str, float]:
