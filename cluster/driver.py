@@ -39,6 +39,7 @@ from reward.pool.client import RewardClient
 from reward.pool.service import start_reward_pool, stop_reward_pool
 from reward.semantic import run_steps
 from reward.stats import check_stats_identities
+from rollout.config import scoring_of
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Driver:
         records = read_records(require(cfg.data.train, "data.train"))
         check_images(records, self.codecs.image_tokenizer.image_size, cfg.data.train)
         self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer), cfg.seed)
+        self.sampled_as = scoring_of(cfg.sampler)  # the rollouts' distribution (learner.scoring=sampled scores under it)
         self.stop_requested = False
         self.idle_steps = 0  # steps in a row that trained no trajectory
         if cfg.train.resume and latest_checkpoint(cfg.learner.checkpoint.folder) is None:
@@ -112,7 +114,8 @@ class Driver:
         rng = random.Random(derive(self.cfg.seed, step))
         r = self.cfg.reward
         steps = run_steps(r, self.cfg.sampler.steps, rng)
-        plan = iteration_plan(self.cfg.learner, self.cfg.sampler.steps, derive(self.cfg.seed, step, PLAN_STRIDE), steps)
+        plan = iteration_plan(self.cfg.learner, self.cfg.sampler.steps, derive(self.cfg.seed, step, PLAN_STRIDE), steps,
+                              self.sampled_as)
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
         t = time.perf_counter()
         traj, old = self.rollouts.sample(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)

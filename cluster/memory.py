@@ -15,6 +15,7 @@ from typing import Any
 
 from learner.batch import rows_per_trajectory
 from pararl.formats import mmada_m_format
+from pararl.guidance import make_guidance
 from pararl.models.config import LLaDAConfig, parameter_count
 from rollout.config import resolve_sampler
 
@@ -160,6 +161,8 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
                   text_vocab, codebook)
     c, lc, r = cfg.cluster, cfg.learner, cfg.reward
     windows = rows_per_trajectory(lc, r.sampled_steps, cfg.sampler.steps)
+    if lc.scoring == "sampled":  # each replayed window forwards the guidance's unconditional rows beside it
+        windows *= 1 + make_guidance(resolve_sampler(cfg.sampler)).rows
     prompts_per_worker = -(-cfg.data.prompts_per_step // c.rollout_workers)
     cfg_rows = forward_rows(cfg.sampler)
     estimates = [

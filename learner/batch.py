@@ -13,10 +13,12 @@ from typing import Sequence
 import torch
 
 from pararl.formats import OutputLayout
+from pararl.guidance import Scoring
 from pararl.logprobs import Plan, TokenLogProbs
 from pararl.types import Trajectories
 
 ROW_FIELDS = ("tokens", "attention_mask", "step_map", "seeds", "advantages", "row_weight")
+OPTIONAL_ROW_FIELDS = ("sampled", "guidance_rows")  # None when the rollout did not record them
 
 
 @dataclass
@@ -37,6 +39,9 @@ class TrainBatch:
     # [R, L_out] each output token's log-probability under the distribution the rollout drew it from
     # (``Trajectories.sampled_logp``); None when the sampler did not record it
     sampled: torch.Tensor | None = None
+    # [R, U, L] the unconditional rows' prompts (``Trajectories.guidance_rows``): what a plan that scores
+    # under the rollout's guidance replays beside each trajectory
+    guidance_rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.row_weight is None:
@@ -49,7 +54,8 @@ class TrainBatch:
     def from_trajectories(cls, tr: Trajectories, advantages: torch.Tensor, plan: Plan,
                           old: TokenLogProbs | None = None) -> "TrainBatch":
         batch = cls(tr.tokens, tr.attention_mask, tr.step_map, tr.seeds, torch.as_tensor(advantages, dtype=torch.float32),
-                    tr.layout, tr.steps, plan, old, tr.policy_version, sampled=tr.sampled_logp)
+                    tr.layout, tr.steps, plan, old, tr.policy_version, sampled=tr.sampled_logp,
+                    guidance_rows=tr.guidance_rows)
         batch.validate()
         return batch
 
@@ -75,12 +81,15 @@ class TrainBatch:
             raise ValueError(f"behaviour log-probs {tuple(self.old.logp.shape)} != ({rows}, {n_out}) output tokens")
         if self.sampled is not None and self.sampled.shape != (rows, n_out):
             raise ValueError(f"sampled log-probs {tuple(self.sampled.shape)} != ({rows}, {n_out}) output tokens")
+        g = self.guidance_rows
+        if g is not None and (g.dim() != 3 or g.shape[0] != rows or g.shape[2] != self.tokens.shape[1]):
+            raise ValueError(f"unconditional rows {tuple(g.shape)} != ({rows}, U, {self.tokens.shape[1]})")
 
     def select(self, index: torch.Tensor | slice) -> "TrainBatch":
         """The rows ``index`` (a slice or index tensor), everything else shared."""
         rows = {k: getattr(self, k)[index] for k in ROW_FIELDS}
-        old = None if self.old is None else self.old.rows(index)
-        return replace(self, old=old, sampled=None if self.sampled is None else self.sampled[index], **rows)
+        rows.update({k: None if getattr(self, k) is None else getattr(self, k)[index] for k in OPTIONAL_ROW_FIELDS})
+        return replace(self, old=None if self.old is None else self.old.rows(index), **rows)
 
     def padded(self, unit: int) -> "TrainBatch":
         """The batch grown to a multiple of ``unit`` rows with weight-0 copies of its first rows: every
@@ -102,8 +111,8 @@ class TrainBatch:
 
     def to(self, device: str | torch.device) -> "TrainBatch":
         rows = {k: getattr(self, k).to(device) for k in ROW_FIELDS}
-        return replace(self, old=None if self.old is None else self.old.to(device),
-                       sampled=None if self.sampled is None else self.sampled.to(device), **rows)
+        rows.update({k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in OPTIONAL_ROW_FIELDS})
+        return replace(self, old=None if self.old is None else self.old.to(device), **rows)
 
 
 def uses_reward_steps(cfg) -> bool:
@@ -111,22 +120,29 @@ def uses_reward_steps(cfg) -> bool:
     return cfg.logprob_estimator == "trace" and cfg.coverage == "reward_steps"
 
 
-def iteration_plan(cfg, total_steps: int, seed: int, reward_steps: Sequence[int] | None = None) -> Plan:
+def iteration_plan(cfg, total_steps: int, seed: int, reward_steps: Sequence[int] | None = None,
+                   sampled_as: Scoring | None = None) -> Plan:
     """The plan of one iteration from a ``LearnerConfig`` (estimator, sampled/merged steps, mask ratios).
 
     The driver draws it once per iteration and ships it with the batch; rollout workers compute the
     behaviour log-probs with the same plan. With ``reward_steps`` (the reward's sampled steps) and the
-    default config, the likelihood is estimated at the same steps as the reward.
+    default config, the likelihood is estimated at the same steps as the reward. ``sampled_as`` is the
+    distribution the rollouts draw from; the plan scores under it when ``learner.scoring=sampled``.
     """
     from pararl.logprobs import TracePlan, make_plan
 
+    scoring = None
+    if cfg.scoring == "sampled":
+        if sampled_as is None:
+            raise ValueError("learner.scoring=sampled needs the rollouts' distribution (sampled_as)")
+        scoring = sampled_as
     if uses_reward_steps(cfg):
         if reward_steps is None:
             raise ValueError("learner.coverage=reward_steps needs the reward's sampled steps (reward_steps)")
-        return TracePlan(tuple(reward_steps))
+        return TracePlan(tuple(reward_steps), scoring=scoring)
     sampled = cfg.sampled_steps if cfg.coverage == "random" else 0
     return make_plan(cfg.logprob_estimator, total_steps, seed, sampled, cfg.merge_steps, cfg.mask_ratio_min,
-                     cfg.mask_ratio_max)
+                     cfg.mask_ratio_max, scoring)
 
 
 def rows_per_trajectory(cfg, reward_sampled_steps: int, total_steps: int) -> int:

@@ -64,6 +64,12 @@ class LearnerConfig:
     # Where pi_old comes from: replay (a trace replay forward on the rollout worker) | sampler (the
     # sampler's own forwards, free; single-step windows only: coverage reward_steps, or merge_steps 1).
     behaviour: str = "replay"
+    # Which distribution the learner scores (behaviour, old, current and reference alike): policy (the
+    # unguided model at temperature 1: what is trained is the model; the correction above can account for
+    # the rollouts' guidance) | sampled (the guided, tempered distribution the rollouts drew from, its
+    # unconditional rows replayed: the learner optimises the sampler users run, and the ratio starts at the
+    # sampled probability; each replay forward carries the guidance's rows too, 2-3x the rows). trace only.
+    scoring: str = "policy"
 
     # Advantages (computed by the driver from group rewards).
     advantage: str = "grpo"  # grpo | drgrpo
@@ -124,6 +130,10 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     choose("coverage", cfg.coverage, COVERAGES)
     choose("correction", cfg.correction, CORRECTIONS)
     choose("behaviour", cfg.behaviour, ("replay", "sampler"))
+    choose("scoring", cfg.scoring, ("policy", "sampled"))
+    if cfg.scoring == "sampled" and cfg.logprob_estimator != "trace":
+        raise ConfigError("learner.scoring=sampled replays the sampler's own states under its guidance: it needs "
+                          f"logprob_estimator=trace (got {cfg.logprob_estimator}: its masks are states no step saw)")
     if cfg.behaviour == "sampler" and (cfg.logprob_estimator != "trace" or cfg.merge_steps != 1):
         raise ConfigError(f"learner.behaviour=sampler reads pi_old off the sampler's forwards, one step each: it needs "
                           f"logprob_estimator=trace and merge_steps=1 (got {cfg.logprob_estimator}, {cfg.merge_steps})")

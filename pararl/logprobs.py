@@ -29,6 +29,7 @@ import torch
 
 from pararl import noise
 from pararl.formats import OutputLayout, ParallelFormat
+from pararl.guidance import Scoring, replay_inputs, span_logits
 from pararl.registry import Registry
 
 MASK_RATIO_STREAM, MASK_POSITION_STREAM = 11, 12  # counter-based noise streams (pararl.noise) of the random mask
@@ -43,14 +44,21 @@ class TrajectoryView(Protocol):
     seeds: torch.Tensor  # [R]
     layout: OutputLayout
     steps: int
+    guidance_rows: torch.Tensor | None  # [R, U, L] the unconditional rows' prompts (a plan with ``scoring``)
 
 
 @dataclass(frozen=True)
 class TracePlan:
-    """Replay windows ``[k, k + merge)`` for each k in ``steps`` (sorted, non-overlapping)."""
+    """Replay windows ``[k, k + merge)`` for each k in ``steps`` (sorted, non-overlapping).
+
+    ``scoring``: score under the distribution the rollout drew from (its guidance, with the
+    unconditional rows replayed, and its temperatures) instead of the unguided policy at temperature 1.
+    Part of the plan so that behaviour, old, current and reference log-probs are one distribution.
+    """
 
     steps: tuple[int, ...]
     merge: int = 1
+    scoring: Scoring | None = None
     estimator: str = field(default="trace", init=False)
 
     def windows(self, total_steps: int) -> list[tuple[int, int]]:
@@ -102,7 +110,8 @@ Plan = Union[TracePlan, RandomMaskPlan]
 def from_sampler(tr, plan: Plan) -> TokenLogProbs | None:
     """pi_old read off the sampler's own forwards (``Trajectories.policy_logp``) when the plan replays
     single steps: the state before step k is exactly what trace replay rebuilds, so no forward is
-    repeated. None where that does not hold (merged windows, a random mask, a token no forward drew)."""
+    repeated. Under the plan's ``scoring`` that is the distribution the draw came from (``sampled_logp``).
+    None where that does not hold (merged windows, a random mask, a token no forward drew)."""
     if not isinstance(plan, TracePlan) or plan.merge != 1 or getattr(tr, "policy_logp", None) is None:
         return None
     sm_out = tr.step_map[:, tr.layout.output]
@@ -110,6 +119,8 @@ def from_sampler(tr, plan: Plan) -> TokenLogProbs | None:
     for a, b in plan.windows(tr.steps):
         mask |= (sm_out >= a) & (sm_out < b)
     values = tr.policy_logp.to(sm_out.device)
+    if plan.scoring is not None:  # policy_logp's NaN marks the tokens no forward drew
+        values = tr.sampled_logp.to(sm_out.device).masked_fill(values.isnan(), float("nan"))
     if not bool(torch.isfinite(values[mask]).all()):
         return None
     return TokenLogProbs(torch.where(mask, values, 0.0), mask, mask.float())
@@ -197,25 +208,28 @@ def score_rows(
     attention_mask: torch.Tensor | None,
     targets: torch.Tensor,
     with_entropy: bool,
+    scoring: Scoring | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One forward; log-prob of ``targets`` [P, N] (output columns) under each span's restricted softmax.
 
     Text positions: ``log_softmax(restrict_text_logits)`` at the token id; image positions:
-    ``log_softmax(restrict_image_logits)`` at code ``id - image_offset``; other columns get 0.
+    ``log_softmax(restrict_image_logits)`` at code ``id - image_offset``; other columns get 0. With
+    ``scoring``, ``inputs`` holds each unconditional row after the P conditional ones and the spans'
+    logits are guided and tempered first (``pararl.guidance.span_logits``).
     """
     logits = policy(inputs, attention_mask=attention_mask).logits
     lay = layout
     text, image = lay.relative(lay.text), lay.relative(lay.image)
     lp = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
     ent = torch.zeros_like(lp) if with_entropy else None
-    text_logits = fmt.restrict_text_logits(logits[:, lay.text])
+    text_logits, image_logits = span_logits(fmt, lay, logits, targets.shape[0], scoring)
     spans = (
         (text, text_logits, targets[:, text].clamp(0, text_logits.shape[-1] - 1)),
-        (image, fmt.restrict_image_logits(logits[:, lay.image]), (targets[:, image] - fmt.image_offset).clamp(0, fmt.codebook_size - 1)),
+        (image, image_logits, (targets[:, image] - fmt.image_offset).clamp(0, fmt.codebook_size - 1)),
     )
     parts = []
-    for cols, span_logits, tgt in spans:
-        logsm = span_logits.float().log_softmax(-1)
+    for cols, values_logits, tgt in spans:
+        logsm = values_logits.float().log_softmax(-1)
         parts.append((cols, logsm.gather(-1, tgt[..., None]).squeeze(-1)))
         if with_entropy:
             with torch.no_grad():
@@ -229,6 +243,22 @@ def score_rows(
 def _attention(mask: torch.Tensor) -> torch.Tensor | None:
     """None when there is no padding: the sampler does the same, so replayed logits match its forwards."""
     return None if bool(mask.all()) else mask
+
+
+def guided_rows(scoring: Scoring | None, tr: TrajectoryView, device: torch.device) -> tuple:
+    """(guidance rule, [R, U, L] unconditional rows) a replay under ``scoring`` forwards; (rule, None)
+    when the rule forwards none (guidance off: temperatures only)."""
+    if scoring is None:
+        return None, None
+    rule = scoring.rule()
+    if not rule.rows:
+        return rule, None
+    rows = getattr(tr, "guidance_rows", None)
+    if rows is None or rows.shape[:2] != (tr.tokens.shape[0], rule.rows):
+        got = None if rows is None else tuple(rows.shape)
+        raise ValueError(f"scoring under {scoring.guidance!r} guidance replays {rule.rows} unconditional row(s) per "
+                         f"trajectory, but the trajectories carry {got} (sampled without that guidance?)")
+    return rule, rows.to(device)
 
 
 def trace_replay(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView, plan: TracePlan,
@@ -253,12 +283,17 @@ def trace_replay(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryVie
     chunk = chunk_rows or len(pairs)
     logp = torch.zeros((rows, n), dtype=torch.float32, device=device)
     ent = torch.zeros_like(logp) if with_entropy else None
+    rule, uncond = guided_rows(plan.scoring, tr, device)
     for lo in range(0, len(pairs), chunk):
         r, w = pairs[lo : lo + chunk].unbind(1)
         start = windows[w, 0]
         inputs = tokens[r].masked_fill(step_map[r] >= start[:, None], fmt.mask_id)
+        attention = _attention(attn[r])
+        if uncond is not None:
+            inputs = replay_inputs(rule, lay, uncond[r], tokens[r], step_map[r], start, inputs)
+            attention = None if attention is None else attention.repeat(1 + rule.rows, 1)
         score = hit[r, w]
-        lp, e = score_rows(policy, fmt, lay, inputs, _attention(attn[r]), tokens[r][:, lay.output], with_entropy)
+        lp, e = score_rows(policy, fmt, lay, inputs, attention, tokens[r][:, lay.output], with_entropy, plan.scoring)
         logp = logp.index_add(0, r, torch.where(score, lp, 0.0))
         if with_entropy:
             ent.index_add_(0, r, torch.where(score, e, 0.0))
@@ -312,7 +347,8 @@ def trajectory_logprobs(policy: torch.nn.Module, fmt: ParallelFormat, trajectori
     return estimator(policy, fmt, trajectories, plan, chunk_rows=chunk_rows, with_entropy=with_entropy)
 
 
-def sample_trace_plan(total_steps: int, sampled: int, merge: int = 1, seed: int = 0) -> TracePlan:
+def sample_trace_plan(total_steps: int, sampled: int, merge: int = 1, seed: int = 0,
+                      scoring: Scoring | None = None) -> TracePlan:
     """Windows for one iteration: the steps cut into consecutive blocks of ``merge``, ``sampled`` of them at
     random (0: all). Aligned blocks never overlap, and with ``sampled=0`` every step is scored once."""
     if total_steps < 1 or merge < 1 or sampled < 0:
@@ -320,14 +356,17 @@ def sample_trace_plan(total_steps: int, sampled: int, merge: int = 1, seed: int 
     starts = list(range(0, total_steps, merge))
     if sampled and sampled < len(starts):
         starts = sorted(random.Random(seed).sample(starts, sampled))
-    return TracePlan(tuple(starts), merge)
+    return TracePlan(tuple(starts), merge, scoring)
 
 
 def make_plan(estimator: str, total_steps: int, seed: int, sampled: int = 0, merge: int = 1,
-              ratio_min: float = 0.05, ratio_max: float = 1.0) -> Plan:
+              ratio_min: float = 0.05, ratio_max: float = 1.0, scoring: Scoring | None = None) -> Plan:
     """The plan of one iteration from config values (the driver calls this once and ships it with the batch)."""
     if estimator == "trace":
-        return sample_trace_plan(total_steps, sampled, merge, seed)
+        return sample_trace_plan(total_steps, sampled, merge, seed, scoring)
+    if estimator == "random_mask" and scoring is not None:
+        raise ValueError("the random-mask estimator scores states no sampler step saw: it cannot score under the "
+                         "rollout's guidance (use the trace estimator)")
     if estimator == "random_mask":
         return RandomMaskPlan(seed, ratio_min, ratio_max)
     raise ValueError(f"unknown log-probability estimator {estimator!r}; known: {', '.join(sorted(LOGPROB_ESTIMATORS))}")

@@ -49,6 +49,9 @@ class Trajectories:
     # at the step that revealed them (the state trace replay rebuilds): pi_old for single-step windows
     # without extra forwards. NaN where no forward drew the token (the -A leftover's random code).
     policy_logp: torch.Tensor | None = None
+    # [R, U, L] the unconditional rows' prompts the guidance forwarded beside each trajectory (their output
+    # columns are whatever; a replay puts the trajectory's state there). None without guidance.
+    guidance_rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -100,7 +103,7 @@ def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajector
             raise ValueError(f"trajectory parts come from policy versions {p.policy_version} and {first.policy_version}")
 
     def left(t: torch.Tensor, value: int) -> torch.Tensor:
-        return F.pad(t, (width - t.shape[1], 0), value=value)
+        return F.pad(t, (width - t.shape[-1], 0), value=value)
 
     offsets, total = [], 0
     for p in parts:
@@ -127,4 +130,5 @@ def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajector
         compute_seconds=max(p.compute_seconds for p in parts),
         sampled_logp=None if first.sampled_logp is None else cat("sampled_logp"),
         policy_logp=None if first.policy_logp is None else cat("policy_logp"),
+        guidance_rows=None if first.guidance_rows is None else torch.cat([left(p.guidance_rows, pad_id) for p in parts]),
     )

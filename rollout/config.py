@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from pararl.errors import ConfigError
+from pararl.guidance import Scoring
 
 
 @dataclass
@@ -114,3 +115,10 @@ def check_sampler(cfg: SamplerConfig, image_tokens: int | None = None) -> None:
     for name in ("text_temperature", "image_temperature", "image_noise", "cfg_image", "cfg_text", "cfg_prompt"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"sampler.{name} must be >= 0")
+
+
+def scoring_of(cfg: Any) -> Scoring:
+    """The distribution this sampler draws from (guidance rule, weights, temperatures), for a learner
+    that scores trajectories under it (``learner.scoring=sampled``)."""
+    cfg = resolve_sampler(cfg)
+    return Scoring(cfg.guidance, cfg.cfg_text, cfg.cfg_image, cfg.cfg_prompt, cfg.text_temperature, cfg.image_temperature)

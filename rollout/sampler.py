@@ -18,10 +18,10 @@ from pararl import noise
 from pararl.batching import build_batch
 from pararl.errors import ConfigError
 from pararl.formats import ParallelFormat
+from pararl.guidance import make_guidance
 from pararl.progress import progress as progress_bar
 from pararl.types import GenerationRequest, Trajectories
 from rollout.config import SamplerConfig, resolve_sampler
-from rollout.guidance import make_guidance
 from rollout.schedules import RevealPlan, reveal_plan
 
 
@@ -179,6 +179,8 @@ class ParallelSampler:
         cond, attn = rep(batch.input_ids), rep(batch.attention_mask)
         buf = torch.cat([cond, rep(batch.uncond_ids)]) if g.with_cond else cond
         extra = [rep((batch.uncond_ids, batch.uncond_image_ids)[i]) for i in g.after_text]
+        unconditional = ([buf[rows:]] if g.with_cond else []) + extra
+        guidance_rows = torch.stack(unconditional, 1).clone() if unconditional else None  # their prompts, for replay
         attn_1 = None if bool(attn.all()) else attn  # no padding: let SDPA take its unmasked fast path
         model_attn = None if attn_1 is None else attn.repeat(1 + g.with_cond, 1)
         x = buf[:rows]
@@ -247,6 +249,7 @@ class ParallelSampler:
             snapshot_x0=snap_x0,
             sampled_logp=sampled,
             policy_logp=policy_logp,
+            guidance_rows=guidance_rows,
         )
 
     def fill_leftover(self, image: torch.Tensor, step_map: torch.Tensor, seeds: torch.Tensor) -> None:

@@ -92,7 +92,7 @@ class RolloutWorker:
     def sample(self, requests: Sequence[GenerationRequest], group_size: int, snapshot_steps: Sequence[int],
                version: int | None = None, plan: Plan | None = None) -> tuple[Trajectories, TokenLogProbs | None]:
         """Trajectories, and (with a plan) their behaviour log-probs under the weights that sampled them:
-        the learner's estimator, no CFG, temperature 1, so pi_old is exactly this policy version."""
+        the learner's estimator and distribution (the plan's scoring), so pi_old is exactly this policy version."""
         if version is not None and version != self.version:
             raise SyncError(f"asked to sample with policy version {version}, but this worker holds {self.version}")
         start = time.perf_counter()

@@ -26,10 +26,11 @@ def policy_folder(root: Path, seed: int = 0) -> Path:
 
 
 def sampled_batch(folder: Path, prompts: int = 4, group: int = 2, plan: TracePlan | None = None,
-                  behaviour: bool = True, seed: int = 0) -> TrainBatch:
-    """Trajectories from the real sampler (temperature 1, no CFG), rewards from a fixed rule, pi_old from the policy."""
+                  behaviour: bool = True, seed: int = 0, sampler: SamplerConfig | None = None) -> TrainBatch:
+    """Trajectories from the real sampler (by default temperature 1, no CFG), random advantages, pi_old from the policy."""
     policy = load_policy(folder)
-    cfg = SamplerConfig(steps=STEPS, text_len=8, text_temperature=1.0, image_temperature=1.0, cfg_image=0, cfg_text=0)
+    cfg = sampler or SamplerConfig(steps=STEPS, text_len=8, text_temperature=1.0, image_temperature=1.0, cfg_image=0,
+                                   cfg_text=0)
     requests = [GenerationRequest([10 + i, 11 + i, 12][: 2 + i % 2], seed=seed * 100 + i) for i in range(prompts)]
     tr = ParallelSampler(policy, FMT, cfg).sample(requests, group_size=group)
     gen = torch.Generator().manual_seed(seed)

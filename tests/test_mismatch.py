@@ -7,9 +7,9 @@ import torch
 
 from learner.mismatch import correction_weights, gap_metrics, gap_sums
 from pararl.batching import build_batch
+from pararl.guidance import make_guidance
 from pararl.logprobs import TracePlan, trajectory_logprobs
 from rollout.config import SamplerConfig, resolve_sampler
-from rollout.guidance import make_guidance
 from rollout.sampler import ParallelSampler
 from tests.test_sampler import FMT, REQUESTS
 from tests.tiny import tiny_policy
