@@ -3,7 +3,8 @@
 Each arm is ``make train`` (configs/default.yaml, each seed's cached preparation) with the arm's
 overrides: ``reward_steps`` scores the likelihood at the reward's sampled steps (two of eight);
 ``all_m4`` every step, in windows of 4 steps per forward (the same two forwards per trajectory, so
-the same learner cost); ``all_m2`` every step in windows of 2 (twice the forwards). A finished arm's
+the same learner cost); ``all_m2`` every step in windows of 2 (twice the forwards); ``cfg``,
+``cfg_tis`` and ``cfg_sampled`` are ``all_m4`` with guidance on in the rollouts (see ``CFG``). A finished arm's
 ``results.json`` is read, not rerun, so the bench continues where it stopped. ParaRL wall seconds and
 learner compute seconds (MLflow) are printed beside each gain: arms compare at the same number of
 ParaRL steps, and the columns say whether that was the same wall-clock.
@@ -31,6 +32,11 @@ ARMS = {
     "all_m4": ["learner.coverage=all", "learner.merge_steps=4"],
     "all_m2": ["learner.coverage=all", "learner.merge_steps=2"],
 }
+# CFG on in the rollouts (and so in the held-out evaluation, which samples as the run does): pi_old is the
+# unguided policy (cfg: no correction; cfg_tis: truncated importance weights pi_old / sampled), or the
+# learner scores under the guidance itself (cfg_sampled: the unconditional rows replayed, twice the rows).
+CFG = ["sampler.cfg_image=2.0", "sampler.cfg_text=1.0", *ARMS["all_m4"]]
+ARMS.update({"cfg": CFG, "cfg_tis": [*CFG, "learner.correction=tis"], "cfg_sampled": [*CFG, "learner.scoring=sampled"]})
 
 
 def timings(run_dir: Path, run_id: str) -> tuple[float, float]:
