@@ -26,6 +26,7 @@ from cluster.weight_sync import build_weight_sync
 from learner.advantages import compute_advantages
 from learner.batch import TrainBatch, iteration_plan
 from learner.checkpoint import RunState, latest_checkpoint
+from learner.config import behaviour_source
 from pararl.bundle import load_codecs
 from pararl.config import require
 from pararl.data import CodeCache, PromptSource, check_images, read_records
@@ -82,7 +83,7 @@ class Driver:
         # rollout workers take their own bundles first; learner ranks then fill the remaining ones
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
                                      dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
-                                     named_format=cfg.model_format.named(), behaviour=cfg.learner.behaviour)
+                                     named_format=cfg.model_format.named(), behaviour=behaviour_source(cfg.learner))
         self.learners = LearnerGroup(
             cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
             num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,

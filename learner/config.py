@@ -62,8 +62,10 @@ class LearnerConfig:
     correction: str = "none"
     correction_cap: float = 2.0
     # Where pi_old comes from: replay (a trace replay forward on the rollout worker) | sampler (the
-    # sampler's own forwards, free; single-step windows only: coverage reward_steps, or merge_steps 1).
-    behaviour: str = "replay"
+    # sampler's own forwards, free; single-step windows only: coverage reward_steps, or merge_steps 1) |
+    # auto (sampler where the plan's windows are single steps, replay otherwise: merged windows score a
+    # token from a state no sampler forward saw). The two agree to float noise (tests/test_mismatch.py).
+    behaviour: str = "auto"
     # Which distribution the learner scores (behaviour, old, current and reference alike): policy (the
     # unguided model at temperature 1: what is trained is the model; the correction above can account for
     # the rollouts' guidance) | sampled (the guided, tempered distribution the rollouts drew from, its
@@ -107,6 +109,12 @@ def check_coverage(cfg: LearnerConfig) -> None:
                           "learner.sampled_steps >= 1 (or coverage=all for every step)")
 
 
+def behaviour_source(cfg: LearnerConfig) -> str:
+    """``learner.behaviour`` resolved: "sampler" or "replay" (what the rollout workers do)."""
+    single = cfg.logprob_estimator == "trace" and cfg.merge_steps == 1
+    return "sampler" if cfg.behaviour == "sampler" or (cfg.behaviour == "auto" and single) else "replay"
+
+
 def validate(cfg: LearnerConfig) -> LearnerConfig:
     """Refuse values that would fail later (inside an actor) or silently train something else."""
     from learner.advantages import ADVANTAGE_ESTIMATORS
@@ -129,7 +137,7 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
     choose("logprob_estimator", cfg.logprob_estimator, LOGPROB_ESTIMATORS)
     choose("coverage", cfg.coverage, COVERAGES)
     choose("correction", cfg.correction, CORRECTIONS)
-    choose("behaviour", cfg.behaviour, ("replay", "sampler"))
+    choose("behaviour", cfg.behaviour, ("replay", "sampler", "auto"))
     choose("scoring", cfg.scoring, ("policy", "sampled"))
     if cfg.scoring == "sampled" and cfg.logprob_estimator != "trace":
         raise ConfigError("learner.scoring=sampled replays the sampler's own states under its guidance: it needs "

@@ -120,3 +120,31 @@ def test_learner_behaviour_sampler_is_checked_at_load():
     validate(LearnerConfig(behaviour="sampler"))
     with pytest.raises(ConfigError, match="behaviour=sampler reads pi_old off the sampler's forwards"):
         validate(LearnerConfig(behaviour="sampler", coverage="all", merge_steps=4))
+
+
+def test_auto_behaviour_reads_the_sampler_only_where_windows_are_single_steps():
+    from learner.config import LearnerConfig, behaviour_source
+
+    assert behaviour_source(LearnerConfig()) == "sampler"  # the reward's steps, one forward each
+    assert behaviour_source(LearnerConfig(coverage="all", merge_steps=4)) == "replay"
+    assert behaviour_source(LearnerConfig(logprob_estimator="random_mask")) == "replay"
+    assert behaviour_source(LearnerConfig(behaviour="replay")) == "replay"
+
+
+def test_the_rollout_worker_reads_pi_old_off_its_sampler_as_a_replay_would_compute_it(tmp_path):
+    """On the worker, guided and tempered: pi_old from the sampler's forwards equals the replay forward's,
+    for the unguided policy and under the sampled distribution (learner.scoring=sampled) alike."""
+    from pararl.types import GenerationRequest
+    from rollout.config import scoring_of
+    from rollout.worker import RolloutWorker
+    from tests.tiny import tiny_bundle
+
+    folder, _ = tiny_bundle(tmp_path)
+    cfg = SamplerConfig(steps=8, text_len=16, cfg_text=1.5, cfg_image=2.0, text_temperature=0.8)
+    requests = [GenerationRequest([3, 4, 5], seed=1), GenerationRequest([6, 7], seed=2)]
+    workers = {b: RolloutWorker(str(folder), cfg, behaviour=b) for b in ("replay", "sampler")}
+    for scoring in (None, scoring_of(cfg)):
+        plan = TracePlan((5, 7), scoring=scoring)
+        (tr, replayed), (ts, free) = (workers[b].sample(requests, 2, (), plan=plan) for b in ("replay", "sampler"))
+        assert torch.equal(tr.tokens, ts.tokens) and ts.policy_logp is not None and tr.policy_logp is None
+        assert torch.equal(replayed.mask, free.mask) and (replayed.logp - free.logp).abs().max() < 1e-5
