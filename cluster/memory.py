@@ -75,10 +75,15 @@ def _span_bytes(s: Shapes, rows: int, copies: int) -> float:
     return copies * 4.0 * rows * (s.text_len * s.text_vocab + s.image_span * s.codebook)
 
 
+def _head_bytes(s: Shapes, rows: int, wbytes: int) -> float:
+    """The span heads' logits (``pararl.heads``): output positions only, each over its span's ids."""
+    return rows * (s.text_len * s.text_vocab + s.image_span * s.codebook) * wbytes
+
+
 def _inference_bytes(s: Shapes, rows: int, wbytes: int) -> float:
-    """One forward without gradients: the residual stream, one block's intermediates, the logits."""
+    """One forward without gradients: the residual stream, one block's intermediates, the span logits."""
     per_token = (2 * s.d_model + 4 * s.d_model + 3 * s.ffn) * wbytes
-    return rows * s.seq_len * (per_token + s.vocab * wbytes)
+    return rows * s.seq_len * per_token + _head_bytes(s, rows, wbytes)
 
 
 def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int) -> Estimate:
@@ -97,7 +102,7 @@ def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int) -> Estimate:
         act = s.n_layers * tokens * s.d_model * w + 2 * tokens * _block_bytes_per_token(s, w)
     else:
         act = (s.n_layers + 1) * tokens * _block_bytes_per_token(s, w)
-    act += 2 * tokens * s.vocab * w + _span_bytes(s, rows, 2)  # logits and their gradient, fp32 log-softmax
+    act += 2 * _head_bytes(s, rows, w) + _span_bytes(s, rows, 2)  # span logits and their gradient, fp32 log-softmax
     reference = lc.beta > 0 and lc.kl_reference == "reference"
     ref_weights = w * p if reference else 0.0
     ref_act = _inference_bytes(s, rows, w) + _span_bytes(s, rows, 1) if reference else 0.0
@@ -160,9 +165,7 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
     s = Shapes.of(config, sequence_length(output_len, image_span, prompt_tokens), cfg.sampler.text_len, image_span,
                   text_vocab, codebook)
     c, lc, r = cfg.cluster, cfg.learner, cfg.reward
-    windows = rows_per_trajectory(lc, r.sampled_steps, cfg.sampler.steps)
-    if lc.scoring == "sampled":  # each replayed window forwards the guidance's unconditional rows beside it
-        windows *= 1 + make_guidance(resolve_sampler(cfg.sampler)).rows
+    windows = replay_rows(cfg)
     prompts_per_worker = -(-cfg.data.prompts_per_step // c.rollout_workers)
     cfg_rows = forward_rows(cfg.sampler)
     estimates = [
@@ -174,6 +177,15 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
     return estimates, host, s
 
 
+def replay_rows(cfg: Any) -> int:
+    """Rows per trajectory in a log-prob forward: its replay windows, each with the guidance's
+    unconditional rows beside it when the learner scores under the sampled distribution."""
+    windows = rows_per_trajectory(cfg.learner, cfg.reward.sampled_steps, cfg.sampler.steps)
+    if cfg.learner.scoring == "sampled":
+        windows *= 1 + make_guidance(resolve_sampler(cfg.sampler)).rows
+    return windows
+
+
 def forward_rows(sampler: Any) -> int:
     """Rows per trajectory in the sampler's largest forward: with the -A guidance the two unconditional
     rows go through a forward of their own at image updates; otherwise one rides with the condition."""
@@ -181,6 +193,14 @@ def forward_rows(sampler: Any) -> int:
     if samp.guidance == "mmada-parallel-a":
         return max(1, int(samp.cfg_prompt > 0) + int(samp.cfg_image > 0))
     return 1 + int(samp.cfg_image > 0 or samp.cfg_text > 0)
+
+
+def largest_rollout_batch(cfg: Any, s: Shapes, gpu_bytes: float = 80e9) -> int:
+    """The most trajectories one rollout worker holds on a GPU of ``gpu_bytes`` with this config's rows."""
+    n, windows = 0, replay_rows(cfg)
+    while rollout_worker(s, n + 1, forward_rows(cfg.sampler), windows).total <= gpu_bytes:
+        n += 1
+    return n
 
 
 def markdown_table(estimates: list[Estimate]) -> str:
@@ -210,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{preset}: {s.params / 1e9:.2f}B parameters, longest sequence {s.seq_len} tokens (GiB per GPU)\n")
     print(markdown_table(estimates))
     print(f"\nhost RAM at start-up, whole cluster: {host / GiB:.0f} GiB")
+    print(f"largest rollout batch on one 80 GB GPU: {largest_rollout_batch(cfg, s)} trajectories per worker")
     return 0
 
 

@@ -28,6 +28,7 @@ from pararl.bundle import Codecs, ModelBundle
 from pararl.data import CodeCache, Record
 from pararl.errors import ConfigError, DataError
 from pararl.formats import OutputLayout, ParallelFormat
+from pararl.heads import span_forward
 from pararl.models import LLaDAConfig, build_policy
 from pararl.progress import progress as progress_bar
 from pararl.types import GenerationRequest
@@ -118,9 +119,9 @@ def masked_loss(model: torch.nn.Module, fmt: ParallelFormat, bucket: Bucket, row
     inputs = target.clone()
     inputs[:, img] = inputs[:, img].masked_fill(m_img, fmt.mask_id)
     inputs[:, txt] = inputs[:, txt].masked_fill(m_txt, fmt.mask_id)
-    logits = model(inputs, attention_mask=None if bool(attn.all()) else attn).logits
-    img_lp = fmt.restrict_image_logits(logits[:, img]).float().log_softmax(-1)
-    txt_lp = fmt.restrict_text_logits(logits[:, txt]).float().log_softmax(-1)
+    txt_logits, img_logits = span_forward(model, fmt, lay, inputs, None if bool(attn.all()) else attn)
+    img_lp = img_logits.float().log_softmax(-1)
+    txt_lp = fmt.restrict_text_logits(txt_logits).float().log_softmax(-1)
     ce_img = -img_lp.gather(-1, (target[:, img] - fmt.image_offset)[..., None]).squeeze(-1)
     ce_txt = -txt_lp.gather(-1, target[:, txt][..., None]).squeeze(-1)
     per_row = ((ce_img * m_img).sum(1) + (ce_txt * m_txt).sum(1) / t[:, 1]) / (n_img + n_txt)

@@ -132,16 +132,16 @@ def replay_inputs(g: Guidance, lay: Any, uncond: torch.Tensor, tokens: torch.Ten
     return torch.cat([state, rows.transpose(0, 1).reshape(-1, state.shape[1])])
 
 
-def span_logits(fmt: Any, lay: Any, logits: torch.Tensor, rows: int,
+def span_logits(fmt: Any, text: torch.Tensor, image: torch.Tensor, rows: int,
                 scoring: "Scoring | None") -> tuple[torch.Tensor, torch.Tensor]:
-    """(text, image) logits over each span's own vocabulary, as the scored distribution defines them:
-    the policy's restricted logits (``scoring`` None), or the guided, tempered logits the rollout drew
-    from, with ``logits`` holding the conditional rows first and each unconditional row's after them."""
-    cond = logits[:rows]
+    """(text, image) logits over each span's own vocabulary, as the scored distribution defines them,
+    from the span heads (``pararl.heads.span_forward``): the policy's (``scoring`` None), or the guided,
+    tempered logits the rollout drew from, with the conditional rows first and each unconditional row's
+    after them."""
     if scoring is None:
-        return fmt.restrict_text_logits(cond[:, lay.text]), fmt.restrict_image_logits(cond[:, lay.image])
+        return fmt.restrict_text_logits(text[:rows]), image[:rows]
     g = scoring.rule()
-    unc = list(logits[rows:].split(rows)) if g.rows else []
-    text = fmt.restrict_text_logits(g.text(cond[:, lay.text], unc[0][:, lay.text] if g.with_cond else None))
-    image = g.image(fmt.restrict_image_logits(cond[:, lay.image]), [fmt.restrict_image_logits(u[:, lay.image]) for u in unc])
-    return scoring.tempered(text, "text"), scoring.tempered(image, "image")
+    unc_text, unc_image = (list(t[rows:].split(rows)) if g.rows else [] for t in (text, image))
+    guided_text = fmt.restrict_text_logits(g.text(text[:rows], unc_text[0] if g.with_cond else None))
+    guided_image = g.image(image[:rows], unc_image)
+    return scoring.tempered(guided_text, "text"), scoring.tempered(guided_image, "image")

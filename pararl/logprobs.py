@@ -30,6 +30,7 @@ import torch
 from pararl import noise
 from pararl.formats import OutputLayout, ParallelFormat
 from pararl.guidance import Scoring, replay_inputs, span_logits
+from pararl.heads import span_forward
 from pararl.registry import Registry
 
 MASK_RATIO_STREAM, MASK_POSITION_STREAM = 11, 12  # counter-based noise streams (pararl.noise) of the random mask
@@ -217,12 +218,12 @@ def score_rows(
     ``scoring``, ``inputs`` holds each unconditional row after the P conditional ones and the spans'
     logits are guided and tempered first (``pararl.guidance.span_logits``).
     """
-    logits = policy(inputs, attention_mask=attention_mask).logits
     lay = layout
+    text_block, image_block = span_forward(policy, fmt, lay, inputs, attention_mask)
     text, image = lay.relative(lay.text), lay.relative(lay.image)
-    lp = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    lp = torch.zeros(targets.shape, dtype=torch.float32, device=text_block.device)
     ent = torch.zeros_like(lp) if with_entropy else None
-    text_logits, image_logits = span_logits(fmt, lay, logits, targets.shape[0], scoring)
+    text_logits, image_logits = span_logits(fmt, text_block, image_block, targets.shape[0], scoring)
     spans = (
         (text, text_logits, targets[:, text].clamp(0, text_logits.shape[-1] - 1)),
         (image, image_logits, (targets[:, image] - fmt.image_offset).clamp(0, fmt.codebook_size - 1)),

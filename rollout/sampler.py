@@ -1,7 +1,8 @@
 """The parallel sampler: B prompts x G group members denoise text and image in one batched loop.
 
 Each step is ONE forward over every trajectory (the unconditional CFG rows ride in the same batch),
-then both schedulers act on that step's logits: the text reveals its most confident masked positions
+computing logits only at the output positions and only over each span's ids (``pararl.heads``); then
+both schedulers act on that step's logits: the text reveals its most confident masked positions
 on a linear schedule (optionally block by block), the image reveals on MaskGIT's cosine schedule
 with annealed Gumbel noise. All selection is tensor-wide top-k with a per-step scalar count, so no
 Python code runs per sample; randomness is counter-based (``pararl.noise``), so a trajectory is the
@@ -19,6 +20,7 @@ from pararl.batching import build_batch
 from pararl.errors import ConfigError
 from pararl.formats import ParallelFormat
 from pararl.guidance import make_guidance
+from pararl.heads import span_forward
 from pararl.progress import progress as progress_bar
 from pararl.types import GenerationRequest, Trajectories
 from rollout.config import SamplerConfig, resolve_sampler
@@ -101,18 +103,20 @@ class ParallelSampler:
         reveal = top_k_mask(conf, masked & window, plan.text_reveal[s])
         return torch.where(masked, draw, cur), reveal, drawn_logp
 
-    def image_logits(self, logits: torch.Tensor, x: torch.Tensor, extra: list[torch.Tensor],
-                     attn: torch.Tensor | None, image: slice, out: slice) -> torch.Tensor:
-        """Guided codebook logits of the image span. Rows that the guidance forwards after the text
-        reveal get the current output (this step's text included) and go through one more forward."""
-        rows, g, fmt = x.shape[0], self.guidance, self.fmt
-        unc = [fmt.restrict_image_logits(logits[rows:, image])] if g.with_cond else []
+    def image_logits(self, image_b: torch.Tensor, x: torch.Tensor, extra: list[torch.Tensor],
+                     attn: torch.Tensor | None, lay) -> torch.Tensor:
+        """Guided codebook logits of the image span, from the image head of this step's forward. Rows that
+        the guidance forwards after the text reveal get the current output (this step's text included)
+        and go through one more forward, of the image head only."""
+        rows, g = x.shape[0], self.guidance
+        unc = [image_b[rows:]] if g.with_cond else []
         if g.after_text:
             for buf in extra:
-                buf[:, out] = x[:, out]
-            more = self.model(torch.cat(extra), attention_mask=None if attn is None else attn.repeat(len(extra), 1)).logits
-            unc = [fmt.restrict_image_logits(c[:, image]) for c in more.split(rows)]
-        return g.image(fmt.restrict_image_logits(logits[:rows, image]), unc)
+                buf[:, lay.output] = x[:, lay.output]
+            mask = None if attn is None else attn.repeat(len(extra), 1)
+            (more,) = span_forward(self.model, self.fmt, lay, torch.cat(extra), mask, ("image",))
+            unc = list(more.split(rows))
+        return g.image(image_b[:rows], unc)
 
     def image_step(self, image_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
         """x̂0 of the image span, the draws, at an image update the positions it reveals (MaskGIT), and
@@ -200,17 +204,16 @@ class ParallelSampler:
 
         for s in progress_bar(range(cfg.steps), desc="sampling", enabled=progress, leave=False):
             snap = s in snaps
-            logits = self.model(buf, attention_mask=model_attn).logits
-            cond_l, unc_l = logits[:rows], logits[rows:] if g.with_cond else None
-            text_l = g.text(cond_l[:, text], None if unc_l is None else unc_l[:, text])
+            text_b, image_b = span_forward(self.model, fmt, lay, buf, model_attn)
+            text_l = g.text(text_b[:rows], text_b[rows:] if g.with_cond else None)
             x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], seeds, s)
             x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it
             step_map[:, text].masked_fill_(reveal_t, s)
             put(sampled, rtext, reveal_t, logp_t.float())
             if record_policy:
-                put(policy_logp, rtext, reveal_t, logp_at(fmt.restrict_text_logits(cond_l[:, text]), x0_t))
+                put(policy_logp, rtext, reveal_t, logp_at(fmt.restrict_text_logits(text_b[:rows]), x0_t))
             if plan.image_update[s] or snap:
-                image_l = self.image_logits(logits, x, extra, attn_1, image, out)
+                image_l = self.image_logits(image_b, x, extra, attn_1, lay)
                 x0_i, draw_i, reveal_i, p_i = self.image_step(image_l, x[:, image], seeds, s)
                 if reveal_i is not None:
                     x[:, image] = torch.where(reveal_i, draw_i, x[:, image])
@@ -218,7 +221,7 @@ class ParallelSampler:
                     put(sampled, rimage, reveal_i, p_i.log().float())
                     if record_policy:
                         codes = fmt.image_codes(draw_i)
-                        put(policy_logp, rimage, reveal_i, logp_at(fmt.restrict_image_logits(cond_l[:, image]), codes))
+                        put(policy_logp, rimage, reveal_i, logp_at(image_b[:rows], codes))
             if g.with_cond:
                 buf[rows:, out] = x[:, out]
             if snap:

@@ -88,7 +88,8 @@ def test_cfg_logits_follow_the_formula(policy):
         both = policy(torch.cat([batch.input_ids, batch.uncond_ids]), attention_mask=batch.attention_mask.repeat(2, 1)).logits
         rows = len(REQUESTS)  # what one sampler step does with that forward's logits
         text_l = FMT.restrict_text_logits(sampler.guidance.text(both[:rows, lay.text], both[rows:, lay.text]))
-        image_l = sampler.image_logits(both, batch.input_ids, [], None, lay.image, lay.output)
+        image_l = sampler.image_logits(both[:, lay.image, FMT.image_offset : FMT.image_offset + CODEBOOK],
+                                       batch.input_ids, [], None, lay)
         cond = policy(batch.input_ids, attention_mask=batch.attention_mask).logits
         unc = policy(batch.uncond_ids, attention_mask=batch.attention_mask).logits
     img = lambda t: t[:, lay.image, FMT.image_offset : FMT.image_offset + CODEBOOK]  # noqa: E731

@@ -6,6 +6,8 @@ the state dict of a released checkpoint loads without any key renaming, and what
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
 
 from pararl.models.config import LLaDAConfig
 
@@ -101,8 +104,9 @@ class LLaDAModel(nn.Module):
         self.config = config
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+        heads: Sequence[tuple[slice, slice]] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         t, cfg = self.transformer, self.config
         x = t.wte(input_ids)
         if getattr(cfg, "input_emb_norm", False):  # the reference scales embeddings by sqrt(d_model)
@@ -118,14 +122,31 @@ class LLaDAModel(nn.Module):
         for block in t.blocks:
             x = block(x, cos, sin, mask)
         x = t.ln_f(x)
-        logits = F.linear(x, t.wte.weight) if cfg.weight_tying else t.ff_out(x)
+        if heads is None:
+            return self.head(x, slice(None))
+        return tuple(self.head(x[:, positions], vocab) for positions, vocab in heads)
+
+    def head(self, x: torch.Tensor, vocab: slice) -> torch.Tensor:
+        """Logits over the ids ``vocab``: the head's rows for those ids only, so the rest is never computed."""
+        t, cfg = self.transformer, self.config
+        weight = t.wte.weight if cfg.weight_tying else t.ff_out.weight
+        bias = None if cfg.weight_tying or t.ff_out.bias is None else t.ff_out.bias[vocab]
+        logits = F.linear(x, weight[vocab], bias)
         if getattr(cfg, "scale_logits", False):  # and divides the logits by it
             logits = logits * (1 / math.sqrt(cfg.d_model))
         return logits
 
 
+@dataclass
+class HeadsOutput(ModelOutput):
+    """``heads[i]``: logits [B, positions_i, vocab_i] of the i-th (positions, vocab) pair asked for."""
+
+    heads: tuple[torch.Tensor, ...] | None = None
+
+
 class LLaDAModelLM(PreTrainedModel):
-    """The policy: ``forward(input_ids, attention_mask=None)`` gives ``.logits`` [B, L, embedding_size]."""
+    """The policy: ``forward(input_ids, attention_mask=None)`` gives ``.logits`` [B, L, embedding_size];
+    with ``heads`` (pairs of position and id slices, ``pararl.heads``) only those blocks, as ``.heads``."""
 
     config_class = LLaDAConfig
     base_model_prefix = "model"
@@ -156,6 +177,9 @@ class LLaDAModelLM(PreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        heads: Sequence[tuple[slice, slice]] | None = None,
         **_: object,
-    ) -> MaskedLMOutput:
+    ) -> MaskedLMOutput | HeadsOutput:
+        if heads is not None:
+            return HeadsOutput(heads=self.model(input_ids, attention_mask, position_ids, heads))
         return MaskedLMOutput(logits=self.model(input_ids, attention_mask, position_ids))

@@ -1,0 +1,54 @@
+"""The output heads: logits only where the sampler and the learner read them.
+
+A forward over a prompt and its output is read at the output positions only, and a position only
+ever draws from its span's ids: a text position from the text vocabulary (every id with the
+releases' ``text_vocab: all``), an image position from the codebook. At the 8B shapes the full head
+is 134,656 ids at every one of ~2.5k positions; these blocks are a small part of it. Each block is
+the full head's slice to the bit on the machines tested (``tests/test_heads.py``), so sampling and
+scoring through them change no token and no log-prob.
+
+A policy whose forward does not take ``heads`` (a wrapper, a user's model) still works: its full
+logits are sliced here instead.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from pararl.formats import OutputLayout, ParallelFormat
+
+
+def text_ids(fmt: ParallelFormat) -> slice:
+    """The ids a text position may draw before the format's masking (``fmt.restrict_text_logits``)."""
+    return slice(0, None) if fmt.text_vocab == "all" else slice(0, fmt.text_vocab_size)
+
+
+def image_ids(fmt: ParallelFormat) -> slice:
+    return slice(fmt.image_offset, fmt.image_offset + fmt.codebook_size)
+
+
+def span_heads(fmt: ParallelFormat, lay: OutputLayout, spans: tuple[str, ...] = ("text", "image")) -> list[tuple[slice, slice]]:
+    """(positions, ids) of each span asked for, in order."""
+    table = {"text": (lay.text, text_ids(fmt)), "image": (lay.image, image_ids(fmt))}
+    return [table[name] for name in spans]
+
+
+def span_forward(policy: torch.nn.Module, fmt: ParallelFormat, lay: OutputLayout, inputs: torch.Tensor,
+                 attention_mask: torch.Tensor | None, spans: tuple[str, ...] = ("text", "image")) -> list[torch.Tensor]:
+    """One forward; each span's logits [B, positions, ids]: text over ``text_ids`` (unmasked: guidance
+    acts on these, then ``fmt.restrict_text_logits``), image over the codebook (index c is code c)."""
+    heads = span_heads(fmt, lay, spans)
+    if takes_heads(policy):
+        out = policy(inputs, attention_mask=attention_mask, heads=heads)
+    else:
+        out = policy(inputs, attention_mask=attention_mask)
+    if getattr(out, "heads", None) is not None:
+        return list(out.heads)
+    return [out.logits[:, positions, ids] for positions, ids in heads]  # no head support: slice the full logits
+
+
+def takes_heads(policy: torch.nn.Module) -> bool:
+    """Whether ``policy``'s forward accepts ``heads`` (by name, or through ``**kwargs`` as DeepSpeed's engine)."""
+    params = inspect.signature(policy.forward).parameters.values()
+    return any(p.name == "heads" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)

@@ -1,0 +1,95 @@
+"""The span heads (pararl.heads): logits only at the output positions and over each span's ids, equal
+to the full head's slice, so sampling, the learner's log-probs and the SFT loss are unchanged."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from learner.sft import masked_loss
+from pararl.batching import build_batch
+from pararl.heads import span_forward
+from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.models import build_policy
+from rollout.config import SamplerConfig
+from rollout.sampler import ParallelSampler
+from tests.test_sampler import FMT, REQUESTS
+from tests.test_scoring import A_FMT, A_REQUESTS
+from tests.tiny import tiny_config
+
+
+class FullHead(torch.nn.Module):
+    """The same policy through a forward that knows no heads: the full logits, sliced by the caller."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.policy(input_ids, attention_mask=attention_mask)
+
+
+def policy_for(fmt, **overrides):
+    return build_policy(tiny_config(fmt, **overrides), seed=3).eval()
+
+
+@pytest.mark.parametrize("head", [dict(weight_tying=False), dict(weight_tying=True), dict(include_bias=True),
+                                  dict(scale_logits=True)])
+@pytest.mark.parametrize("text_vocab", ["text", "all"])
+def test_each_span_block_is_the_full_heads_slice_to_the_bit(head, text_vocab):
+    fmt = replace(FMT, text_vocab=text_vocab)
+    policy = policy_for(fmt, **head)
+    if head.get("include_bias"):
+        with torch.no_grad():
+            policy.model.transformer.ff_out.bias.normal_()
+    batch = build_batch(fmt, REQUESTS, 16)  # prompts of different lengths: left padding, an attention mask
+    assert not bool(batch.attention_mask.all())
+    lay = batch.layout
+    with torch.no_grad():
+        full = policy(batch.input_ids, attention_mask=batch.attention_mask).logits
+        text, image = span_forward(policy, fmt, lay, batch.input_ids, batch.attention_mask)
+    assert text.shape == (len(REQUESTS), lay.text_len, full.shape[-1] if text_vocab == "all" else fmt.text_vocab_size)
+    assert image.shape == (len(REQUESTS), lay.image_len, fmt.codebook_size)
+    ids = full.shape[-1] if text_vocab == "all" else fmt.text_vocab_size
+    assert torch.equal(text, full[:, lay.text, :ids])
+    assert torch.equal(image, full[:, lay.image, fmt.image_offset : fmt.image_offset + fmt.codebook_size])
+
+
+@pytest.mark.parametrize("rule", ["pararl", "mmada-parallel-a"])
+def test_a_trajectory_sampled_through_the_span_heads_equals_the_full_heads_token_for_token(rule):
+    """Guided and tempered, -A's second forward included; the behaviour and the learner's log-probs too."""
+    if rule == "pararl":
+        fmt, requests, policy = FMT, REQUESTS, policy_for(FMT)
+        cfg = SamplerConfig(steps=8, text_len=16, cfg_text=1.5, cfg_image=2.0, text_temperature=0.8)
+    else:
+        fmt, requests = A_FMT, A_REQUESTS
+        policy = build_policy(tiny_config(A_FMT, embedding_size=A_FMT.vocab_size), seed=3).eval()
+        cfg = SamplerConfig(steps=8, text_len=16, preset="mmada-parallel-a", cfg_prompt=1.5, cfg_image=2.0,
+                            text_temperature=0.7, image_start=2)
+    runs = [ParallelSampler(p, fmt, cfg).sample(requests, group_size=2, snapshot_steps=(3, 7), record_policy=True)
+            for p in (policy, FullHead(policy))]
+    heads, full = runs
+    for name in ("tokens", "step_map", "snapshot_x0", "sampled_logp", "policy_logp"):
+        assert torch.equal(getattr(heads, name), getattr(full, name)), name
+    plan = TracePlan((0, 4), merge=4)
+    with torch.no_grad():
+        a, b = (trajectory_logprobs(p, fmt, heads, plan, with_entropy=True) for p in (policy, FullHead(policy)))
+    assert torch.equal(a.logp, b.logp) and torch.equal(a.entropy, b.entropy)
+
+
+def test_the_sft_loss_through_the_span_heads_equals_the_full_heads():
+    from learner.sft import Bucket
+
+    policy = policy_for(FMT)
+    batch = build_batch(FMT, REQUESTS, 16)
+    lay, gen = batch.layout, torch.Generator().manual_seed(0)
+    ids, uncond_ids = batch.input_ids.clone(), batch.uncond_ids.clone()
+    for t in (ids, uncond_ids):  # targets in the output spans: codes and text ids
+        t[:, lay.image] = FMT.image_offset + torch.randint(FMT.codebook_size, (len(t), lay.image_len), generator=gen)
+        t[:, lay.text] = torch.randint(10, 30, (len(t), lay.text_len), generator=gen)
+    bucket = Bucket(ids, uncond_ids, batch.attention_mask, lay)
+    rows = torch.arange(len(REQUESTS))
+    uncond = torch.tensor([False, True, False])[: len(REQUESTS)]
+    t = torch.rand(len(REQUESTS), 2, generator=gen) * 0.8 + 0.2
+    u = torch.rand(len(REQUESTS), batch.layout.image_len + batch.layout.text_len, generator=gen)
+    losses = [masked_loss(p, FMT, bucket, rows, uncond, t, u) for p in (policy, FullHead(policy))]
+    assert torch.equal(losses[0][0], losses[1][0]) and losses[0][1] == losses[1][1]
