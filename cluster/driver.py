@@ -81,9 +81,10 @@ class Driver:
         self.sync = build_weight_sync(c.sync_transport, bucket_bytes=sync_bucket_bytes(c), timeout_s=c.call_timeout_s,
                                       wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
         # rollout workers take their own bundles first; learner ranks then fill the remaining ones
+        behaviour = behaviour_source(cfg.learner, approximate_sampler=cfg.sampler.prompt_cache_refresh > 1)
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
                                      dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
-                                     named_format=cfg.model_format.named(), behaviour=behaviour_source(cfg.learner))
+                                     named_format=cfg.model_format.named(), behaviour=behaviour)
         self.learners = LearnerGroup(
             cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
             num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,

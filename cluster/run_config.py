@@ -109,6 +109,10 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     if cfg.reward.models:  # a config that names no reward model is refused where a reward is built
         check_reward_config(cfg.reward)
     _check_counts(cfg)
+    if cfg.learner.behaviour == "sampler" and cfg.sampler.prompt_cache_refresh > 1:
+        raise ConfigError(f"learner.behaviour=sampler reads pi_old off the sampler's forwards, but with "
+                          f"sampler.prompt_cache_refresh={cfg.sampler.prompt_cache_refresh} they are approximate: "
+                          "use behaviour=replay (or auto, which replays)")
     try:
         run_steps(cfg.reward, cfg.sampler.steps, random.Random(0))
     except ValueError as err:

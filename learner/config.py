@@ -109,9 +109,10 @@ def check_coverage(cfg: LearnerConfig) -> None:
                           "learner.sampled_steps >= 1 (or coverage=all for every step)")
 
 
-def behaviour_source(cfg: LearnerConfig) -> str:
-    """``learner.behaviour`` resolved: "sampler" or "replay" (what the rollout workers do)."""
-    single = cfg.logprob_estimator == "trace" and cfg.merge_steps == 1
+def behaviour_source(cfg: LearnerConfig, approximate_sampler: bool = False) -> str:
+    """``learner.behaviour`` resolved: "sampler" or "replay" (what the rollout workers do). An approximate
+    sampler (the prompt cache) never gives pi_old: its forwards are not the policy's."""
+    single = cfg.logprob_estimator == "trace" and cfg.merge_steps == 1 and not approximate_sampler
     return "sampler" if cfg.behaviour == "sampler" or (cfg.behaviour == "auto" and single) else "replay"
 
 

@@ -52,3 +52,20 @@ def takes_heads(policy: torch.nn.Module) -> bool:
     """Whether ``policy``'s forward accepts ``heads`` (by name, or through ``**kwargs`` as DeepSpeed's engine)."""
     params = inspect.signature(policy.forward).parameters.values()
     return any(p.name == "heads" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def cached_span_forward(policy: torch.nn.Module, fmt: ParallelFormat, lay: OutputLayout, inputs: torch.Tensor,
+                        attention_mask: torch.Tensor | None, cache, refresh: bool) -> tuple[list[torch.Tensor], object]:
+    """``span_forward`` with the prompt cache: a refresh runs every position and keeps the keys and values
+    of those before the output (``lay.output_start``); otherwise the transformer runs on the output
+    positions only, attending to the kept ones. Returns (span logits, the cache to use next)."""
+    start = lay.output_start
+    if not takes_heads(policy):
+        raise ValueError("sampler.prompt_cache_refresh > 1 needs a policy whose forward takes heads and a prefix "
+                         "cache (pararl.models.LLaDAModelLM)")
+    if refresh or cache is None:
+        out = policy(inputs, attention_mask=attention_mask, heads=span_heads(fmt, lay), keep_prefix=start)
+        return list(out.heads), out.prefix
+    shifted = [(slice(p.start - start, p.stop - start), ids) for p, ids in span_heads(fmt, lay)]
+    out = policy(inputs[:, start:], attention_mask=attention_mask, heads=shifted, prefix=cache)
+    return list(out.heads), cache

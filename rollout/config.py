@@ -34,6 +34,11 @@ class SamplerConfig:
     cfg_text: float = 0.0  # text guidance weight
     cfg_prompt: float = 0.0  # -A only: cfg_scale, the weight of its prompt term on the image
     cfg_drop_input_image: bool = False  # unconditional rows also blank the input image (editing)
+    # The approximate prompt cache: the prompt's (and input image's) keys and values are recomputed every
+    # r steps and reused in between, when the transformer runs on the output positions only. 1: exact (no
+    # cache). The bidirectional prompt's keys move a little as the output fills in: r > 1 samples from a
+    # slightly different distribution, which the learner's mismatch metrics show and its correction weighs.
+    prompt_cache_refresh: int = 1
     preset: Optional[str] = None  # a released generator's behaviour (None: pararl's)
     guidance: Optional[str] = None  # pararl | mmada-parallel-m | mmada-parallel-a
     text_schedule: Optional[str] = None  # linear | even
@@ -95,6 +100,8 @@ def check_sampler(cfg: SamplerConfig, image_tokens: int | None = None) -> None:
     n, steps = cfg.text_len, cfg.steps
     if steps < 1 or n < 1:
         raise ConfigError(f"sampler.steps ({steps}) and sampler.text_len ({n}) must be positive")
+    if cfg.prompt_cache_refresh < 1:
+        raise ConfigError(f"sampler.prompt_cache_refresh={cfg.prompt_cache_refresh} must be >= 1 (1: no cache, exact)")
     block = cfg.block_length or n
     if block < 1 or n % block:
         raise ConfigError(f"sampler.text_len {n} is not a multiple of block_length {block}")

@@ -20,7 +20,7 @@ from pararl.batching import build_batch
 from pararl.errors import ConfigError
 from pararl.formats import ParallelFormat
 from pararl.guidance import make_guidance
-from pararl.heads import span_forward
+from pararl.heads import cached_span_forward, span_forward
 from pararl.progress import progress as progress_bar
 from pararl.types import GenerationRequest, Trajectories
 from rollout.config import SamplerConfig, resolve_sampler
@@ -155,6 +155,13 @@ class ParallelSampler:
         rank = conf.argsort(dim=-1, stable=True).argsort(dim=-1)
         return rank < keep
 
+    def step_logits(self, buf: torch.Tensor, attn: torch.Tensor | None, lay, s: int, cache) -> tuple:
+        """Step ``s``'s span logits of every row, and the prompt cache to pass to the next step (None without one)."""
+        r = self.cfg.prompt_cache_refresh
+        if r == 1:
+            return span_forward(self.model, self.fmt, lay, buf, attn), None
+        return cached_span_forward(self.model, self.fmt, lay, buf, attn, cache, refresh=s % r == 0)
+
     @torch.inference_mode()
     def sample(
         self,
@@ -202,9 +209,10 @@ class ParallelSampler:
         sampled = torch.zeros((rows, n_out), dtype=torch.float32, device=device)  # [R, L_out] drawn-from log-probs
         policy_logp = torch.zeros_like(sampled) if record_policy else None  # [R, L_out] unguided, temperature 1
 
+        cache = None
         for s in progress_bar(range(cfg.steps), desc="sampling", enabled=progress, leave=False):
             snap = s in snaps
-            text_b, image_b = span_forward(self.model, fmt, lay, buf, model_attn)
+            (text_b, image_b), cache = self.step_logits(buf, model_attn, lay, s, cache)
             text_l = g.text(text_b[:rows], text_b[rows:] if g.with_cond else None)
             x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], seeds, s)
             x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it

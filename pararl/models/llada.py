@@ -72,13 +72,21 @@ class LLaDABlock(GradientCheckpointingLayer):
         self.up_proj = nn.Linear(d, config.ffn_hidden_size, bias=bias)
         self.ff_out = nn.Linear(config.ffn_hidden_size, d, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None, sink: list | None = None,
+                keep: int = 0) -> torch.Tensor:
+        """``past``: keys and values of positions before ``x`` (a prefix cache), attended to as if they
+        were in the sequence; ``sink`` receives this layer's keys and values of the first ``keep`` positions."""
         b, n, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if sink is not None:
+            sink.append((k[:, :, :keep], v[:, :, :keep]))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         # GQA: key/value head j serves the consecutive query heads j*g … j*g+g-1 (enable_gqa's grouping).
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=False, enable_gqa=self.n_kv_heads != self.n_heads
@@ -105,26 +113,33 @@ class LLaDAModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-        heads: Sequence[tuple[slice, slice]] | None = None,
+        heads: Sequence[tuple[slice, slice]] | None = None, prefix: PrefixCache | None = None, keep_prefix: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """With ``prefix``, ``input_ids`` are the positions after the cached ones (``attention_mask`` still
+        spans the whole sequence) and ``heads`` index them. ``keep_prefix``: also return the cache of the
+        first ``keep_prefix`` positions, as (logits, cache)."""
         t, cfg = self.transformer, self.config
         x = t.wte(input_ids)
         if getattr(cfg, "input_emb_norm", False):  # the reference scales embeddings by sqrt(d_model)
             x = x * (cfg.d_model**0.5)
+        start = 0 if prefix is None else prefix.length
         if position_ids is None:
             if attention_mask is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+                position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             else:
                 # Left padding must not shift a prompt's positions: count only real tokens.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
         cos, sin = rope_cos_sin(position_ids, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        for block in t.blocks:
-            x = block(x, cos, sin, mask)
+        sink = [] if keep_prefix else None
+        for i, block in enumerate(t.blocks):
+            past = None if prefix is None else (prefix.keys[i], prefix.values[i])
+            x = block(x, cos, sin, mask, past, sink, keep_prefix)
         x = t.ln_f(x)
-        if heads is None:
-            return self.head(x, slice(None))
-        return tuple(self.head(x[:, positions], vocab) for positions, vocab in heads)
+        out = self.head(x, slice(None)) if heads is None else tuple(self.head(x[:, p], vocab) for p, vocab in heads)
+        if sink is None:
+            return out
+        return out, PrefixCache(keep_prefix, [k for k, _ in sink], [v for _, v in sink])
 
     def head(self, x: torch.Tensor, vocab: slice) -> torch.Tensor:
         """Logits over the ids ``vocab``: the head's rows for those ids only, so the rest is never computed."""
@@ -139,9 +154,22 @@ class LLaDAModel(nn.Module):
 
 @dataclass
 class HeadsOutput(ModelOutput):
-    """``heads[i]``: logits [B, positions_i, vocab_i] of the i-th (positions, vocab) pair asked for."""
+    """``heads[i]``: logits [B, positions_i, vocab_i] of the i-th (positions, vocab) pair asked for;
+    ``prefix``: the prefix cache, when asked to keep one."""
 
     heads: tuple[torch.Tensor, ...] | None = None
+    prefix: PrefixCache | None = None
+
+
+@dataclass
+class PrefixCache:
+    """Every layer's keys and values [B, kv_heads, length, head_dim] of the first ``length`` positions,
+    from the forward that refreshed it. A bidirectional model's prefix keys move as the rest of the
+    sequence changes, so a forward that reuses them is an approximation (``sampler.prompt_cache_refresh``)."""
+
+    length: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
 
 
 class LLaDAModelLM(PreTrainedModel):
@@ -178,8 +206,13 @@ class LLaDAModelLM(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         heads: Sequence[tuple[slice, slice]] | None = None,
+        prefix: PrefixCache | None = None,
+        keep_prefix: int = 0,
         **_: object,
     ) -> MaskedLMOutput | HeadsOutput:
-        if heads is not None:
-            return HeadsOutput(heads=self.model(input_ids, attention_mask, position_ids, heads))
-        return MaskedLMOutput(logits=self.model(input_ids, attention_mask, position_ids))
+        if heads is None:
+            if prefix is not None or keep_prefix:
+                raise ValueError("a prefix cache is read and kept only with span heads (heads=...)")
+            return MaskedLMOutput(logits=self.model(input_ids, attention_mask, position_ids))
+        out = self.model(input_ids, attention_mask, position_ids, heads, prefix, keep_prefix)
+        return HeadsOutput(heads=out[0], prefix=out[1]) if keep_prefix else HeadsOutput(heads=out)
