@@ -69,3 +69,15 @@ def cached_span_forward(policy: torch.nn.Module, fmt: ParallelFormat, lay: Outpu
     shifted = [(slice(p.start - start, p.stop - start), ids) for p, ids in span_heads(fmt, lay)]
     out = policy(inputs[:, start:], attention_mask=attention_mask, heads=shifted, prefix=cache)
     return list(out.heads), cache
+
+
+class FullHead(torch.nn.Module):
+    """``policy`` through a forward that knows no span heads: every position over every id, sliced by
+    ``span_forward`` afterwards. The reference the span heads are measured against (tests, bench)."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        return self.policy(input_ids, attention_mask=attention_mask)

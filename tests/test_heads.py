@@ -7,7 +7,7 @@ import torch
 
 from learner.sft import masked_loss
 from pararl.batching import build_batch
-from pararl.heads import span_forward
+from pararl.heads import FullHead, span_forward
 from pararl.logprobs import TracePlan, trajectory_logprobs
 from pararl.models import build_policy
 from rollout.config import SamplerConfig
@@ -15,17 +15,6 @@ from rollout.sampler import ParallelSampler
 from tests.test_sampler import FMT, REQUESTS
 from tests.test_scoring import A_FMT, A_REQUESTS
 from tests.tiny import tiny_config
-
-
-class FullHead(torch.nn.Module):
-    """The same policy through a forward that knows no heads: the full logits, sliced by the caller."""
-
-    def __init__(self, policy: torch.nn.Module) -> None:
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.policy(input_ids, attention_mask=attention_mask)
 
 
 def policy_for(fmt, **overrides):

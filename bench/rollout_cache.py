@@ -1,0 +1,106 @@
+"""The approximate prompt cache on the default world: rollout speed, held-out quality and log-prob gap per r.
+
+For each refresh interval r (``sampler.prompt_cache_refresh``; 1 is exact): seconds per sampling step
+of one training batch (prompts_per_step x group_size trajectories, the run's sampler, median of
+``--repeats``), the held-out exact alignment and mean reward of the run's final policy (the run's
+evaluation prompts x ``--samples``, the same seeds for every r: paired against r = 1), and the gap
+between what was drawn and an exact replay of the same distribution (mean |log p| per token, text and
+image apart: what the learner's mismatch metrics see). Run after ``make train`` (alone on the
+machine): ``.venv/bin/python bench/rollout_cache.py [--run runs/default] [--refresh 1 2 4 8]``.
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def paired(values: list[float], base: list[float]) -> tuple[float, float]:
+    """Mean difference to the exact sampler on the same prompts and seeds, and its standard error."""
+    d = [a - b for a, b in zip(values, base)]
+    mean = statistics.mean(d)
+    return mean, statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+
+
+def measure(r: int, cfg, bundle, records, train_requests, spec, args) -> dict:
+    from cluster.evaluate import evaluate
+    from learner.mismatch import gap_metrics, gap_sums
+    from pararl.data import CodeCache
+    from pararl.logprobs import TracePlan, trajectory_logprobs
+    from reward.scorer import SemanticScorer
+    from rollout.config import resolve_sampler, scoring_of
+    from rollout.sampler import ParallelSampler
+    from shapeworld.checks import world_checks
+
+    sampler_cfg = resolve_sampler(replace(cfg.sampler, prompt_cache_refresh=r))
+    sampler = ParallelSampler(bundle.policy, bundle.fmt, sampler_cfg)
+    group = cfg.data.group_size
+    sampler.sample(train_requests, group_size=group)  # warm-up
+    times, traj = [], None
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        traj = sampler.sample(train_requests, group_size=group)
+        times.append((time.perf_counter() - t) / sampler_cfg.steps)
+    with torch.no_grad():
+        exact = trajectory_logprobs(bundle.policy, bundle.fmt, traj, TracePlan(tuple(range(sampler_cfg.steps)),
+                                                                               scoring=scoring_of(sampler_cfg)))
+    gap = gap_metrics(gap_sums(exact.logp, traj.sampled_logp, exact.mask, traj.layout, cap=2.0))
+    ev = evaluate(bundle.policy, bundle, sampler_cfg, SemanticScorer(bundle, cfg.reward), records,
+                  CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=args.samples, seed=cfg.seed,
+                  progress=False, checks=world_checks(spec, bundle))
+    return {"r": r, "step_s": statistics.median(times), "aligned": ev.checks["aligned"], "reward": ev.reward,
+            "text_gap": gap["mismatch/text_gap"], "image_gap": gap["mismatch/image_gap"],
+            "per_sample": {"aligned": ev.per_sample["aligned"], "reward": ev.per_sample["reward"]}}
+
+
+def main() -> None:
+    from cluster.evaluate import requests_for
+    from cluster.run_config import load_run_config
+    from pararl.bundle import load_bundle
+    from pararl.data import CodeCache, read_records
+    from shapeworld.dataset import WorldConfig
+    from shapeworld.prepare import torch_threads
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=str(ROOT / "runs" / "default"))
+    parser.add_argument("--refresh", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    run = Path(args.run)
+    if not (run / "results.json").is_file():
+        raise SystemExit(f"{run} holds no finished default run (results.json): run `make train` first")
+    cfg = load_run_config(run / "config.yaml")
+    bundle = load_bundle(run / "final-policy")
+    spec = WorldConfig.from_dict(json.loads((Path(cfg.model) / "world.json").read_text())).spec
+    records = read_records(cfg.data.eval)[: cfg.train.eval_prompts]
+    cache = CodeCache(cfg.data.cache_dir, bundle.image_tokenizer)
+    train_requests = requests_for(read_records(cfg.data.train)[: cfg.data.prompts_per_step], bundle, cache, cfg.seed)
+    with torch_threads(args.threads):
+        rows = [measure(r, cfg, bundle, records, train_requests, spec, args) for r in args.refresh]
+    base = rows[0]
+    print(f"{'r':>3} {'s/step':>8} {'speed-up':>8} {'aligned':>8} {'vs r=1':>15} {'reward':>7} {'vs r=1':>15} "
+          f"{'text gap':>9} {'image gap':>9}")
+    for row in rows:
+        (da, sa), (dr, sr) = (paired(row["per_sample"][k], base["per_sample"][k]) for k in ("aligned", "reward"))
+        row.update(speedup=base["step_s"] / row["step_s"], aligned_diff=da, aligned_diff_se=sa, reward_diff=dr,
+                   reward_diff_se=sr)
+        print(f"{row['r']:>3} {row['step_s']:>8.4f} {row['speedup']:>7.2f}x {row['aligned']:>8.3f} {da:>+8.3f} ± {sa:.3f} "
+              f"{row['reward']:>7.3f} {dr:>+8.3f} ± {sr:.3f} {row['text_gap']:>9.4f} {row['image_gap']:>9.4f}")
+    print(json.dumps([{k: v for k, v in row.items() if k != "per_sample"} for row in rows]))
+
+
+if __name__ == "__main__":
+    main()
