@@ -1,8 +1,8 @@
 """The approximate prompt cache on the default world: rollout speed, held-out quality and log-prob gap per r.
 
 For each refresh interval r (``sampler.prompt_cache_refresh``; 1 is exact): seconds per sampling step
-of one training batch (prompts_per_step x group_size trajectories, the run's sampler, median of
-``--repeats``), the held-out exact alignment and mean reward of the run's final policy (the run's
+of one training batch (prompts_per_step x group_size trajectories, the run's sampler; every r warmed
+up, then timed round-robin, median of ``--repeats``), the held-out exact alignment and mean reward of the run's final policy (the run's
 evaluation prompts x ``--samples``, the same seeds for every r: paired against r = 1), and the gap
 between what was drawn and an exact replay of the same distribution (mean |log p| per token, text and
 image apart: what the learner's mismatch metrics see). Run after ``make train`` (alone on the
@@ -33,33 +33,39 @@ def paired(values: list[float], base: list[float]) -> tuple[float, float]:
     return mean, statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
 
 
-def measure(r: int, cfg, bundle, records, train_requests, spec, args) -> dict:
+def step_seconds(samplers: dict, requests, group: int, steps: int, repeats: int) -> dict:
+    """Median seconds per sampling step of each sampler, warmed up first and timed round-robin, so a slow
+    moment of the machine falls on every r alike."""
+    for sampler in samplers.values():
+        sampler.sample(requests, group_size=group)
+    times: dict = {r: [] for r in samplers}
+    for _ in range(repeats):
+        for r, sampler in samplers.items():
+            t = time.perf_counter()
+            sampler.sample(requests, group_size=group)
+            times[r].append((time.perf_counter() - t) / steps)
+    return {r: statistics.median(v) for r, v in times.items()}
+
+
+def quality(sampler, cfg, bundle, records, train_requests, spec, args) -> dict:
+    """Held-out alignment and reward, and the gap between what was drawn and an exact replay of it."""
     from cluster.evaluate import evaluate
     from learner.mismatch import gap_metrics, gap_sums
     from pararl.data import CodeCache
     from pararl.logprobs import TracePlan, trajectory_logprobs
     from reward.scorer import SemanticScorer
-    from rollout.config import resolve_sampler, scoring_of
-    from rollout.sampler import ParallelSampler
+    from rollout.config import scoring_of
     from shapeworld.checks import world_checks
 
-    sampler_cfg = resolve_sampler(replace(cfg.sampler, prompt_cache_refresh=r))
-    sampler = ParallelSampler(bundle.policy, bundle.fmt, sampler_cfg)
-    group = cfg.data.group_size
-    sampler.sample(train_requests, group_size=group)  # warm-up
-    times, traj = [], None
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        traj = sampler.sample(train_requests, group_size=group)
-        times.append((time.perf_counter() - t) / sampler_cfg.steps)
+    scfg = sampler.cfg
+    traj = sampler.sample(train_requests, group_size=cfg.data.group_size)
     with torch.no_grad():
-        exact = trajectory_logprobs(bundle.policy, bundle.fmt, traj, TracePlan(tuple(range(sampler_cfg.steps)),
-                                                                               scoring=scoring_of(sampler_cfg)))
+        exact = trajectory_logprobs(bundle.policy, bundle.fmt, traj, TracePlan(tuple(range(scfg.steps)), scoring=scoring_of(scfg)))
     gap = gap_metrics(gap_sums(exact.logp, traj.sampled_logp, exact.mask, traj.layout, cap=2.0))
-    ev = evaluate(bundle.policy, bundle, sampler_cfg, SemanticScorer(bundle, cfg.reward), records,
+    ev = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, cfg.reward), records,
                   CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=args.samples, seed=cfg.seed,
                   progress=False, checks=world_checks(spec, bundle))
-    return {"r": r, "step_s": statistics.median(times), "aligned": ev.checks["aligned"], "reward": ev.reward,
+    return {"r": scfg.prompt_cache_refresh, "aligned": ev.checks["aligned"], "reward": ev.reward,
             "text_gap": gap["mismatch/text_gap"], "image_gap": gap["mismatch/image_gap"],
             "per_sample": {"aligned": ev.per_sample["aligned"], "reward": ev.per_sample["reward"]}}
 
@@ -88,8 +94,15 @@ def main() -> None:
     records = read_records(cfg.data.eval)[: cfg.train.eval_prompts]
     cache = CodeCache(cfg.data.cache_dir, bundle.image_tokenizer)
     train_requests = requests_for(read_records(cfg.data.train)[: cfg.data.prompts_per_step], bundle, cache, cfg.seed)
+    from rollout.config import resolve_sampler
+    from rollout.sampler import ParallelSampler
+
+    samplers = {r: ParallelSampler(bundle.policy, bundle.fmt, resolve_sampler(replace(cfg.sampler, prompt_cache_refresh=r)))
+                for r in args.refresh}
     with torch_threads(args.threads):
-        rows = [measure(r, cfg, bundle, records, train_requests, spec, args) for r in args.refresh]
+        seconds = step_seconds(samplers, train_requests, cfg.data.group_size, cfg.sampler.steps, args.repeats)
+        rows = [{**quality(samplers[r], cfg, bundle, records, train_requests, spec, args), "step_s": seconds[r]}
+                for r in args.refresh]
     base = rows[0]
     print(f"{'r':>3} {'s/step':>8} {'speed-up':>8} {'aligned':>8} {'vs r=1':>15} {'reward':>7} {'vs r=1':>15} "
           f"{'text gap':>9} {'image gap':>9}")
