@@ -4,7 +4,8 @@ Each arm is ``make train`` (configs/default.yaml, each seed's cached preparation
 overrides: ``reward_steps`` scores the likelihood at the reward's sampled steps (two of eight);
 ``all_m4`` every step, in windows of 4 steps per forward (the same two forwards per trajectory, so
 the same learner cost); ``all_m2`` every step in windows of 2 (twice the forwards); ``cfg``,
-``cfg_tis`` and ``cfg_sampled`` are ``all_m4`` with guidance on in the rollouts (see ``CFG``). A finished arm's
+``cfg_tis`` and ``cfg_sampled`` are ``all_m4`` with guidance on in the rollouts (see ``CFG``);
+``cache_r4`` is ``all_m4`` with the prompt cache refreshed every 4 steps. A finished arm's
 ``results.json`` is read, not rerun, so the bench continues where it stopped. ParaRL wall seconds and
 learner compute seconds (MLflow) are printed beside each gain: arms compare at the same number of
 ParaRL steps, and the columns say whether that was the same wall-clock.
@@ -37,6 +38,8 @@ ARMS = {
 # learner scores under the guidance itself (cfg_sampled: the unconditional rows replayed, twice the rows).
 CFG = ["sampler.cfg_image=2.0", "sampler.cfg_text=1.0", *ARMS["all_m4"]]
 ARMS.update({"cfg": CFG, "cfg_tis": [*CFG, "learner.correction=tis"], "cfg_sampled": [*CFG, "learner.scoring=sampled"]})
+# The approximate prompt cache in the rollouts (and the evaluation), refreshed every 4 steps.
+ARMS["cache_r4"] = ["sampler.prompt_cache_refresh=4", *ARMS["all_m4"]]
 
 
 def timings(run_dir: Path, run_id: str) -> tuple[float, float]:
