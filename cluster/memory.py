@@ -189,10 +189,8 @@ def replay_rows(cfg: Any) -> int:
 def forward_rows(sampler: Any) -> int:
     """Rows per trajectory in the sampler's largest forward: with the -A guidance the two unconditional
     rows go through a forward of their own at image updates; otherwise one rides with the condition."""
-    samp = resolve_sampler(sampler)
-    if samp.guidance == "mmada-parallel-a":
-        return max(1, int(samp.cfg_prompt > 0) + int(samp.cfg_image > 0))
-    return 1 + int(samp.cfg_image > 0 or samp.cfg_text > 0)
+    g = make_guidance(resolve_sampler(sampler))
+    return max(1 + g.with_cond, len(g.after_text))
 
 
 def largest_rollout_batch(cfg: Any, s: Shapes, gpu_bytes: float = 80e9) -> int:
