@@ -10,7 +10,6 @@ from learner.config import LearnerConfig, validate
 from learner.mismatch import gap_metrics, gap_sums
 from learner.trainer import Learner
 from pararl.errors import ConfigError
-from pararl.formats import DimooFormat
 from pararl.logprobs import TracePlan, from_sampler, trajectory_logprobs
 from pararl.models import LLaDAConfig, build_policy
 from pararl.types import GenerationRequest
@@ -18,12 +17,10 @@ from rollout.config import SamplerConfig, scoring_of
 from rollout.sampler import ParallelSampler
 from tests.learner_tiny import FMT as LEARNER_FMT
 from tests.learner_tiny import STEPS, learner_config, policy_folder, sampled_batch
+from tests.test_released_sampling import A_FMT
 from tests.test_sampler import FMT, REQUESTS
 from tests.tiny import tiny_policy
 
-A_FMT = DimooFormat(name="tiny-a", mask_id=1, pad_id=0, uncond_id=2, newline_id=3, boi_id=4, eoi_id=5,
-                    answer_start_id=6, answer_end_ids=(7,), generate_prefix=(8, 9, 10), edit_prefix=(8, 11, 10),
-                    prompt_suffix=(12,), text_vocab_size=40, image_offset=40, codebook_size=32, grid=(4, 4))
 A_REQUESTS = [GenerationRequest([13, 14, 15], seed=3), GenerationRequest([16, 17], torch.arange(16) % 32, seed=4)]
 GUIDED = {  # each rule with its guidance on, tempered, at 8 steps
     "pararl": (dict(cfg_text=1.5, cfg_image=2.0, text_temperature=0.8, image_temperature=0.7), "world"),
