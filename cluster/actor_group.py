@@ -50,13 +50,14 @@ class ActorGroup:
     def call_each(self, method: str, per_actor: Sequence[Sequence[Any]]) -> list[Any]:
         return self.get(self.submit_each(method, per_actor))
 
-    def wait_alive(self, index: int, probe: str = "ready", poll_s: float = 30.0) -> Any:
-        """Wait for actor ``index`` to answer ``probe`` again (Ray restarts a dead one); gives up after the
-        group's timeout with the last error."""
-        deadline = time.monotonic() + self.timeout_s
+    def wait_alive(self, index: int, probe: str = "ready", poll_s: float = 30.0, timeout_s: float | None = None) -> Any:
+        """Wait for actor ``index`` to answer ``probe`` again (Ray restarts a dead one); gives up after
+        ``timeout_s`` (the group's timeout by default) with the last error."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
             try:
-                return ray.get(getattr(self.actors[index], probe).remote(), timeout=poll_s)
+                return ray.get(getattr(self.actors[index], probe).remote(),
+                               timeout=max(0.1, min(poll_s, deadline - time.monotonic())))
             except (*DEAD, GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise
@@ -64,5 +65,8 @@ class ActorGroup:
 
     def kill(self, restart: bool = False) -> None:
         for actor in self.actors:
-            ray.kill(actor, no_restart=not restart)
+            try:
+                ray.kill(actor, no_restart=not restart)
+            except ValueError:  # an actor already gone for good
+                pass
         self.actors = []

@@ -1,8 +1,13 @@
 """Cluster configuration: where Ray runs and how the actor groups are placed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from pararl.config import check_custom_resources
+from pararl.errors import ConfigError
+
+LOST_WORKER_POLICIES = ("restart", "drop")
 
 
 @dataclass
@@ -16,13 +21,25 @@ class ClusterConfig:
     rollout_gpus: float = 0.0
     rollout_threads: Optional[int] = None  # torch threads per rollout worker (None: its CPUs, at least 1)
     rollout_logprob_chunk_rows: Optional[int] = None  # rows per forward of the behaviour log-probs (None: one forward)
+    # custom Ray resources each rollout worker's bundle asks for, e.g. {rollout_node: 1}: a worker then
+    # runs only on nodes started with them (`ray start --resources='{"rollout_node": 4}'`)
+    rollout_resources: Dict[str, float] = field(default_factory=dict)
     learner_ranks: int = 1
     learner_cpus: float = 1.0
     learner_gpus: float = 0.0
+    learner_resources: Dict[str, float] = field(default_factory=dict)  # the same, per learner rank
     placement_timeout_s: float = 60.0  # an unsatisfiable placement fails after this, naming what is missing
     call_timeout_s: float = 1800.0  # every remote call has a timeout
     max_restarts: int = 3  # restarts of a failed rollout worker
-    mode: str = "sync"  # "sync" or "off_policy" (rollout of step k+1 overlaps learning of step k)
+    # a rollout worker that died (its node, say): "restart" waits for Ray to restart it where resources
+    # allow and fails the step if it cannot within call_timeout_s; "drop" waits restart_wait_s, then the
+    # run goes on with the workers left (its share of the batch is sampled by them)
+    lost_worker: str = "restart"
+    restart_wait_s: float = 60.0
+    # k: rollout may run up to k policy versions ahead of the learner (0: synchronous; 1: step k+1 is
+    # sampled while step k is learned). A trajectory more than k versions old is never trained on.
+    max_staleness: int = 0
+    mode: Optional[str] = None  # the former name of max_staleness: "sync" (0) or "off_policy" (1)
     sync_transport: str = "object_store"  # object_store | collective (nccl on GPU, gloo on CPU)
     # per bucket: one put and one load call per worker. bench/sync.py, 365 MiB policy: 32 MiB 0.12-0.17 s,
     # 128 MiB 0.11 s, 256 MiB 0.08 s, 512 MiB 0.07 s (median). Under ZeRO-3 a bucket is gathered whole.
@@ -41,10 +58,22 @@ def sync_bucket_bytes(cfg: ClusterConfig) -> int:
 
 def check_cluster_config(cfg: ClusterConfig) -> None:
     """Refuse values that would only fail once actors are running."""
-    from pararl.errors import ConfigError
-
-    if cfg.mode not in ("sync", "off_policy"):
-        raise ConfigError(f"cluster.mode={cfg.mode!r} is not one of: sync, off_policy")
+    if cfg.mode is not None:
+        staleness = {"sync": 0, "off_policy": 1}.get(cfg.mode)
+        if staleness is None:
+            raise ConfigError(f"cluster.mode={cfg.mode!r} is not one of: sync, off_policy (or set cluster.max_staleness)")
+        if cfg.max_staleness not in (0, staleness):
+            raise ConfigError(f"cluster.mode={cfg.mode} means max_staleness={staleness}, but cluster.max_staleness="
+                              f"{cfg.max_staleness}: set only max_staleness")
+        cfg.max_staleness, cfg.mode = staleness, None
+    if cfg.max_staleness < 0:
+        raise ConfigError(f"cluster.max_staleness={cfg.max_staleness} must be >= 0")
+    if cfg.lost_worker not in LOST_WORKER_POLICIES:
+        raise ConfigError(f"cluster.lost_worker={cfg.lost_worker!r} is not one of: {', '.join(LOST_WORKER_POLICIES)}")
+    if cfg.restart_wait_s < 0:
+        raise ConfigError(f"cluster.restart_wait_s={cfg.restart_wait_s} must be >= 0")
+    for key in ("rollout_resources", "learner_resources"):
+        check_custom_resources(getattr(cfg, key), f"cluster.{key}")
     if cfg.sync_transport not in ("object_store", "collective"):
         raise ConfigError(f"cluster.sync_transport={cfg.sync_transport!r} is not one of: collective, object_store")
     if cfg.rollout_workers < 1 or cfg.learner_ranks < 1:
@@ -63,3 +92,4 @@ def check_cluster_config(cfg: ClusterConfig) -> None:
     for name in ("rollout_cpus", "learner_cpus", "rollout_gpus", "learner_gpus"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"cluster.{name} must be >= 0")
+

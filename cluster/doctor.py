@@ -273,7 +273,7 @@ def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb
         return
     try:
         have = ray.cluster_resources()
-        need = required(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)
+        need = required(c, r)
         parts = {"CPU": (c.rollout_cpus, c.learner_cpus, r.cpus_per_replica), "GPU": (c.rollout_gpus, c.learner_gpus, r.gpus_per_replica)}
         for kind, (roll, learn, rew) in parts.items():
             why = (f"{c.rollout_workers} rollout workers x {roll:g} + {c.learner_ranks} learner ranks x {learn:g} + "
@@ -282,6 +282,12 @@ def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb
                 report.problem("cluster", f"the config needs {need[kind]:g} {kind}s ({why}), the cluster has {have.get(kind, 0):g}")
             else:
                 report.ok("cluster", f"{need[kind]:g} of {have.get(kind, 0):g} {kind}s ({why})")
+        for kind in sorted(set(need) - {"CPU", "GPU"}):  # custom resources: where the config places its stages
+            if need[kind] > have.get(kind, 0) + 1e-9:
+                report.problem("cluster", f"the config needs {need[kind]:g} of resource {kind!r}, the cluster has "
+                                          f"{have.get(kind, 0):g}: start nodes with `ray start --resources` that hold it")
+            else:
+                report.ok("cluster", f"{need[kind]:g} of {have.get(kind, 0):g} of resource {kind!r}")
         if cfg.learner.device == "cuda" and c.learner_gpus <= 0:
             report.problem("cluster", "learner.device=cuda but cluster.learner_gpus=0: the learner ranks would get no GPU")
         if "config" not in model:

@@ -1,15 +1,21 @@
 """The ParaRL driver loop on Ray: rollout -> reward -> advantages -> update(s) -> weight sync, repeated.
 
-Synchronous mode waits for each stage. One-step off-policy mode samples step k+1 with the weights of
-step k while the learner updates on step k; its importance ratios use the behaviour log-probs the
-rollout workers computed with the weights that actually produced the trajectories.
+With ``cluster.max_staleness = k`` the rollouts of steps up to s + k are queued on the workers while
+step s is scored and learned (k = 0: synchronous; k = 1: step s+1 is sampled with the weights of
+step s-1's update while step s is learned). A new version reaches the workers behind the rollouts
+they already hold, so each trajectory is made by the version current when its rollout was queued:
+at most k versions behind the policy that trains on it. Each carries that version; an older one is
+never trained on. The importance ratios use the behaviour log-probs the workers computed with the
+weights that actually sampled.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from cluster.config import sync_bucket_bytes
 from cluster.learner_group import LearnerGroup
 from cluster.placement import place, start_ray
-from cluster.rollout_group import RolloutGroup
+from cluster.rollout_group import RolloutGroup, SubmittedRollout
 from cluster.run_config import RunConfig
 from cluster.tracking import Tracker
 from cluster.weight_sync import build_weight_sync
@@ -52,7 +58,18 @@ class Rollout:
     traj: Trajectories
     old: TokenLogProbs | None
     plan: Plan
-    seconds: float
+    seconds: float  # how long the driver waited for it
+
+
+@dataclass
+class QueuedRollout:
+    """A step's rollout sent to the workers; ``position`` is the data position before its prompts (a
+    checkpoint taken while it is queued resumes there, so its prompts are not skipped)."""
+
+    step: int
+    submitted: SubmittedRollout
+    plan: Plan
+    position: int
 
 
 class Driver:
@@ -70,17 +87,17 @@ class Driver:
         self.sampled_as = scoring_of(cfg.sampler)  # the rollouts' distribution (learner.scoring=sampled scores under it)
         self.stop_requested = False
         self.idle_steps = 0  # steps in a row that trained no trajectory
+        self.ahead: deque[QueuedRollout] = deque()  # rollouts queued on the workers, oldest first
         if cfg.train.resume and latest_checkpoint(cfg.learner.checkpoint.folder) is None:
             raise FileNotFoundError(f"train.resume=true but {cfg.learner.checkpoint.folder} holds no complete checkpoint")
 
         start_ray(cfg.cluster)
         c, r = cfg.cluster, cfg.reward
-        self.placement = place(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)
+        self.placement = place(c, r)
         self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model, cfg.model_format.named()))
         dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
         self.sync = build_weight_sync(c.sync_transport, bucket_bytes=sync_bucket_bytes(c), timeout_s=c.call_timeout_s,
                                       wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
-        # rollout workers take their own bundles first; learner ranks then fill the remaining ones
         behaviour = behaviour_source(cfg.learner, approximate_sampler=cfg.sampler.prompt_cache_refresh > 1)
         self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
                                      dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
@@ -88,12 +105,15 @@ class Driver:
         self.learners = LearnerGroup(
             cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
             num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,
-            actor_options={"scheduling_strategy": self.placement.strategy(-1)},
+            actor_options=lambda rank: {"scheduling_strategy": self.placement.strategy(self.placement.learner_bundles[rank]),
+                                        "resources": dict(c.learner_resources)},
         )
         self.sync.connect(self.learners.actors, self.rollouts.workers)
         self.state = RunState(reward_stats_path=cfg.reward.stats_file)
         if cfg.train.resume:
             self._resume()
+        self.next_rollout = self.state.step  # the next step whose rollout is to be queued
+        self.nodes_at_start = alive_nodes()
         self.tracker = Tracker(self.run_dir, cfg.tracking.experiment, cfg.name, cfg.tracking.tracking_uri,
                                run_id=self.state.extra.get("mlflow_run_id"))
         if not cfg.train.resume:
@@ -112,22 +132,42 @@ class Driver:
         # the rollout workers start from the model folder: bring them to the checkpoint's weights
         self.sync.broadcast(self.state.policy_version)
 
-    def _rollout(self, step: int) -> Rollout:
+    def _submit(self, step: int) -> QueuedRollout:
+        """Queue step ``step``'s rollout: its prompts, its reward steps and scoring plan (all seeded by the
+        step), sampled by the version the workers will hold when they reach it."""
         rng = random.Random(derive(self.cfg.seed, step))
-        r = self.cfg.reward
-        steps = run_steps(r, self.cfg.sampler.steps, rng)
+        steps = run_steps(self.cfg.reward, self.cfg.sampler.steps, rng)
         plan = iteration_plan(self.cfg.learner, self.cfg.sampler.steps, derive(self.cfg.seed, step, PLAN_STRIDE), steps,
                               self.sampled_as)
+        position = self.prompts.position
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
+        submitted = self.rollouts.submit(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)
+        return QueuedRollout(step, submitted, plan, position)
+
+    def _collect(self, queued: QueuedRollout) -> Rollout:
         t = time.perf_counter()
-        traj, old = self.rollouts.sample(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)
-        return Rollout(traj, old, plan, time.perf_counter() - t)
+        traj, old = self.rollouts.collect(queued.submitted)
+        return Rollout(traj, old, queued.plan, time.perf_counter() - t)
+
+    def _rollout(self, step: int) -> Rollout:
+        return self._collect(self._submit(step))
+
+    def _queue_ahead(self) -> None:
+        """Queue rollouts up to ``max_staleness`` steps past the one being learned."""
+        last = min(self.cfg.train.steps - 1, self.state.step + self.cfg.cluster.max_staleness)
+        while self.next_rollout <= last:
+            self.ahead.append(self._submit(self.next_rollout))
+            self.next_rollout += 1
 
     def _train_batch(self, rollout: Rollout, rewards) -> tuple[TrainBatch | None, dict[str, float]]:
         lc, traj = self.cfg.learner, rollout.traj
-        kept = rewards.kept.nonzero().flatten()  # trajectories with a finite reward (the rest were dropped)
+        age = self.state.policy_version - traj.row_versions()
+        fresh = age <= self.cfg.cluster.max_staleness  # a trajectory staler than that is never trained on
+        staleness = {"rollout/staleness_max": float(age.max()), "rollout/staleness_mean": float(age.float().mean()),
+                     "train/stale_dropped": float((~fresh).sum())}
+        kept = (rewards.kept & fresh).nonzero().flatten()  # finite reward (the rest were dropped), fresh enough
         if len(kept) == 0:
-            return None, {"train/trajectories": 0.0, "train/padding": 0.0}
+            return None, {"train/trajectories": 0.0, "train/padding": 0.0, **staleness}
         adv = compute_advantages(rewards.rewards[kept], traj.prompt_index[kept], lc.advantage, lc.advantage_eps,
                                  lc.drop_constant_groups)
         values = torch.zeros(len(traj))
@@ -139,7 +179,7 @@ class Driver:
         metrics = {"advantage/mean": float(values[keep].mean()) if keep.any() else 0.0,
                    "advantage/abs_mean": float(values[keep].abs().mean()) if keep.any() else 0.0,
                    "advantage/zero_variance_groups": adv.constant_groups / max(1, adv.groups),
-                   "train/trajectories": float(len(rows)), "train/padding": float(-len(rows) % unit)}
+                   "train/trajectories": float(len(rows)), "train/padding": float(-len(rows) % unit), **staleness}
         if len(rows) == 0:
             return None, metrics
         # Every usable trajectory trains: the batch is filled up to whole optimizer steps with weight-0 copies.
@@ -158,7 +198,7 @@ class Driver:
                            f"{why}; the last checkpoint is intact")
 
     def _checkpoint(self) -> str:
-        self.state.data_position = self.prompts.position
+        self.state.data_position = self.ahead[0].position if self.ahead else self.prompts.position
         return self.learners.save_checkpoint(self.state)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -171,13 +211,12 @@ class Driver:
     def run(self) -> RunState:
         cfg = self.cfg
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        pending = None  # off-policy mode: the next step's rollout, already sampled
         bar = progress_bar(total=cfg.train.steps, initial=self.state.step, desc="ParaRL", unit="step")
         with logging_redirect_tqdm():  # a warning prints above the bar, not through it
             try:
                 while self.state.step < cfg.train.steps and not self.stop_requested:
                     step = self.state.step
-                    metrics, pending = self._step(step, pending)
+                    metrics = self._step(step)
                     if step > self.logged_through:
                         self.tracker.log_metrics(metrics, step=step)
                     self.last_metrics = metrics
@@ -186,6 +225,7 @@ class Driver:
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
                                     traj_s=f"{metrics['throughput/trajectories_per_s']:.1f}", refresh=False)
+                self.sync.wait()
                 self._checkpoint()
                 self.tracker.finish("FINISHED" if not self.stop_requested else "KILLED")
                 return self.state
@@ -200,12 +240,16 @@ class Driver:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
-    def _step(self, step: int, pending: Rollout | None) -> tuple[dict[str, float], Rollout | None]:
-        """One ParaRL iteration: rollout, reward, advantages, update, weight sync. Off-policy, the next
-        step's rollout runs while the learner updates, with this step's weights."""
+    def _step(self, step: int) -> dict[str, float]:
+        """One ParaRL iteration: rollout, reward, advantages, update, weight sync; the rollouts of the
+        next ``max_staleness`` steps are queued first, so the workers sample them meanwhile."""
         cfg, clock = self.cfg, Clock()
-        rollout = pending or self._rollout(step)
-        clock.lap("rollout", rollout.seconds)
+        self._queue_ahead()
+        queued = self.ahead.popleft()
+        if queued.step != step:
+            raise RunError(f"internal: step {step} found the rollout of step {queued.step} first in the queue")
+        rollout = self._collect(queued)
+        clock.lap("rollout")
         rewards = self.reward.score(rollout.traj)
         clock.lap("reward")
         batch, facts = self._train_batch(rollout, rewards)
@@ -213,19 +257,27 @@ class Driver:
             self._nothing_trained(step, rollout.traj, rewards, facts)
         else:
             self.idle_steps = 0
-        update = self.learners.train_async(batch) if batch is not None else None
-        pending = self._rollout(step + 1) if cfg.cluster.mode == "off_policy" and step + 1 < cfg.train.steps else None
-        learn = self.learners.result(update, f"during step {step}") if update is not None else {}
+        learn = self.learners.result(self.learners.train_async(batch), f"during step {step}") if batch is not None else {}
         clock.lap("learner")
         if batch is not None:
             self.state.policy_version += 1
-            self.sync.broadcast(self.state.policy_version)
+            # behind the queued rollouts; a synchronous run waits, so the next rollout starts from it
+            self.sync.broadcast(self.state.policy_version, wait=cfg.cluster.max_staleness == 0)
         clock.lap("sync")
         self.state.step += 1
         metrics = step_metrics(rollout.traj, rewards, facts, learn, clock.laps, clock.total(), self)
+        if step == 0 or self.state.step == cfg.train.steps:
+            self._log_placement()
         if cfg.tracking.snapshot_every and step % cfg.tracking.snapshot_every == 0:
             self._log_snapshots(rollout.traj, rewards, step)
-        return metrics, pending
+        return metrics
+
+    def _log_placement(self) -> None:
+        """Which node each actor runs on (rollout and learner bundles, reward replicas that answered)."""
+        record = {**self.placement.nodes(), "reward_replicas": sorted(self.reward.nodes)}
+        path = self.run_dir / "placement.json"
+        path.write_text(json.dumps(record, indent=1))
+        self.tracker.log_file(path, "cluster")
 
     def _log_snapshots(self, traj, rewards, step: int) -> None:
         n = min(self.cfg.tracking.snapshot_trajectories, len(traj))
@@ -258,6 +310,13 @@ def nothing_trained_reason(n: int, rewards, metrics: dict[str, float]) -> str:
     return "; ".join(parts) or "no trajectory had a usable advantage"
 
 
+def alive_nodes() -> set[str]:
+    """Ids of the Ray nodes alive now (one call to Ray's control store)."""
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
 class Clock:
     """Wall time of a step's phases, lap by lap."""
 
@@ -288,5 +347,7 @@ def step_metrics(traj: Trajectories, rewards, facts: dict[str, float], learn: di
                **{f"time/{k}": v for k, v in laps.items()}, "time/step": wall,
                "throughput/trajectories_per_s": len(traj) / wall,
                "policy_version": driver.state.policy_version, "rollout/restarts": driver.rollouts.restarts,
+               "rollout/workers_lost": driver.rollouts.lost, "rollout/workers": len(driver.rollouts.workers),
+               "cluster/nodes_lost": len(driver.nodes_at_start - alive_nodes()),
                "rollout/trajectory_version": traj.policy_version, "learner/lr": driver.cfg.learner.lr}
     return metrics

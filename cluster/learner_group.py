@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -18,10 +18,10 @@ from cluster.actor_group import DEAD, ActorGroup
 from learner.batch import TrainBatch
 from learner.checkpoint import RunState
 from learner.config import LearnerConfig, validate
-from learner.engine import free_port
 from learner.rank import LearnerRank
 from pararl.errors import RunError
 from pararl.formats import ParallelFormat
+from pararl.net import free_port
 
 
 @ray.remote
@@ -32,7 +32,9 @@ class LearnerActor(LearnerRank):
         super().__init__(cfg, rank, world, has_gpu=bool(ray.get_gpu_ids()))
 
     def node_address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), self.free_port()
+        """This node's address and a port free on it: rank 0's are the group's rendezvous."""
+        ip = ray.util.get_node_ip_address()
+        return ip, self.free_port(ip)
 
 
 class LearnerDied(RunError):
@@ -46,12 +48,16 @@ class LearnerGroup:
 
     def __init__(self, cfg: LearnerConfig, policy_path: str | Path, fmt: ParallelFormat, world: int = 1,
                  reference_path: str | Path | None = None, num_cpus: float = 1, num_gpus: float | None = None,
-                 actor_options: dict[str, Any] | None = None, timeout_s: float = 600) -> None:
+                 actor_options: Callable[[int], dict[str, Any]] | None = None, timeout_s: float = 600) -> None:
+        """``actor_options(rank)``: that rank's extra Ray options (its placement bundle, its custom resources)."""
         validate(cfg)
         self.world = world
         gpus = num_gpus if num_gpus is not None else (1 if cfg.device == "cuda" else 0)
-        options = {"num_cpus": num_cpus, "num_gpus": gpus, **(actor_options or {})}
-        self.group = ActorGroup(LearnerActor, world, lambda rank: (cfg, rank, world), lambda rank: options, timeout_s)
+
+        def options(rank: int) -> dict[str, Any]:
+            return {"num_cpus": num_cpus, "num_gpus": gpus, **(actor_options(rank) if actor_options else {})}
+
+        self.group = ActorGroup(LearnerActor, world, lambda rank: (cfg, rank, world), options, timeout_s)
         addresses = self._get(self.group.submit("node_address"), "starting")
         if {ip for ip, _ in addresses} == {ray.util.get_node_ip_address()}:
             addr, port = "127.0.0.1", free_port()

@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
 from pararl.errors import PararlError
+from reward.config import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +62,34 @@ def start_ray(cfg: ClusterConfig) -> None:
                  object_store_memory=store, _system_config=system)
 
 
-def required(cfg: ClusterConfig, reward_replicas: int = 0, reward_cpus: float = 0.0, reward_gpus: float = 0.0) -> dict[str, float]:
-    return {
-        "CPU": cfg.rollout_workers * cfg.rollout_cpus + cfg.learner_ranks * cfg.learner_cpus + reward_replicas * reward_cpus,
-        "GPU": cfg.rollout_workers * cfg.rollout_gpus + cfg.learner_ranks * cfg.learner_gpus + reward_replicas * reward_gpus,
-    }
+def stage_needs(cfg: ClusterConfig, reward: RewardConfig | None = None) -> dict[str, tuple[int, dict[str, float]]]:
+    """Per stage: how many actors, and what each asks of Ray (CPUs, GPUs, custom resources)."""
+    def ask(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+        return {"CPU": cpus, "GPU": gpus, **custom}
+
+    out = {"rollout workers": (cfg.rollout_workers, ask(cfg.rollout_cpus, cfg.rollout_gpus, cfg.rollout_resources)),
+           "learner ranks": (cfg.learner_ranks, ask(cfg.learner_cpus, cfg.learner_gpus, cfg.learner_resources))}
+    if reward is not None:
+        out["reward replicas"] = (reward.replicas, ask(reward.cpus_per_replica, reward.gpus_per_replica,
+                                                        reward.resources_per_replica))
+    return out
+
+
+def required(cfg: ClusterConfig, reward: RewardConfig | None = None) -> dict[str, float]:
+    """What the whole run asks of the cluster, resource by resource."""
+    total: dict[str, float] = {"CPU": 0.0, "GPU": 0.0}
+    for count, each in stage_needs(cfg, reward).values():
+        for name, amount in each.items():
+            total[name] = total.get(name, 0.0) + count * amount
+    return total
 
 
 def check_resources(need: dict[str, float], have: dict[str, float]) -> None:
-    short = [f"{need[k]:g} {k}s (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+    short = [f"{need[k]:g} {k if k in ('CPU', 'GPU') else repr(k)}s (the cluster has {have.get(k, 0):g})"
+             for k in need if need[k] > have.get(k, 0) + 1e-9]
     if short:
         raise PlacementError("the config needs " + " and ".join(short) +
-                             ": lower cluster.rollout_*/learner_* or reward.replicas, or add nodes")
+                             ": lower cluster.rollout_*/learner_* or reward.replicas, or add nodes that have them")
 
 
 @dataclass
@@ -87,16 +104,25 @@ class Placement:
     def remove(self) -> None:
         remove_placement_group(self.group)
 
+    def nodes(self) -> dict[str, list[str]]:
+        """The address of the node each rollout and learner bundle is on now, from Ray's control store."""
+        from ray.util import placement_group_table
 
-def place(cfg: ClusterConfig, reward_replicas: int = 0, reward_cpus: float = 0.0, reward_gpus: float = 0.0) -> Placement:
-    """One placement group: a bundle per rollout worker and per learner rank (reward replicas are Serve's)."""
-    check_resources(required(cfg, reward_replicas, reward_cpus, reward_gpus), ray.cluster_resources())
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        on = placement_group_table(self.group).get("bundles_to_node_id", {})
+        where = lambda bundles: [address.get(on.get(b, ""), "unplaced") for b in bundles]  # noqa: E731
+        return {"rollout_workers": where(self.rollout_bundles), "learner_ranks": where(self.learner_bundles)}
 
-    def bundle(cpus: float, gpus: float) -> dict[str, float]:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
-    bundles = [bundle(cfg.rollout_cpus, cfg.rollout_gpus)] * cfg.rollout_workers
-    bundles += [bundle(cfg.learner_cpus, cfg.learner_gpus)] * cfg.learner_ranks
+def place(cfg: ClusterConfig, reward: RewardConfig | None = None) -> Placement:
+    """One placement group: a bundle per rollout worker and per learner rank (reward replicas are Serve's).
+    A stage's custom resources go into its bundles, so Ray puts each bundle on a node that has them."""
+    check_resources(required(cfg, reward), ray.cluster_resources())
+    needs = stage_needs(cfg)
+    bundles = []
+    for stage in ("rollout workers", "learner ranks"):
+        count, each = needs[stage]
+        bundles += [{k: v for k, v in each.items() if v or k == "CPU"}] * count
     group = placement_group(bundles, strategy="PACK")
     try:
         ray.get(group.ready(), timeout=cfg.placement_timeout_s)

@@ -4,7 +4,10 @@ The lifecycle, written once for every transport: ``connect`` (once, and again af
 restarts), ``broadcast(version)`` (all ranks export their weights in buckets, a collective under
 ZeRO-3; rank 0's buckets reach every worker, which copies them into its live model and moves to
 ``version``), and ``catch_up(worker)`` (a restarted worker gets the current version before it
-samples). Transports are registered by name:
+samples). ``broadcast(version, wait=False)`` returns once the learner has handed its weights over:
+the workers load them after the calls they already hold (rollouts queued ahead of the learner), and
+``wait()`` collects the loads later. A worker that died meanwhile is the rollout group's to restart
+and catch up; a learner rank that died is an error here. Transports are registered by name:
 
 - ``object_store`` (default): rank 0 yields each bucket into Ray's object store (put once, numpy, so
   every worker on a node reads it from shared memory); workers load bucket by bucket as they appear.
@@ -20,6 +23,7 @@ from typing import Callable, Sequence
 
 import ray
 
+from cluster.actor_group import DEAD
 from pararl.registry import Registry
 
 TRANSPORTS: Registry[Callable[..., "WeightSync"]] = Registry("weight-sync transport")
@@ -43,12 +47,38 @@ class WeightSync:
         self.latest: PublishedWeights | None = None
         self.learners: Sequence = ()
         self.workers: Sequence = ()
+        self.in_flight: tuple[list, list] = ([], [])  # (learner-side, worker-side) calls of the last broadcast
 
     def connect(self, learner_actors: Sequence, workers: Sequence) -> None:
         self.learners, self.workers = list(learner_actors), list(workers)
 
-    def broadcast(self, version: int) -> PublishedWeights:
+    def broadcast(self, version: int, wait: bool = True) -> PublishedWeights:
+        self.wait()
+        start = time.perf_counter()
+        learner_side, worker_side, buckets = self._send(version)
+        self.in_flight = (learner_side, worker_side)
+        self.latest = PublishedWeights(version, buckets, time.perf_counter() - start)
+        if wait:
+            self.wait()
+            self.latest.seconds = time.perf_counter() - start
+        return self.latest
+
+    def _send(self, version: int) -> tuple[list, list, list]:
+        """Start the transfer of ``version``: its learner-side calls, its worker-side calls, and the
+        bucket references a restarted worker catches up from (object store only)."""
         raise NotImplementedError
+
+    def wait(self) -> None:
+        """The last broadcast's calls done: a learner rank's failure raises, a dead worker's is left to
+        the rollout group (it restarts the worker and calls ``catch_up``)."""
+        learner_side, worker_side = self.in_flight
+        self.in_flight = ([], [])
+        ray.get(learner_side, timeout=self.timeout_s)
+        for ref in worker_side:
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except DEAD:
+                pass
 
     def catch_up(self, worker) -> None:
         raise NotImplementedError
@@ -56,18 +86,14 @@ class WeightSync:
 
 @register_transport("object_store")
 class ObjectStoreSync(WeightSync):
-    def broadcast(self, version: int) -> PublishedWeights:
-        start = time.perf_counter()
+    def _send(self, version: int) -> tuple[list, list]:
         stream = self.learners[0].stream_weights.options(num_returns="streaming").remote(self.bucket_bytes)
         drains = [a.drain_weights.remote(self.bucket_bytes) for a in self.learners[1:]]
         refs, loads = [], []
         for ref in stream:  # load each bucket as soon as it exists
             refs.append(ref)
             loads += [w.load_bucket.remote(ref) for w in self.workers]
-        done = [w.finish_sync.remote(version) for w in self.workers]
-        ray.get(loads + done + drains, timeout=self.timeout_s)
-        self.latest = PublishedWeights(version, refs, time.perf_counter() - start)
-        return self.latest
+        return drains, loads + [w.finish_sync.remote(version) for w in self.workers], refs
 
     def catch_up(self, worker) -> None:
         if self.latest is None:  # nothing published yet: the worker's folder weights are version 0
@@ -88,14 +114,12 @@ class CollectiveSync(WeightSync):
         joins += [w.join_sync_group.remote(addr, port, i + 1, world, self.backend) for i, w in enumerate(self.workers)]
         ray.get(joins, timeout=self.timeout_s)
 
-    def broadcast(self, version: int) -> PublishedWeights:
-        start = time.perf_counter()
+    def _send(self, version: int) -> tuple[list, list, list]:
+        """The learner's send waits in the collective until every worker receives: with rollouts queued
+        on the workers it waits for them (and the learner's next update queues behind it)."""
         calls = [self.learners[0].send_weights.remote(self.bucket_bytes, self.wire_dtype)]
         calls += [a.drain_weights.remote(self.bucket_bytes) for a in self.learners[1:]]
-        calls += [w.receive_weights.remote(self.plan, self.wire_dtype, version) for w in self.workers]
-        ray.get(calls, timeout=self.timeout_s)
-        self.latest = PublishedWeights(version, [], time.perf_counter() - start)
-        return self.latest
+        return calls, [w.receive_weights.remote(self.plan, self.wire_dtype, version) for w in self.workers], []
 
     def catch_up(self, worker) -> None:
         """The restarted worker left the group with its old process: form the group anew, resend the version."""

@@ -11,7 +11,6 @@ RANK, WORLD_SIZE, LOCAL_RANK): gloo on CPU, nccl on GPU unless the config names 
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from learner.config import LearnerConfig
 from pararl import devices
 from pararl.config import ConfigError
+from pararl.net import pin_interface
 
 
 def resolve_device(cfg: LearnerConfig) -> str:
@@ -39,13 +39,6 @@ def resolve_backend(cfg: LearnerConfig, device: str) -> str:
     return backend
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface, picked by the driver for MASTER_PORT."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(rank: int, world: int, port: int, backend: str, addr: str = "127.0.0.1", local_rank: int | None = None) -> None:
     """Join the learner group (idempotent within a process: a second call must describe the same group)."""
     import torch.distributed as dist
@@ -57,6 +50,7 @@ def init_distributed(rank: int, world: int, port: int, backend: str, addr: str =
                 f"cannot join one of {world} as rank {rank}"
             )
         return
+    pin_interface(addr, backend)  # ranks on other nodes must reach the interface this rank binds
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank if local_rank is None else local_rank))
     import deepspeed

@@ -13,9 +13,9 @@ from typing import Iterator
 from learner.batch import TrainBatch
 from learner.checkpoint import RunState
 from learner.config import LearnerConfig, validate
-from learner.engine import free_port
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
+from pararl.net import free_port
 from pararl.sync import collective
 from pararl.sync.buckets import bucket_plan
 from pararl.sync.wire import TensorRun, encode_bucket
@@ -29,8 +29,8 @@ class LearnerRank:
         gpu = cfg.device == "cuda" or (cfg.device == "auto" and has_gpu)
         os.environ["DS_ACCELERATOR"] = "cuda" if gpu else "cpu"
 
-    def free_port(self) -> int:
-        return free_port()
+    def free_port(self, host: str = "127.0.0.1") -> int:
+        return free_port(host)
 
     def setup(self, policy_path: str, fmt: ParallelFormat, addr: str, port: int, reference_path: str | None) -> bool:
         from learner.trainer import Learner  # after DS_ACCELERATOR is set (it imports deepspeed)

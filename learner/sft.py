@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from learner.config import LearnerConfig
-from learner.engine import build_engine, free_port, init_distributed
+from learner.engine import build_engine, init_distributed
 from pararl.batching import build_batch
 from pararl.bundle import Codecs, ModelBundle
 from pararl.data import CodeCache, Record
@@ -30,6 +30,7 @@ from pararl.errors import ConfigError, DataError
 from pararl.formats import OutputLayout, ParallelFormat
 from pararl.heads import span_forward
 from pararl.models import LLaDAConfig, build_policy
+from pararl.net import free_port
 from pararl.progress import progress as progress_bar
 from pararl.types import GenerationRequest
 

@@ -21,13 +21,14 @@ import torch.distributed as dist
 
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig, validate
-from learner.engine import build_engine, free_port, init_distributed, resolve_backend, resolve_device
+from learner.engine import build_engine, init_distributed, resolve_backend, resolve_device
 from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, modality_weights, row_sizes, summarize
 from learner.mismatch import correction_weights, gap_metrics, gap_sums
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.logprobs import TokenLogProbs, trajectory_logprobs, window_index
 from pararl.models import load_policy
+from pararl.net import free_port
 
 
 class Learner:

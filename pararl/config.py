@@ -96,3 +96,16 @@ def require(value: Any, key: str) -> Any:
     if value in (None, ""):
         raise ConfigError(f"config key {key!r} must be set")
     return value
+
+
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_custom_resources(resources: Dict[str, float], key: str) -> None:
+    """A stage's custom Ray resources (what places its actors on chosen nodes): CPUs and GPUs have
+    their own keys, and an amount that is not positive would place nothing."""
+    for name, amount in resources.items():
+        if name in RAY_BUILTIN_RESOURCES:
+            raise ConfigError(f"{key} names Ray's own resource {name!r}: use the stage's cpus/gpus keys for it")
+        if not amount > 0:
+            raise ConfigError(f"{key}.{name}={amount} must be positive")

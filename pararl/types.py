@@ -39,7 +39,8 @@ class Trajectories:
     snapshot_steps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [S]
     snapshot_tokens: torch.Tensor | None = None  # [R, S, L_out]
     snapshot_x0: torch.Tensor | None = None  # [R, S, L_out]
-    policy_version: int = 0
+    policy_version: int = 0  # the oldest version among the rows (``versions`` has each row's)
+    versions: torch.Tensor | None = None  # [R] the policy version that sampled each trajectory
     compute_seconds: float = 0.0  # sampling + behaviour log-probs on the worker (the slowest worker, once merged)
     # [R, L_out] log-probability of each output token under the distribution it was drawn from (guided,
     # tempered), at the step that revealed it: what the rollout really sampled, where the behaviour
@@ -76,6 +77,12 @@ class Trajectories:
         i = int(hits[0])
         return self.snapshot_tokens[:, i], self.snapshot_x0[:, i]
 
+    def row_versions(self) -> torch.Tensor:
+        """[R] each trajectory's policy version."""
+        if self.versions is not None:
+            return self.versions
+        return torch.full((len(self),), self.policy_version, dtype=torch.long)
+
     def to(self, device: str | torch.device) -> "Trajectories":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Trajectories(**moved)
@@ -84,7 +91,8 @@ class Trajectories:
 def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajectories:
     """One batch from the parts that different rollout workers sampled (in request order).
 
-    Each worker left-padded its own prompts; the parts are padded further on the left to a common
+    The parts may come from different policy versions (a worker restarted with newer weights): each
+    row keeps its own. Each worker left-padded its own prompts; the parts are padded further on the left to a common
     width, which keeps every output span in the same columns (padding is masked out of attention).
     """
     import torch.nn.functional as F
@@ -99,8 +107,6 @@ def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajector
             raise ValueError("trajectory parts differ in output layout or steps: not one sampler config")
         if not torch.equal(p.snapshot_steps, first.snapshot_steps):
             raise ValueError("trajectory parts have different snapshot steps")
-        if p.policy_version != first.policy_version:
-            raise ValueError(f"trajectory parts come from policy versions {p.policy_version} and {first.policy_version}")
 
     def left(t: torch.Tensor, value: int) -> torch.Tensor:
         return F.pad(t, (width - t.shape[-1], 0), value=value)
@@ -126,7 +132,8 @@ def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajector
         snapshot_steps=first.snapshot_steps,
         snapshot_tokens=None if first.snapshot_tokens is None else cat("snapshot_tokens"),
         snapshot_x0=None if first.snapshot_x0 is None else cat("snapshot_x0"),
-        policy_version=first.policy_version,
+        policy_version=min(p.policy_version for p in parts),
+        versions=torch.cat([p.row_versions() for p in parts]),
         compute_seconds=max(p.compute_seconds for p in parts),
         sampled_logp=None if first.sampled_logp is None else cat("sampled_logp"),
         policy_logp=None if first.policy_logp is None else cat("policy_logp"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from pararl.config import check_custom_resources
 from pararl.errors import ConfigError
 
 
@@ -42,6 +43,8 @@ class RewardConfig:
     replicas: int = 1
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
+    # custom Ray resources per replica, e.g. {reward_node: 1}: replicas run only on nodes that have them
+    resources_per_replica: Dict[str, float] = field(default_factory=dict)
     max_batch_size: int = 16  # trajectories per batch
     # trajectories per pool request: Serve costs 1.5-2.5 ms of CPU per request here, so the client
     # packs trajectories; @serve.batch still merges requests from all callers up to max_batch_size
@@ -74,6 +77,7 @@ def check_reward_config(cfg: RewardConfig) -> None:
         raise ConfigError(f"reward.step_sampling must be 'random' or 'uniform', got {cfg.step_sampling!r}")
     if cfg.max_batch_size < 1 or cfg.replicas < 1:
         raise ConfigError("reward.max_batch_size and reward.replicas must be >= 1")
+    check_custom_resources(cfg.resources_per_replica, "reward.resources_per_replica")
     if not 1 <= cfg.request_size <= cfg.max_batch_size:
         raise ConfigError(f"reward.request_size must be between 1 and reward.max_batch_size ({cfg.max_batch_size}), "
                          f"got {cfg.request_size}")

@@ -124,6 +124,7 @@ class ChunkResult(CheapPickle):
     batch_size: int = 1
     replica: int = 0
     compute_seconds: float = 0.0
+    node: str = ""  # the address of the node the replica ran on (set by the pool)
 
     def results(self) -> list[ScoreResult]:
         rewards = self.rewards.tolist()

@@ -19,7 +19,7 @@ def test_8b_config_loads_and_fits_80gb_gpus(preset):
     assert (lc.lr, lc.eps_low, lc.eps_high, lc.beta, lc.kl_estimator, lc.kl_reference) == (1e-6, 0.2, 0.2, 0.01, "k3", "reference")
     assert (cfg.data.group_size, r.sampled_steps, s.steps, s.text_len, s.cfg_image) == (8, 3, 128, 256, 4.0)
     assert c.address == "auto" and c.rollout_gpus == 1 and c.learner_gpus == 1 and r.gpus_per_replica == 1
-    assert required(c, r.replicas, r.cpus_per_replica, r.gpus_per_replica)["GPU"] == 26
+    assert required(c, r)["GPU"] == 26
     unit = lc.micro_batch_size * lc.grad_accumulation * c.learner_ranks
     assert cfg.data.prompts_per_step * cfg.data.group_size == unit, "one optimizer step uses the whole batch"
     assert cfg.reward.stats_file.endswith("reward_stats.json")

@@ -15,11 +15,13 @@ import torch
 import torch.distributed as dist
 
 from pararl.errors import ConfigError
+from pararl.net import pin_interface
 from pararl.sync.buckets import Bucket
 
 
 def join_group(addr: str, port: int, rank: int, world: int, backend: str, timeout_s: float = 300) -> dist.ProcessGroup:
     timeout = datetime.timedelta(seconds=timeout_s)
+    pin_interface(addr, backend)
     store = dist.PrefixStore("pararl-weight-sync", dist.TCPStore(addr, port, world, rank == 0, timeout=timeout))
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, world, timeout)

@@ -109,6 +109,7 @@ class RewardClient:
             raise ValueError("give exactly one of a Serve handle or a local scorer")
         self.cfg, self.handle, self.scorer = cfg, handle, scorer
         self.replicas: set[int] = set()
+        self.nodes: set[str] = set()  # addresses of the nodes whose replicas have answered
 
     def score(self, traj: Trajectories) -> RewardBatch:
         requests = requests_from(traj)
@@ -155,4 +156,5 @@ class RewardClient:
                     raise RewardError(f"reward pool gave no answer within {self.cfg.request_timeout_s}s "
                                       f"(trajectories {chunks[i].keys})") from err
         self.replicas.update(chunk.replica for chunk in results)
+        self.nodes.update(chunk.node for chunk in results if chunk.node)
         return [r for chunk in results for r in chunk.results()], retried  # type: ignore[union-attr]

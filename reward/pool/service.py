@@ -17,6 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -50,6 +51,7 @@ class RewardReplica:
         self.score.set_max_batch_size(self.cfg.max_batch_size)
         self.score.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.http_token, self.http = http_token, cfg.http
+        self.node = ray.util.get_node_ip_address()
 
     def _build_scorer(self, model_folder: str, named_format: dict[str, Any] | None) -> SemanticScorer:
         torch.set_num_threads(max(1, int(self.cfg.cpus_per_replica)))  # a replica's threads follow its CPUs
@@ -61,7 +63,10 @@ class RewardReplica:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=trajectory_count)
     async def score(self, chunks: list[ScoreChunk]) -> list[ChunkResult]:
         """One scoring pass over every trajectory of the merged requests, answered per request."""
-        return await self._on_torch_thread(self.scorer.score_chunks, chunks)
+        results = await self._on_torch_thread(self.scorer.score_chunks, chunks)
+        for result in results:
+            result.node = self.node
+        return results
 
     def identities(self) -> dict[str, str]:
         return {label: m.identity for label, m in self.scorer.models.items()}
@@ -149,7 +154,8 @@ def start_reward_pool(cfg: RewardConfig, model_folder: str,
         serve.start(proxy_location="Disabled", logging_config=quiet)
     replica = RewardReplica.options(
         num_replicas=cfg.replicas,
-        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica,
+                           "resources": dict(cfg.resources_per_replica)},
         # the concurrency limit must let a full batch form; when every slot is taken Serve's router
         # backs off before it retries, so the queue belongs in the replica (checked by check_reward_config)
         max_ongoing_requests=cfg.max_ongoing_requests,
