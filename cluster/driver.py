@@ -347,7 +347,8 @@ def step_metrics(traj: Trajectories, rewards, facts: dict[str, float], learn: di
                **{f"time/{k}": v for k, v in laps.items()}, "time/step": wall,
                "throughput/trajectories_per_s": len(traj) / wall,
                "policy_version": driver.state.policy_version, "rollout/restarts": driver.rollouts.restarts,
-               "rollout/workers_lost": driver.rollouts.lost, "rollout/workers": len(driver.rollouts.workers),
+               "rollout/trajectories": float(len(traj)), "rollout/workers": len(driver.rollouts.workers),
+               "rollout/workers_lost": driver.rollouts.lost,
                "cluster/nodes_lost": len(driver.nodes_at_start - alive_nodes()),
                "rollout/trajectory_version": traj.policy_version, "learner/lr": driver.cfg.learner.lr}
     return metrics

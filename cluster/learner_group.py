@@ -8,11 +8,13 @@ the driver instead of leaving the others waiting in ``init_process_group``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
 
 from cluster.actor_group import DEAD, ActorGroup
 from learner.batch import TrainBatch
@@ -39,6 +41,38 @@ class LearnerActor(LearnerRank):
 
 class LearnerDied(RunError):
     """A learner rank died: the run stops; the last checkpoint is intact and resume=true continues it."""
+
+
+def learner_died(doing: str, err: Exception) -> LearnerDied:
+    why = str(err).strip().splitlines()[-1]
+    return LearnerDied(f"a learner rank died {doing} ({why}). The last checkpoint is intact; "
+                       "rerun with train.resume=true to continue from it")
+
+
+def wait_all(refs: list, timeout_s: float) -> list:
+    """The results of ``refs``, raising the first failure as soon as it happens (``ray.get`` on the list
+    would wait, in list order, for a rank that hangs in a collective whose peer is gone)."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise GetTimeoutError(f"{len(pending)} learner rank(s) gave no answer within {timeout_s:g}s")
+        ray.get(ready)
+    return ray.get(refs)
+
+
+def first_dead(refs: list, grace_s: float = 10.0) -> Exception | None:
+    """The error of a rank among ``refs`` that died (given ``grace_s`` to show it), or None."""
+    deadline = time.monotonic() + grace_s
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+        except DEAD as err:
+            return err
+        except Exception:  # noqa: BLE001 - that rank's own failure, or still waiting: not a death
+            continue
+    return None
 
 
 class LearnerGroup:
@@ -71,12 +105,17 @@ class LearnerGroup:
         return self.group.actors
 
     def _get(self, refs: list, doing: str) -> list:
+        """Every rank's answer. A rank that dies fails the call at once, even while the others still wait
+        for it inside a collective (or fail there because it went away): that is one ``LearnerDied``."""
         try:
-            return self.group.get(refs)
+            return wait_all(refs, self.group.timeout_s)
         except DEAD as err:
-            why = str(err).strip().splitlines()[-1]
-            raise LearnerDied(f"a learner rank died {doing} ({why}). The last checkpoint is intact; "
-                              "rerun with train.resume=true to continue from it") from err
+            raise learner_died(doing, err) from err
+        except RayTaskError as err:  # a rank's own error: was it only that a peer rank died?
+            dead = first_dead(refs)
+            if dead is not None:
+                raise learner_died(doing, dead) from err
+            raise
 
     def train_async(self, batch: TrainBatch) -> list:
         """Start one update on every rank (its shard of ``batch``); ``result`` collects it."""

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import ray
 
 from cluster.actor_group import DEAD
+from cluster.learner_group import learner_died
 from pararl.registry import Registry
 
 TRANSPORTS: Registry[Callable[..., "WeightSync"]] = Registry("weight-sync transport")
@@ -55,7 +56,10 @@ class WeightSync:
     def broadcast(self, version: int, wait: bool = True) -> PublishedWeights:
         self.wait()
         start = time.perf_counter()
-        learner_side, worker_side, buckets = self._send(version)
+        try:
+            learner_side, worker_side, buckets = self._send(version)
+        except DEAD as err:
+            raise learner_died("while sending weights", err) from err
         self.in_flight = (learner_side, worker_side)
         self.latest = PublishedWeights(version, buckets, time.perf_counter() - start)
         if wait:
@@ -73,7 +77,10 @@ class WeightSync:
         the rollout group (it restarts the worker and calls ``catch_up``)."""
         learner_side, worker_side = self.in_flight
         self.in_flight = ([], [])
-        ray.get(learner_side, timeout=self.timeout_s)
+        try:
+            ray.get(learner_side, timeout=self.timeout_s)
+        except DEAD as err:
+            raise learner_died("while sending weights", err) from err
         for ref in worker_side:
             try:
                 ray.get(ref, timeout=self.timeout_s)
