@@ -1,10 +1,11 @@
 """System overhead of the ParaRL loop: wall seconds per step against the compute on its critical path.
 
-Runs the same config twice, synchronous and one-step off-policy, and reads the per-step figures
+Runs the same config with ``cluster.max_staleness`` k = 0, 1 and 2, and reads the per-step figures
 every component measured where it ran (MLflow): the slowest rollout worker's sampling, the reward
-batches, the learner rank's forward/backward. Synchronous critical path = rollout + reward +
-learner; off-policy = reward + max(rollout, learner) (sampling overlaps learning). The first step
-(warm-up) is left out. Last line: one JSON object, ``overhead`` = the synchronous fraction.
+batches, the learner rank's forward/backward. With k = 0 the critical path is rollout + reward +
+learner; with k >= 1 the next rollout is queued before this step's reward and update, so it is
+max(rollout, reward + learner). The warm-up steps (k + 1 of them: until the queue is full) are left
+out. Last line: one JSON object, ``overhead`` = the synchronous fraction.
 Run: ``.venv/bin/python bench/e2e.py [CONFIG] [key=value ...]`` (default: ``runs/default/config.yaml``,
 the resolved config that ``make train`` writes, its paths pointing into the cache it built).
 """
@@ -33,23 +34,23 @@ def histories(db: Path, run_id: str, keys: list[str]) -> dict[str, list[float]]:
     return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
 
 
-def measure(config: str, overrides: list[str], mode: str, steps: int) -> dict:
+def measure(config: str, overrides: list[str], k: int, steps: int) -> dict:
     from cluster.train import train
 
-    run_dir = Path(tempfile.mkdtemp(prefix="pararl-e2e-")) / mode  # every mode in its own fresh folder
+    run_dir = Path(tempfile.mkdtemp(prefix="pararl-e2e-")) / f"k{k}"  # every k in its own fresh folder
     out = train(config, [*overrides, f"run_dir={run_dir}", f"learner.checkpoint.folder={run_dir / 'checkpoints'}",
-                         f"cluster.mode={mode}", f"train.steps={steps}", "train.checkpoint_every=0", "tracking.snapshot_every=0"])
-    keys = ["time.step", "compute.rollout", "compute.reward", "compute.learner"]
-    h = {k: v[1:] for k, v in histories(run_dir / "mlflow.db", out["run_id"], keys).items()}
-    if mode == "sync":
-        critical = [r + w + ln for r, w, ln in zip(h["compute.rollout"], h["compute.reward"], h["compute.learner"])]
-    else:
-        critical = [w + max(r, ln) for r, w, ln in zip(h["compute.rollout"], h["compute.reward"], h["compute.learner"])]
+                         f"cluster.max_staleness={k}", f"train.steps={steps}", "train.checkpoint_every=0",
+                         "tracking.snapshot_every=0"])
+    keys = ["time.step", "compute.rollout", "compute.reward", "compute.learner", "rollout.staleness_max"]
+    h = {key: v[min(k + 1, steps - 1):] for key, v in histories(run_dir / "mlflow.db", out["run_id"], keys).items()}
+    parts = list(zip(h["compute.rollout"], h["compute.reward"], h["compute.learner"]))
+    critical = [r + w + ln if k == 0 else max(r, w + ln) for r, w, ln in parts]
     wall = statistics.mean(h["time.step"])
     crit = statistics.mean(critical)
-    return {"mode": mode, "steps_timed": len(critical), "wall_s": wall, "critical_s": crit, "overhead": wall / crit - 1,
-            "rollout_s": statistics.mean(h["compute.rollout"]), "reward_s": statistics.mean(h["compute.reward"]),
-            "learner_s": statistics.mean(h["compute.learner"])}
+    return {"mode": f"k={k}", "max_staleness": k, "steps_timed": len(critical), "wall_s": wall, "critical_s": crit,
+            "overhead": wall / crit - 1, "rollout_s": statistics.mean(h["compute.rollout"]),
+            "reward_s": statistics.mean(h["compute.reward"]), "learner_s": statistics.mean(h["compute.learner"]),
+            "staleness_max": max(h["rollout.staleness_max"])}
 
 
 def main() -> None:
@@ -59,15 +60,17 @@ def main() -> None:
         raise SystemExit(f"no run config at {config}: run `make train` first (it writes runs/default/config.yaml), "
                          "or give a config path")
     overrides = [a for a in args if "=" in a]
-    steps = int(os.environ.get("PARARL_E2E_STEPS", "6"))  # a test runs it shorter
-    rows = [measure(config, overrides, mode, steps) for mode in ("sync", "off_policy")]
-    print(f"{'mode':>11} {'wall s/step':>12} {'critical s':>11} {'overhead':>9} {'rollout':>8} {'reward':>7} {'learner':>8}")
+    steps = int(os.environ.get("PARARL_E2E_STEPS", "8"))  # a test runs it shorter
+    ks = [int(k) for k in os.environ.get("PARARL_E2E_STALENESS", "0,1,2").split(",")]
+    rows = [measure(config, overrides, k, steps) for k in ks]
+    print(f"{'k':>4} {'wall s/step':>12} {'critical s':>11} {'overhead':>9} {'rollout':>8} {'reward':>7} {'learner':>8} "
+          f"{'staleness':>9}")
     for r in rows:
-        print(f"{r['mode']:>11} {r['wall_s']:>12.3f} {r['critical_s']:>11.3f} {r['overhead']:>8.1%} "
-              f"{r['rollout_s']:>8.3f} {r['reward_s']:>7.3f} {r['learner_s']:>8.3f}")
-    sync, off = rows
-    print(json.dumps({"overhead": sync["overhead"], "ratio": sync["overhead"], "off_policy_speedup": sync["wall_s"] / off["wall_s"],
-                      "modes": rows}))
+        print(f"{r['max_staleness']:>4} {r['wall_s']:>12.3f} {r['critical_s']:>11.3f} {r['overhead']:>8.1%} "
+              f"{r['rollout_s']:>8.3f} {r['reward_s']:>7.3f} {r['learner_s']:>8.3f} {r['staleness_max']:>9.0f}")
+    sync = rows[0]
+    print(json.dumps({"overhead": sync["overhead"], "ratio": sync["overhead"],
+                      "speedup": {r["mode"]: sync["wall_s"] / r["wall_s"] for r in rows}, "modes": rows}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Learner ranks as Ray actors, and the small driver-side handle of the group.
 
 Each actor is one torch.distributed rank with its own DeepSpeed engine (``learner.rank``); the ranks
-find each other through MASTER_ADDR/MASTER_PORT chosen here (loopback and a free port when every rank
-runs on the driver's node, rank 0's node address and a port free there otherwise). Construction is
+find each other through MASTER_ADDR/MASTER_PORT chosen here: rank 0's node address as Ray knows it
+(loopback in a local Ray kept on loopback) and a port free there, never the driver's node. Construction is
 in two phases, placement first and then the group, so a rank that fails to start raises its error in
 the driver instead of leaving the others waiting in ``init_process_group``.
 """
@@ -23,7 +23,6 @@ from learner.config import LearnerConfig, validate
 from learner.rank import LearnerRank
 from pararl.errors import RunError
 from pararl.formats import ParallelFormat
-from pararl.net import free_port
 
 
 @ray.remote
@@ -92,11 +91,7 @@ class LearnerGroup:
             return {"num_cpus": num_cpus, "num_gpus": gpus, **(actor_options(rank) if actor_options else {})}
 
         self.group = ActorGroup(LearnerActor, world, lambda rank: (cfg, rank, world), options, timeout_s)
-        addresses = self._get(self.group.submit("node_address"), "starting")
-        if {ip for ip, _ in addresses} == {ray.util.get_node_ip_address()}:
-            addr, port = "127.0.0.1", free_port()
-        else:
-            addr, port = addresses[0]
+        addr, port = self._get(self.group.submit("node_address"), "starting")[0]
         ref = None if reference_path is None else str(reference_path)
         self._get(self.group.submit("setup", str(policy_path), fmt, addr, port, ref), "starting")
 

@@ -67,10 +67,12 @@ def test_the_readme_commands_work_on_the_finished_run(finished, capsys, monkeypa
     spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)
-    monkeypatch.setenv("PARARL_E2E_STEPS", "2")
+    monkeypatch.setenv("PARARL_E2E_STEPS", "3")
+    monkeypatch.setenv("PARARL_E2E_STALENESS", "0,1")
     monkeypatch.setattr("sys.argv", ["e2e.py", config])
     capsys.readouterr()
     e2e.main()
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [m["mode"] for m in last["modes"]] == ["sync", "off_policy"] and last["modes"][0]["steps_timed"] == 1
+    assert [m["mode"] for m in last["modes"]] == ["k=0", "k=1"] and [m["steps_timed"] for m in last["modes"]] == [2, 1]
+    assert [m["staleness_max"] for m in last["modes"]] == [0, 1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints

@@ -89,7 +89,7 @@ def _metrics(run_dir, key: str) -> list[float]:
 
 def test_the_run_joins_the_cluster_and_each_stage_lands_on_the_nodes_its_resources_name(cluster, config, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _train(cluster, config, run_dir, "train.steps=3")
+    proc = _train(cluster, config, run_dir, "train.steps=3", "cluster.sync_transport=collective")  # gloo across nodes
     out = _finish(proc)
     assert proc.returncode == 0, out
     assert "finished at step 3 (policy version 3)" in out
