@@ -94,43 +94,56 @@ def check_resources(need: dict[str, float], have: dict[str, float]) -> None:
 
 @dataclass
 class Placement:
-    group: PlacementGroup
+    """A placement group of one bundle per rollout worker and per learner rank, reserved together: one
+    bundle each, so a bundle whose node is gone can be given up alone (a dropped worker's), which
+    a bundle inside a larger group cannot; Ray would go on trying to place it."""
+
+    groups: list[PlacementGroup]
     rollout_bundles: list[int]
     learner_bundles: list[int]
 
     def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
+        return PlacementGroupSchedulingStrategy(placement_group=self.groups[bundle], placement_group_bundle_index=0)
+
+    def release(self, bundle: int) -> None:
+        remove_placement_group(self.groups[bundle])
 
     def remove(self) -> None:
-        remove_placement_group(self.group)
+        for group in self.groups:
+            remove_placement_group(group)
 
     def nodes(self) -> dict[str, list[str]]:
         """The address of the node each rollout and learner bundle is on now, from Ray's control store."""
         from ray.util import placement_group_table
 
         address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        on = placement_group_table(self.group).get("bundles_to_node_id", {})
-        where = lambda bundles: [address.get(on.get(b, ""), "unplaced") for b in bundles]  # noqa: E731
+
+        def where(bundles: list[int]) -> list[str]:
+            on = [placement_group_table(self.groups[b]).get("bundles_to_node_id", {}).get(0, "") for b in bundles]
+            return [address.get(node, "unplaced") for node in on]
+
         return {"rollout_workers": where(self.rollout_bundles), "learner_ranks": where(self.learner_bundles)}
 
 
 def place(cfg: ClusterConfig, reward: RewardConfig | None = None) -> Placement:
-    """One placement group: a bundle per rollout worker and per learner rank (reward replicas are Serve's).
-    A stage's custom resources go into its bundles, so Ray puts each bundle on a node that has them."""
+    """A bundle per rollout worker and per learner rank (reward replicas are Serve's), all reserved
+    before any actor starts. A stage's custom resources go into its bundles, so Ray puts each bundle
+    on a node that has them."""
     check_resources(required(cfg, reward), ray.cluster_resources())
     needs = stage_needs(cfg)
     bundles = []
     for stage in ("rollout workers", "learner ranks"):
         count, each = needs[stage]
         bundles += [{k: v for k, v in each.items() if v or k == "CPU"}] * count
-    group = placement_group(bundles, strategy="PACK")
+    groups = [placement_group([b]) for b in bundles]
     try:
-        ray.get(group.ready(), timeout=cfg.placement_timeout_s)
+        ray.get([g.ready() for g in groups], timeout=cfg.placement_timeout_s)
     except ray.exceptions.GetTimeoutError as err:
-        remove_placement_group(group)
+        for group in groups:
+            remove_placement_group(group)
         raise PlacementError(
             f"placement of {len(bundles)} bundles {bundles} not ready after {cfg.placement_timeout_s:g}s: "
             f"the cluster has {ray.available_resources()} available"
         ) from err
     w = cfg.rollout_workers
-    return Placement(group, list(range(w)), list(range(w, w + cfg.learner_ranks)))
+    return Placement(groups, list(range(w)), list(range(w, w + cfg.learner_ranks)))

@@ -65,7 +65,7 @@ class RolloutGroup:
     def __init__(self, cfg: ClusterConfig, model_folder: str, sampler: SamplerConfig, placement: Placement | None,
                  sync: WeightSync, pad_id: int, dtype: str | None = None, device: str = "cpu",
                  named_format: dict[str, Any] | None = None, behaviour: str = "replay") -> None:
-        self.cfg, self.sync, self.pad_id = cfg, sync, pad_id
+        self.cfg, self.sync, self.pad_id, self.placement = cfg, sync, pad_id, placement
         self.restarts = 0  # workers that died and came back
         self.lost = 0  # workers that died and were left out (lost_worker=drop)
         self.deaths = 0
@@ -122,6 +122,8 @@ class RolloutGroup:
             ray.kill(self.group.actors[index], no_restart=True)  # Ray stops waiting for room to restart it
         except ValueError:
             pass
+        if self.placement is not None:
+            self.placement.release(self.placement.rollout_bundles[index])  # and for room for its bundle
         self.sync.connect(self.sync.learners, self.workers)
         log.warning("rollout worker %d is gone (%s); going on with %d worker(s) (cluster.lost_worker=drop)",
                     index, str(why).strip().splitlines()[-1][:200], len(self.workers))

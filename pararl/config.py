@@ -108,4 +108,4 @@ def check_custom_resources(resources: Dict[str, float], key: str) -> None:
         if name in RAY_BUILTIN_RESOURCES:
             raise ConfigError(f"{key} names Ray's own resource {name!r}: use the stage's cpus/gpus keys for it")
         if not amount > 0:
-            raise ConfigError(f"{key}.{name}={amount} must be positive")
+            raise ConfigError(f"{key}.{name}={amount:g} must be positive")

@@ -100,7 +100,9 @@ class NamespaceCluster:
 
     def wait_nodes(self, alive: int, timeout_s: float = 120) -> None:
         """Until Ray counts ``alive`` live nodes (asked from inside the head's namespace)."""
-        probe = "import ray; ray.init(address='auto', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+        # the address, not "auto": auto also finds any other Ray of this machine (the suite's local one)
+        probe = (f"import ray; ray.init(address={self.gcs!r}, logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
         deadline = time.monotonic() + timeout_s
         seen = "nothing"
         while time.monotonic() < deadline:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("multinode")
-    nodes = [Node("head", 2, {"learner_node": 1, "reward_node": 1}),
+    nodes = [Node("head", 2, {"learner_node": 1, "reward_node": 2}),  # room for a replica that w1 loses
              Node("w1", 2, {"rollout_node": 1, "reward_node": 1}),
              Node("w2", 2, {"rollout_node": 1, "learner_node": 1})]
     c = NamespaceCluster(nodes, work)
@@ -34,7 +34,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def config(cluster, tmp_path_factory):
     """The tiny run, placed: rollout workers on w1 and w2, learner ranks on the head and w2, reward
-    replicas on the head and w1; a lost rollout worker is dropped after 5 s."""
+    replicas on the head and w1 (Serve spreads them); a lost rollout worker is dropped after 5 s."""
     setup = tiny_run(tmp_path_factory.mktemp("multinode-run"))
     raw = setup["raw"]
     raw["cluster"].update({"address": cluster.gcs, "rollout_resources": {"rollout_node": 1}, "learner_ranks": 2,
@@ -81,6 +81,21 @@ def _kill_after(cluster, proc, run_dir, steps: int, node: str, timeout: float = 
     cluster.kill(node)
 
 
+LONGER = ("train.steps=8", "sampler.steps=8", "data.prompts_per_step=8", "tracking.snapshot_every=0")
+
+
+def _run_losing(cluster, config, run_dir, node: str, after_steps: int, *overrides: str) -> tuple[int, str]:
+    """A longer run whose node ``node`` is killed once it has logged ``after_steps`` steps; a new node
+    then replaces it. The run's exit code and output."""
+    proc = _train(cluster, config, run_dir, *LONGER, *overrides)
+    try:
+        _kill_after(cluster, proc, run_dir, after_steps, node)
+        out = _finish(proc)
+    finally:
+        cluster.restart(node)
+    return proc.returncode, out
+
+
 def _metrics(run_dir, key: str) -> list[float]:
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("pararl").experiment_id])[0]
@@ -102,34 +117,25 @@ def test_the_run_joins_the_cluster_and_each_stage_lands_on_the_nodes_its_resourc
 
 
 def test_a_worker_node_killed_mid_run_loses_no_trajectory(cluster, config, tmp_path):
-    """w1 holds a rollout worker and a reward replica; no other node has room for them."""
+    """w1 holds a rollout worker (no other node has room for it: it is dropped) and a reward replica
+    (Serve replaces it on the head)."""
     run_dir = tmp_path / "run"
-    proc = _train(cluster, config, run_dir, "train.steps=8", "sampler.steps=8", "data.prompts_per_step=8",
-                  "train.checkpoint_every=0", "tracking.snapshot_every=0")
-    try:
-        _kill_after(cluster, proc, run_dir, 1, "w1")
-        out = _finish(proc)
-    finally:
-        cluster.restart("w1")
-    assert proc.returncode == 0, out
-    assert "finished at step 8 (policy version 8)" in out, "every step trained"
-    assert _metrics(run_dir, "rollout.trajectories") == [16.0] * 8, "every step sampled all its trajectories"
+    code, out = _run_losing(cluster, config, run_dir, "w1", 1, "train.checkpoint_every=0", "train.steps=12")
+    assert code == 0, out
+    seen = {k: _metrics(run_dir, k) for k in ("time.step", "reward.retries", "reward.replica_losses", "rollout.workers")}
+    assert "finished at step 12 (policy version 12)" in out, ("every step trained", seen, out[-3000:])
+    assert _metrics(run_dir, "rollout.trajectories") == [16.0] * 12, "every step sampled all its trajectories"
     assert max(_metrics(run_dir, "rollout.workers_lost")) == 1 and _metrics(run_dir, "rollout.workers")[-1] == 1
     assert _metrics(run_dir, "cluster.nodes_lost")[-1] == 1, "the lost node is counted"
+    assert seen["reward.replica_losses"][-1] == 1, ("Serve's replacement replica on the head answered", seen)
     cluster.wait_nodes(3)
 
 
 def test_a_learner_node_killed_stops_the_run_with_one_line_and_resume_continues(cluster, config, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _train(cluster, config, run_dir, "train.steps=8", "sampler.steps=8", "data.prompts_per_step=8",
-                  "train.checkpoint_every=1", "tracking.snapshot_every=0")
-    try:
-        _kill_after(cluster, proc, run_dir, 2, "w2")
-        out = _finish(proc)
-    finally:
-        cluster.restart("w2")
+    code, out = _run_losing(cluster, config, run_dir, "w2", 2, "train.checkpoint_every=1")
     said = [line for line in out.splitlines() if line.startswith("pararl train: error:")]  # Ray's own log lines aside
-    assert proc.returncode == 2 and len(said) == 1 and "a learner rank died during step" in said[0], out
+    assert code == 2 and len(said) == 1 and "a learner rank died " in said[0], out  # in a step, a sync or a checkpoint
     assert "The last checkpoint is intact; rerun with train.resume=true" in said[0]
     saved = latest_checkpoint(run_dir / "checkpoints")
     assert saved is not None
@@ -137,8 +143,7 @@ def test_a_learner_node_killed_stops_the_run_with_one_line_and_resume_continues(
     done = json.loads((saved / "run_state.json").read_text())["step"]
     assert done >= 2
     cluster.wait_nodes(3)
-    proc = _train(cluster, config, run_dir, "train.steps=8", "sampler.steps=8", "data.prompts_per_step=8",
-                  "train.checkpoint_every=1", "tracking.snapshot_every=0", "train.resume=true")
+    proc = _train(cluster, config, run_dir, *LONGER, "train.checkpoint_every=1", "train.resume=true")
     out = _finish(proc)
     assert proc.returncode == 0 and "finished at step 8 (policy version 8)" in out, out
     assert len(_metrics(run_dir, "reward.mean")) == 8, "each step logged once, across the stop"

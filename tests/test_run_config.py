@@ -28,6 +28,12 @@ BAD = [
     ("reward.sampled_steps=40", "do not fit sampler.steps=32"),
     ("learner.kl_estimator=k4", "learner.kl_estimator='k4' is not a known KL estimator; known: k1, k2, k3"),
     ("cluster.mode=async", "cluster.mode='async' is not one of: sync, off_policy"),
+    ("cluster.mode=off_policy cluster.max_staleness=2", "cluster.mode=off_policy means max_staleness=1"),
+    ("cluster.max_staleness=-1", "cluster.max_staleness=-1 must be >= 0"),
+    ("cluster.lost_worker=ignore", "cluster.lost_worker='ignore' is not one of: restart, drop"),
+    ("cluster.rollout_resources.GPU=1", "cluster.rollout_resources names Ray's own resource 'GPU'"),
+    ("cluster.learner_resources.learner_node=0", "cluster.learner_resources.learner_node=0 must be positive"),
+    ("reward.resources_per_replica.CPU=2", "reward.resources_per_replica names Ray's own resource 'CPU'"),
     ("data.group_size=0", "data.group_size=0 must be >= 1"),
     ("train.max_idle_steps=-1", "train.max_idle_steps=-1 must be >= 0"),
     ("cluster.dashboard=true cluster.address=auto", "cluster.dashboard applies to a local Ray only"),
@@ -46,6 +52,12 @@ def test_a_good_config_loads_with_its_paths_and_preset_filled(config):
     cfg = load_run_config(config)
     assert cfg.sampler.guidance == "pararl" and cfg.reward.stats_file.endswith("reward_stats.json")
     assert cfg.learner.checkpoint.folder.endswith("checkpoints")
+
+
+def test_the_former_off_policy_mode_is_max_staleness_1_and_custom_resources_load(config):
+    cfg = load_run_config(config, ["cluster.mode=off_policy", "cluster.rollout_resources={rollout_node: 1}"])
+    assert cfg.cluster.max_staleness == 1 and cfg.cluster.mode is None
+    assert dict(cfg.cluster.rollout_resources) == {"rollout_node": 1.0}
 
 
 @pytest.mark.parametrize("override,message", BAD, ids=[o for o, _ in BAD])
