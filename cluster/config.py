@@ -66,6 +66,11 @@ def check_cluster_config(cfg: ClusterConfig) -> None:
             raise ConfigError(f"cluster.mode={cfg.mode} means max_staleness={staleness}, but cluster.max_staleness="
                               f"{cfg.max_staleness}: set only max_staleness")
         cfg.max_staleness, cfg.mode = staleness, None
+    if cfg.address and cfg.address.startswith("ray://"):
+        raise ConfigError(f"cluster.address={cfg.address}: Ray Client is not supported (the weight sync streams "
+                          "through Ray generators, which Ray Client lacks); run the driver on a node of the cluster "
+                          "(cluster.address=auto or HEAD_IP:6379), e.g. as a Ray job: "
+                          "ray job submit --address http://HEAD_IP:8265 -- pararl train CONFIG")
     if cfg.max_staleness < 0:
         raise ConfigError(f"cluster.max_staleness={cfg.max_staleness} must be >= 0")
     if cfg.lost_worker not in LOST_WORKER_POLICIES:

@@ -30,6 +30,7 @@ BAD = [
     ("cluster.mode=async", "cluster.mode='async' is not one of: sync, off_policy"),
     ("cluster.mode=off_policy cluster.max_staleness=2", "cluster.mode=off_policy means max_staleness=1"),
     ("cluster.max_staleness=-1", "cluster.max_staleness=-1 must be >= 0"),
+    ("cluster.address=ray://head:10001", "Ray Client is not supported"),
     ("cluster.lost_worker=ignore", "cluster.lost_worker='ignore' is not one of: restart, drop"),
     ("cluster.rollout_resources.GPU=1", "cluster.rollout_resources names Ray's own resource 'GPU'"),
     ("cluster.learner_resources.learner_node=0", "cluster.learner_resources.learner_node=0 must be positive"),
