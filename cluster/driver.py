@@ -307,6 +307,8 @@ def nothing_trained_reason(n: int, rewards, metrics: dict[str, float]) -> str:
     if metrics.get("advantage/zero_variance_groups", 0.0) > 0:
         parts.append(f"{metrics['advantage/zero_variance_groups']:.0%} of the groups left had one reward for all "
                      "their members (learner.drop_constant_groups)")
+    if metrics.get("train/stale_dropped", 0.0) > 0:
+        parts.append(f"{metrics['train/stale_dropped']:.0f} of {n} trajectories were older than cluster.max_staleness")
     return "; ".join(parts) or "no trajectory had a usable advantage"
 
 

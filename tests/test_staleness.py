@@ -5,7 +5,7 @@ import mlflow
 import pytest
 import torch
 
-from cluster.driver import Driver
+from cluster.driver import Driver, nothing_trained_reason
 from cluster.run_config import load_run_config
 from cluster.train import train
 from learner.checkpoint import checkpoint_name
@@ -60,5 +60,9 @@ def test_a_trajectory_staler_than_k_is_never_trained_on(ray_local, setup, tmp_pa
         batch, facts = driver._train_batch(rollout, rewards)
         assert facts["train/stale_dropped"] == 2 and facts["rollout/staleness_max"] == 2
         assert facts["train/trajectories"] <= 2 and (batch is None or int(batch.row_weight.sum()) <= 2)
+        rollout.traj.versions = torch.zeros(len(rollout.traj), dtype=torch.long)  # all of them too old
+        batch, facts = driver._train_batch(rollout, rewards)
+        assert batch is None and "4 of 4 trajectories were older than cluster.max_staleness" in \
+            nothing_trained_reason(len(rollout.traj), rewards, facts)
     finally:
         driver.shutdown()
