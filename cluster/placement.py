@@ -94,9 +94,9 @@ def check_resources(need: dict[str, float], have: dict[str, float]) -> None:
 
 @dataclass
 class Placement:
-    """A placement group of one bundle per rollout worker and per learner rank, reserved together: one
-    bundle each, so a bundle whose node is gone can be given up alone (a dropped worker's), which
-    a bundle inside a larger group cannot; Ray would go on trying to place it."""
+    """One single-bundle placement group per rollout worker and per learner rank, all reserved before
+    any actor starts. Single bundles, so the bundle of a dropped worker whose node is gone can be given
+    up alone; inside a larger group it could not, and Ray would go on trying to place it."""
 
     groups: list[PlacementGroup]
     rollout_bundles: list[int]

@@ -93,7 +93,7 @@ class WeightSync:
 
 @register_transport("object_store")
 class ObjectStoreSync(WeightSync):
-    def _send(self, version: int) -> tuple[list, list]:
+    def _send(self, version: int) -> tuple[list, list, list]:
         stream = self.learners[0].stream_weights.options(num_returns="streaming").remote(self.bucket_bytes)
         drains = [a.drain_weights.remote(self.bucket_bytes) for a in self.learners[1:]]
         refs, loads = [], []

@@ -92,8 +92,9 @@ def concat_trajectories(parts: Sequence[Trajectories], pad_id: int) -> Trajector
     """One batch from the parts that different rollout workers sampled (in request order).
 
     The parts may come from different policy versions (a worker restarted with newer weights): each
-    row keeps its own. Each worker left-padded its own prompts; the parts are padded further on the left to a common
-    width, which keeps every output span in the same columns (padding is masked out of attention).
+    row keeps its own. Each worker left-padded its own prompts; the parts are padded further on the
+    left to a common width, which keeps every output span in the same columns (padding is masked out
+    of attention).
     """
     import torch.nn.functional as F
 
