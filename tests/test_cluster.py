@@ -253,7 +253,7 @@ def test_stats_of_another_reward_model_exit_2_with_one_line_before_ray_starts(se
     other = tmp_path / "other_stats.json"
     other.write_text(json.dumps(stats))
     code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", f"reward.stats_file={other}",
-                 "cluster.address=ray://127.0.0.1:9"])
+                 "cluster.address=127.0.0.1:9"])  # nothing listens there: Ray must not be reached
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "was computed with reward model 'open_clip:ViT-B-32:laion2b'" in err[0] and "rerun `pararl reward-stats`" in err[0]
@@ -272,7 +272,7 @@ def test_a_bad_image_anywhere_in_the_dataset_exits_2_at_load_before_ray_starts(s
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     code = main(["train", str(setup["config"]), f"run_dir={tmp_path / 'run'}", f"data.train={data}",
-                 "cluster.address=ray://127.0.0.1:9"])
+                 "cluster.address=127.0.0.1:9"])  # nothing listens there: Ray must not be reached
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert f"1 of 2 images named by {data} cannot be used" in err[0] and f"{bad} is {size[1] + 1}x{size[0]}" in err[0]
