@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cluster.colocated import ColocatedActor
 from cluster.config import sync_bucket_bytes
-from cluster.learner_group import LearnerGroup
+from cluster.learner_group import LearnerActor, LearnerGroup
 from cluster.placement import place, start_ray
 from cluster.rollout_group import RolloutGroup, SubmittedRollout
 from cluster.run_config import RunConfig
@@ -95,20 +96,7 @@ class Driver:
         c, r = cfg.cluster, cfg.reward
         self.placement = place(c, r)
         self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model, cfg.model_format.named()))
-        dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
-        self.sync = build_weight_sync(c.sync_transport, bucket_bytes=sync_bucket_bytes(c), timeout_s=c.call_timeout_s,
-                                      wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
-        behaviour = behaviour_source(cfg.learner, approximate_sampler=cfg.sampler.prompt_cache_refresh > 1)
-        self.rollouts = RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
-                                     dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
-                                     named_format=cfg.model_format.named(), behaviour=behaviour)
-        self.learners = LearnerGroup(
-            cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
-            num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s,
-            actor_options=lambda rank: {"scheduling_strategy": self.placement.strategy(self.placement.learner_bundles[rank]),
-                                        "resources": dict(c.learner_resources)},
-        )
-        self.sync.connect(self.learners.actors, self.rollouts.workers)
+        self._start_actors()
         self.state = RunState(reward_stats_path=cfg.reward.stats_file)
         if cfg.train.resume:
             self._resume()
@@ -123,6 +111,36 @@ class Driver:
         # A resumed run repeats the steps after its checkpoint that were logged before the stop; resume
         # is exact (the same seeds, data position and weights), so they are not logged a second time.
         self.logged_through = self.tracker.last_logged_step() if cfg.train.resume else -1
+
+    def _start_actors(self) -> None:
+        """The rollout workers, the learner ranks and the weight sync between them; colocated, the learner
+        ranks are started first and each becomes a rollout worker too."""
+        cfg, c = self.cfg, self.cfg.cluster
+        dtype = "bfloat16" if cfg.learner.precision == "bf16" and c.rollout_gpus > 0 else None
+        transport = "colocated" if c.colocate else c.sync_transport
+        self.sync = build_weight_sync(transport, bucket_bytes=sync_bucket_bytes(c), timeout_s=c.call_timeout_s,
+                                      wire_dtype=dtype or "float32", backend="nccl" if c.rollout_gpus > 0 else "gloo")
+        behaviour = behaviour_source(cfg.learner, approximate_sampler=cfg.sampler.prompt_cache_refresh > 1)
+
+        def rollouts(colocated=None) -> RolloutGroup:
+            return RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
+                                dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
+                                named_format=cfg.model_format.named(), behaviour=behaviour, colocated=colocated)
+
+        def learners() -> LearnerGroup:
+            return LearnerGroup(
+                cfg.learner, cfg.model, self.codecs.fmt, world=c.learner_ranks, num_cpus=c.learner_cpus,
+                num_gpus=c.learner_gpus, timeout_s=c.call_timeout_s, actor_class=ColocatedActor if c.colocate else LearnerActor,
+                actor_options=lambda rank: {"scheduling_strategy": self.placement.strategy(self.placement.learner_bundles[rank]),
+                                            "resources": dict(c.learner_resources)})
+
+        if c.colocate:
+            self.learners = learners()
+            self.rollouts = rollouts(colocated=self.learners.group)
+        else:
+            self.rollouts = rollouts()
+            self.learners = learners()
+        self.sync.connect(self.learners.actors, self.rollouts.workers)
 
     # ---------------------------------------------------------------------------------------------
     def _resume(self) -> None:

@@ -25,8 +25,7 @@ from pararl.errors import RunError
 from pararl.formats import ParallelFormat
 
 
-@ray.remote
-class LearnerActor(LearnerRank):
+class LearnerActorBody(LearnerRank):
     """A rank that knows what Ray gave it: its GPU and its node's address."""
 
     def __init__(self, cfg: LearnerConfig, rank: int, world: int) -> None:
@@ -36,6 +35,9 @@ class LearnerActor(LearnerRank):
         """This node's address and a port free on it: rank 0's are the group's rendezvous."""
         ip = ray.util.get_node_ip_address()
         return ip, self.free_port(ip)
+
+
+LearnerActor = ray.remote(LearnerActorBody)
 
 
 class LearnerDied(RunError):
@@ -81,8 +83,10 @@ class LearnerGroup:
 
     def __init__(self, cfg: LearnerConfig, policy_path: str | Path, fmt: ParallelFormat, world: int = 1,
                  reference_path: str | Path | None = None, num_cpus: float = 1, num_gpus: float | None = None,
-                 actor_options: Callable[[int], dict[str, Any]] | None = None, timeout_s: float = 600) -> None:
-        """``actor_options(rank)``: that rank's extra Ray options (its placement bundle, its custom resources)."""
+                 actor_options: Callable[[int], dict[str, Any]] | None = None, timeout_s: float = 600,
+                 actor_class: Any = LearnerActor) -> None:
+        """``actor_options(rank)``: that rank's extra Ray options (its placement bundle, its custom resources);
+        ``actor_class``: a ``LearnerActorBody`` that does more (``cluster.colocated``: it samples too)."""
         validate(cfg)
         self.world = world
         gpus = num_gpus if num_gpus is not None else (1 if cfg.device == "cuda" else 0)
@@ -90,7 +94,7 @@ class LearnerGroup:
         def options(rank: int) -> dict[str, Any]:
             return {"num_cpus": num_cpus, "num_gpus": gpus, **(actor_options(rank) if actor_options else {})}
 
-        self.group = ActorGroup(LearnerActor, world, lambda rank: (cfg, rank, world), options, timeout_s)
+        self.group = ActorGroup(actor_class, world, lambda rank: (cfg, rank, world), options, timeout_s)
         addr, port = self._get(self.group.submit("node_address"), "starting")[0]
         ref = None if reference_path is None else str(reference_path)
         self._get(self.group.submit("setup", str(policy_path), fmt, addr, port, ref), "starting")

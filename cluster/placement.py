@@ -67,8 +67,12 @@ def stage_needs(cfg: ClusterConfig, reward: RewardConfig | None = None) -> dict[
     def ask(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
         return {"CPU": cpus, "GPU": gpus, **custom}
 
-    out = {"rollout workers": (cfg.rollout_workers, ask(cfg.rollout_cpus, cfg.rollout_gpus, cfg.rollout_resources)),
-           "learner ranks": (cfg.learner_ranks, ask(cfg.learner_cpus, cfg.learner_gpus, cfg.learner_resources))}
+    learner = ask(cfg.learner_cpus, cfg.learner_gpus, cfg.learner_resources)
+    if cfg.colocate:  # each learner rank is a rollout worker too: one actor, one bundle
+        out = {"colocated ranks": (cfg.learner_ranks, learner)}
+    else:
+        out = {"rollout workers": (cfg.rollout_workers, ask(cfg.rollout_cpus, cfg.rollout_gpus, cfg.rollout_resources)),
+               "learner ranks": (cfg.learner_ranks, learner)}
     if reward is not None:
         out["reward replicas"] = (reward.replicas, ask(reward.cpus_per_replica, reward.gpus_per_replica,
                                                         reward.resources_per_replica))
@@ -126,14 +130,12 @@ class Placement:
 
 
 def place(cfg: ClusterConfig, reward: RewardConfig | None = None) -> Placement:
-    """A bundle per rollout worker and per learner rank (reward replicas are Serve's), all reserved
+    """A bundle per rollout worker and per learner rank (one per colocated rank; reward replicas are Serve's), all reserved
     before any actor starts. A stage's custom resources go into its bundles, so Ray puts each bundle
     on a node that has them."""
     check_resources(required(cfg, reward), ray.cluster_resources())
-    needs = stage_needs(cfg)
     bundles = []
-    for stage in ("rollout workers", "learner ranks"):
-        count, each = needs[stage]
+    for count, each in stage_needs(cfg).values():
         bundles += [{k: v for k, v in each.items() if v or k == "CPU"}] * count
     groups = [placement_group([b]) for b in bundles]
     try:
@@ -145,5 +147,7 @@ def place(cfg: ClusterConfig, reward: RewardConfig | None = None) -> Placement:
             f"placement of {len(bundles)} bundles {bundles} not ready after {cfg.placement_timeout_s:g}s: "
             f"the cluster has {ray.available_resources()} available"
         ) from err
+    if cfg.colocate:
+        return Placement(groups, list(range(cfg.learner_ranks)), list(range(cfg.learner_ranks)))
     w = cfg.rollout_workers
     return Placement(groups, list(range(w)), list(range(w, w + cfg.learner_ranks)))

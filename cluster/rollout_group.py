@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError
 
 from cluster.actor_group import DEAD, ActorGroup
 from cluster.config import ClusterConfig
+from cluster.learner_group import learner_died
 from cluster.placement import Placement
 from cluster.weight_sync import WeightSync
 from pararl.errors import RunError
@@ -64,8 +65,12 @@ class SubmittedRollout:
 class RolloutGroup:
     def __init__(self, cfg: ClusterConfig, model_folder: str, sampler: SamplerConfig, placement: Placement | None,
                  sync: WeightSync, pad_id: int, dtype: str | None = None, device: str = "cpu",
-                 named_format: dict[str, Any] | None = None, behaviour: str = "replay") -> None:
+                 named_format: dict[str, Any] | None = None, behaviour: str = "replay",
+                 colocated: ActorGroup | None = None) -> None:
+        """``colocated``: learner ranks that sample too (``cluster.colocated``); each attaches a sampler to
+        its own policy instead of a worker being started."""
         self.cfg, self.sync, self.pad_id, self.placement = cfg, sync, pad_id, placement
+        self.colocated = colocated is not None
         self.restarts = 0  # workers that died and came back
         self.lost = 0  # workers that died and were left out (lost_worker=drop)
         self.deaths = 0
@@ -79,8 +84,14 @@ class RolloutGroup:
                 out["scheduling_strategy"] = placement.strategy(placement.rollout_bundles[i])
             return out
 
-        args = (model_folder, sampler, device, dtype, threads, cfg.rollout_logprob_chunk_rows, named_format, behaviour)
-        self.group = ActorGroup(RolloutWorker, cfg.rollout_workers, lambda i: args, options, cfg.call_timeout_s)
+        if colocated is not None:
+            threads = cfg.rollout_threads or max(1, int(cfg.learner_cpus))
+            self.group = colocated
+            self.group.call("attach_sampler", model_folder, sampler, threads, cfg.rollout_logprob_chunk_rows,
+                            named_format, behaviour, cfg.colocate_offload)
+        else:
+            args = (model_folder, sampler, device, dtype, threads, cfg.rollout_logprob_chunk_rows, named_format, behaviour)
+            self.group = ActorGroup(RolloutWorker, cfg.rollout_workers, lambda i: args, options, cfg.call_timeout_s)
         self.alive = [True] * len(self.group)
         self.incarnation = [0] * len(self.group)
         self.group.call("ready")
@@ -130,7 +141,10 @@ class RolloutGroup:
 
     def _after_death(self, worker: int, incarnation: int, err: Exception) -> int:
         """The worker that samples a chunk again whose worker died: the same one, restarted (once, however
-        many chunks it held), or a live one if it was left out."""
+        many chunks it held), or a live one if it was left out. A colocated worker is a learner rank: its
+        death stops the run."""
+        if self.colocated:
+            raise learner_died("while sampling", err)
         if self.alive[worker] and self.incarnation[worker] == incarnation:
             self._recover(worker, err)
         if self.alive[worker]:
@@ -185,4 +199,5 @@ class RolloutGroup:
         return self.group.get([a.weights_hash.remote() for a in self.workers])
 
     def shutdown(self) -> None:
-        self.group.kill()
+        if not self.colocated:  # colocated actors are the learner group's
+            self.group.kill()

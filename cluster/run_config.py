@@ -109,6 +109,10 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     if cfg.reward.models:  # a config that names no reward model is refused where a reward is built
         check_reward_config(cfg.reward)
     _check_counts(cfg)
+    if cfg.cluster.colocate and cfg.learner.zero_stage == 3:
+        raise ConfigError("cluster.colocate=true samples from the learner's own parameters, which ZeRO-3 partitions "
+                          "across the ranks: use learner.zero_stage 0-2 (ZeRO-2 partitions the optimizer state and "
+                          "gradients, and colocate_offload moves that state aside while sampling)")
     if cfg.learner.behaviour == "sampler" and cfg.sampler.prompt_cache_refresh > 1:
         raise ConfigError(f"learner.behaviour=sampler reads pi_old off the sampler's forwards, but with "
                           f"sampler.prompt_cache_refresh={cfg.sampler.prompt_cache_refresh} they are approximate: "

@@ -24,6 +24,7 @@ from learner.config import LearnerConfig, validate
 from learner.engine import build_engine, init_distributed, resolve_backend, resolve_device
 from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, modality_weights, row_sizes, summarize
 from learner.mismatch import correction_weights, gap_metrics, gap_sums
+from learner.offload import move_optimizer_state
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.logprobs import TokenLogProbs, trajectory_logprobs, window_index
@@ -49,6 +50,7 @@ class Learner:
         self.engine = build_engine(load_policy(policy_path, dtype=torch.float32), cfg, world, self.device)
         self.settings = LossSettings.from_config(cfg)
         self._grad_norm: float | None = None
+        self.stepped_aside = False  # the optimizer's state is in host memory (a colocated rank sampling)
         self.reference = None
         if cfg.beta > 0 and cfg.kl_reference == "reference":
             where = "cpu" if cfg.reference_offload else self.device
@@ -87,10 +89,27 @@ class Learner:
         out["ratio_max"] = self._all_reduce(stats["ratio_max"].double().cpu().reshape(1), dist.ReduceOp.MAX)[0]
         return out
 
+    def step_aside(self, copy: bool = False) -> int:
+        """Move the optimizer's state to host memory until the next update (a GPU rank that samples
+        between its updates needs the room); a CPU rank's is there already (``copy`` moves it anyway, for
+        tests). Returns the bytes moved."""
+        if self.stepped_aside or (self.device == "cpu" and not copy):
+            return 0
+        self.stepped_aside = True
+        return move_optimizer_state(self.engine, "cpu", copy=copy)
+
+    def come_back(self) -> int:
+        """The optimizer's state back where the update runs."""
+        if not self.stepped_aside:
+            return 0
+        self.stepped_aside = False
+        return move_optimizer_state(self.engine, self.engine.device)
+
     def train_batch(self, batch: TrainBatch) -> dict:
         """``updates_per_batch`` passes over this rank's shard; returns metrics reduced over all ranks."""
         cfg = self.cfg
         start = time.perf_counter()
+        self.come_back()
         batch.validate()
         batch = batch.to(self.engine.device)
         mb, gas = cfg.micro_batch_size, cfg.grad_accumulation
@@ -212,6 +231,7 @@ class Learner:
         from learner.checkpoint import save_checkpoint
 
         folder = folder or self.cfg.checkpoint.folder
+        self.come_back()  # the optimizer's state is saved from (and restored to) where it trains
         if folder is None:
             raise ValueError("no checkpoint folder: set learner.checkpoint.folder")
         return save_checkpoint(self.engine, folder, state, keep_last=self.cfg.checkpoint.keep_last,
@@ -222,4 +242,5 @@ class Learner:
         from learner.checkpoint import load_checkpoint, resolve_checkpoint
 
         where = resolve_checkpoint(path or self.cfg.checkpoint.folder)
+        self.come_back()
         return load_checkpoint(self.engine, where)

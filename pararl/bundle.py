@@ -102,8 +102,10 @@ def check_image_tokenizer(fmt: FormatBase, image_tokenizer: ImageTokenizer, wher
 
 
 def load_bundle(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
-                named: dict[str, Any] | None = None) -> ModelBundle:
-    policy = load_policy(path, dtype=dtype, device=device)
+                named: dict[str, Any] | None = None, policy: LLaDAModelLM | None = None) -> ModelBundle:
+    """The folder's codecs with its policy, or with ``policy``: a model already in memory (a colocated
+    learner's), so no second copy of the weights is read."""
+    policy = policy if policy is not None else load_policy(path, dtype=dtype, device=device)
     codecs = load_codecs(path, named)
     if codecs.fmt.vocab_size > policy.config.output_size:
         raise CheckpointError(

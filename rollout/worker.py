@@ -26,14 +26,17 @@ from rollout.sampler import ParallelSampler
 class RolloutWorker:
     def __init__(self, model_folder: str, sampler_cfg: SamplerConfig, device: str = "cpu", dtype: str | None = None,
                  threads: int | None = None, logprob_chunk_rows: int | None = None,
-                 named_format: dict[str, Any] | None = None, behaviour: str = "replay") -> None:
+                 named_format: dict[str, Any] | None = None, behaviour: str = "replay",
+                 policy: torch.nn.Module | None = None) -> None:
+        """``policy``: sample from this model (a colocated learner's own, in the same process) instead of
+        loading the folder's weights."""
         self.logprob_chunk_rows = logprob_chunk_rows
         self.behaviour = behaviour  # learner.behaviour: "replay" (extra forwards) or "sampler" (its own forwards)
         if threads:
             torch.set_num_threads(threads)
         self.device = device
         self.bundle = load_bundle(model_folder, dtype=resolve_dtype(dtype) if dtype else None, device=device,
-                                  named=named_format)
+                                  named=named_format, policy=policy)
         self.policy = self.bundle.policy
         self.sampler = ParallelSampler(self.policy, self.bundle.fmt, sampler_cfg)
         self.live = {name: t for name, t in self.policy.state_dict(keep_vars=True).items()}

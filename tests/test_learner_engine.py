@@ -7,6 +7,7 @@ import torch
 
 from learner.config import LearnerConfig, validate
 from learner.engine import deepspeed_config
+from learner.offload import optimizer_tensors
 from learner.trainer import Learner
 from pararl.config import ConfigError, build_config
 from pararl.logprobs import RandomMaskPlan, TokenLogProbs
@@ -196,3 +197,20 @@ def test_modality_weights_are_checked():
         validate(LearnerConfig(text_weight=0.0, image_weight=0.0))
     with pytest.raises(ConfigError, match="learner.image_weight=-1.0 must be >= 0"):
         validate(LearnerConfig(image_weight=-1.0))
+
+
+@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (0, "bf16")])
+def test_the_optimizer_state_steps_aside_to_new_storage_and_training_goes_on_as_if_it_never_left(folder, batch, stage,
+                                                                                                  precision):
+    cfg = learner_config(zero_stage=stage, precision=precision, updates_per_batch=1)
+    aside, stayed = Learner(cfg, folder, FMT), Learner(cfg, folder, FMT)
+    aside.train_batch(batch), stayed.train_batch(batch)
+    params = sum(p.numel() for p in aside.module.parameters())
+    before = [t.data_ptr() for t in optimizer_tensors(aside.engine)]
+    moved = aside.step_aside(copy=True)  # on CPU only a forced copy moves anything: new storage for every tensor
+    assert aside.stepped_aside and 12 * params <= moved < 13 * params  # fp32 master + two Adam moments
+    assert all(t.data_ptr() != p for t, p in zip(optimizer_tensors(aside.engine), before))
+    assert aside.step_aside() == 0  # already aside
+    aside.train_batch(batch), stayed.train_batch(batch)  # the update brings it back and uses the moved tensors
+    assert not aside.stepped_aside and aside.weights_hash() == stayed.weights_hash()
+    assert Learner(cfg, folder, FMT).step_aside() == 0  # a CPU rank's state is in host memory already
