@@ -125,7 +125,8 @@ class Driver:
         def rollouts(colocated=None) -> RolloutGroup:
             return RolloutGroup(c, cfg.model, cfg.sampler, self.placement, self.sync, self.codecs.fmt.pad_id,
                                 dtype=dtype, device="cuda" if c.rollout_gpus > 0 else "cpu",
-                                named_format=cfg.model_format.named(), behaviour=behaviour, colocated=colocated)
+                                named_format=cfg.model_format.named(), behaviour=behaviour, colocated=colocated,
+                                adapters=cfg.learner.lora)
 
         def learners() -> LearnerGroup:
             return LearnerGroup(

@@ -29,6 +29,7 @@ from cluster.placement import Placement
 from cluster.weight_sync import WeightSync
 from pararl.errors import RunError
 from pararl.logprobs import Plan, TokenLogProbs
+from pararl.lora import AdapterConfig
 from pararl.types import GenerationRequest, Trajectories, concat_trajectories
 from rollout.config import SamplerConfig
 from rollout.worker import RolloutWorker
@@ -66,7 +67,7 @@ class RolloutGroup:
     def __init__(self, cfg: ClusterConfig, model_folder: str, sampler: SamplerConfig, placement: Placement | None,
                  sync: WeightSync, pad_id: int, dtype: str | None = None, device: str = "cpu",
                  named_format: dict[str, Any] | None = None, behaviour: str = "replay",
-                 colocated: ActorGroup | None = None) -> None:
+                 colocated: ActorGroup | None = None, adapters: AdapterConfig | None = None) -> None:
         """``colocated``: learner ranks that sample too (``cluster.colocated``); each attaches a sampler to
         its own policy instead of a worker being started."""
         self.cfg, self.sync, self.pad_id, self.placement = cfg, sync, pad_id, placement
@@ -90,7 +91,8 @@ class RolloutGroup:
             self.group.call("attach_sampler", model_folder, sampler, threads, cfg.rollout_logprob_chunk_rows,
                             named_format, behaviour, cfg.colocate_offload)
         else:
-            args = (model_folder, sampler, device, dtype, threads, cfg.rollout_logprob_chunk_rows, named_format, behaviour)
+            args = (model_folder, sampler, device, dtype, threads, cfg.rollout_logprob_chunk_rows, named_format, behaviour,
+                    None, adapters)
             self.group = ActorGroup(RolloutWorker, cfg.rollout_workers, lambda i: args, options, cfg.call_timeout_s)
         self.alive = [True] * len(self.group)
         self.incarnation = [0] * len(self.group)

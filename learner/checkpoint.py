@@ -94,8 +94,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, root: str | Path, state: RunState, keep_last: int = 3, checksums: bool = True,
-                    source: str | None = None) -> Path:
-    """Collective: every rank calls it. Returns the complete checkpoint folder."""
+                    source: str | None = None, adapters: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the complete checkpoint folder. ``adapters``: the LoRA
+    settings of a run that trains adapters (export merges them)."""
     rank, world = _rank_world()
     root = Path(root)
     name = checkpoint_name(state.step)
@@ -110,20 +111,20 @@ def save_checkpoint(engine, root: str | Path, state: RunState, keep_last: int = 
     torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
-        _finalize(engine, root, tmp, final, state, world, checksums, source)
+        _finalize(engine, root, tmp, final, state, world, checksums, source, adapters)
         prune(root, keep_last)
     _barrier()
     return final
 
 
 def _finalize(engine, root: Path, tmp: Path, final: Path, state: RunState, world: int, checksums: bool,
-              source: str | None) -> None:
+              source: str | None, adapters: dict | None) -> None:
     """Rank 0: the small files, then COMPLETE, then the rename, then ``latest``: each only after the one before."""
     cfg = engine.module.config
     write_synced(tmp / "run_state.json", json.dumps(asdict(state), indent=1))
     write_synced(tmp / "policy_config.json", cfg.to_json_string())
     meta = {"zero_stage": engine.zero_optimization_stage(), "world_size": world, "bf16": bool(engine.bfloat16_enabled()),
-            "source": source, "global_steps": int(engine.global_steps)}
+            "source": source, "global_steps": int(engine.global_steps), "adapters": adapters}
     write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
     write_synced(tmp / COMPLETE, json.dumps({"files": _manifest(tmp, checksums)}, indent=1))
     if final.exists():  # the same step saved again: replace it whole

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pararl.errors import ConfigError
+from pararl.lora import AdapterConfig, check_adapter_config
 from pararl.registry import Registry
 
 
@@ -89,6 +90,10 @@ class LearnerConfig:
     mask_ratio_min: float = 0.05  # random_mask: the ratio t is drawn from U(min, max) per trajectory
     mask_ratio_max: float = 1.0
 
+    # LoRA (peft): only low-rank adapters on the blocks' linear maps train; the reference policy is the
+    # base with them switched off, and a new version sends only them (pararl/lora.py)
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
+
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -160,6 +165,7 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"learner.{key}={getattr(cfg, key)} must be >= 0")
     check_coverage(cfg)
+    check_adapter_config(cfg.lora)
     if cfg.text_weight < 0 or cfg.image_weight < 0 or cfg.text_weight + cfg.image_weight == 0:
         raise ConfigError(f"learner.text_weight={cfg.text_weight}, image_weight={cfg.image_weight}: both must be "
                           ">= 0 and one positive")

@@ -2,11 +2,12 @@
 
 The weights come from DeepSpeed's fp32 master copy under ZeRO 1-3 (through DeepSpeed's own
 ``zero_to_fp32`` reader), and from the saved module under ZeRO-0 (``zero_to_fp32`` cannot read
-the bf16 optimizer's files: a bf16 run without ZeRO exports its bf16 weights, cast up); keys keep
-LLaDA's names, tensors are written as sharded safetensors next to ``config.json``. Files that make
-the source folder a full model bundle (tokenizer, ``pararl.json``, the image tokenizer's folder such
-as -A's ``vqvae/``) are copied along when the source folder still exists. The folder is written
-under a temporary name and renamed when complete.
+the bf16 optimizer's files: a bf16 run without ZeRO exports its bf16 weights, cast up); a LoRA
+run's adapters are merged into the base (``pararl.lora``). Keys keep LLaDA's names, tensors are
+written as sharded safetensors next to ``config.json``. Files that make the source folder a full
+model bundle (tokenizer, ``pararl.json``, the image tokenizer's folder such as -A's ``vqvae/``)
+are copied along when the source folder still exists. The folder is written under a temporary
+name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from learner.checkpoint import DS_TAG, resolve_checkpoint, verify
 from pararl.errors import ConfigError
 from pararl.files import atomic_folder
+from pararl.lora import AdapterConfig, merge_adapters
 from pararl.models import LLaDAConfig, LLaDAModelLM
 from pararl.models.loading import check_keys
 
@@ -47,10 +49,16 @@ def export_policy(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
         raise ConfigError(f"export target {out} exists and is not empty; choose a new folder")
     config = LLaDAConfig.from_json_file(str(checkpoint / "policy_config.json"))
     state = checkpoint_state_dict(checkpoint)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    adapters = json.loads((checkpoint / "meta.json").read_text()).get("adapters")
     with torch.device("meta"):
         model = LLaDAModelLM(config)
+    if adapters:  # a LoRA run: its adapters merged into the base, under the policy's own names
+        model = merge_adapters(model, AdapterConfig(**adapters), state)
+        state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+        with torch.device("meta"):
+            model = LLaDAModelLM(config)
     check_keys(model, state, checkpoint)
     model.load_state_dict(state, strict=True, assign=True)
 

@@ -75,7 +75,7 @@ class LearnerRank:
         return True
 
     def sync_plan(self, bucket_bytes: int) -> list[list[str]]:
-        return bucket_plan(self.learner.engine.module, bucket_bytes)
+        return bucket_plan(self.learner.engine.module, bucket_bytes, only=self.learner.synced)
 
     def send_weights(self, bucket_bytes: int, wire_dtype: str) -> int:
         return collective.send(self.sync_group, self.learner.weight_buckets(bucket_bytes), self.sync_backend,

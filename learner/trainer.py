@@ -28,6 +28,7 @@ from learner.offload import move_optimizer_state
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.logprobs import TokenLogProbs, trajectory_logprobs, window_index
+from pararl.lora import adapter_spec, adapters_off, add_adapters, is_adapter
 from pararl.models import load_policy
 from pararl.net import free_port
 
@@ -47,12 +48,15 @@ class Learner:
         init_distributed(rank, world, port or free_port(), resolve_backend(cfg, kind), addr, local_rank)
         torch.manual_seed(cfg.seed + rank)
         self.policy_path = str(policy_path)
-        self.engine = build_engine(load_policy(policy_path, dtype=torch.float32), cfg, world, self.device)
+        policy = load_policy(policy_path, dtype=torch.float32)
+        if cfg.lora.enabled:  # only the adapters train; the base with them switched off is the reference
+            add_adapters(policy, cfg.lora)
+        self.engine = build_engine(policy, cfg, world, self.device)
         self.settings = LossSettings.from_config(cfg)
         self._grad_norm: float | None = None
         self.stepped_aside = False  # the optimizer's state is in host memory (a colocated rank sampling)
         self.reference = None
-        if cfg.beta > 0 and cfg.kl_reference == "reference":
+        if cfg.beta > 0 and cfg.kl_reference == "reference" and not cfg.lora.enabled:
             where = "cpu" if cfg.reference_offload else self.device
             self.reference = load_policy(reference_path or policy_path, dtype=resolve_dtype(cfg.precision), device=where)
             self.reference.requires_grad_(False)
@@ -67,6 +71,9 @@ class Learner:
         return TokenLogProbs.cat(parts).detach()
 
     def reference_logprobs(self, batch: TrainBatch) -> TokenLogProbs:
+        if self.cfg.lora.enabled:
+            with adapters_off(self.engine.module) as base:
+                return self._score(base, batch)
         if self.cfg.reference_offload and self.device != "cpu":
             self.reference.to(self.device)
             try:
@@ -220,7 +227,13 @@ class Learner:
     def weight_buckets(self, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None):
         from learner.weights import iter_weight_buckets
 
-        return iter_weight_buckets(self.engine.module, bucket_bytes, dtype)
+        return iter_weight_buckets(self.engine.module, bucket_bytes, dtype, only=self.synced)
+
+    @property
+    def synced(self):
+        """Which tensors a new policy version sends: all of them, or under LoRA only the adapters (the
+        rollout workers hold the same frozen base)."""
+        return is_adapter if self.cfg.lora.enabled else None
 
     def weights_hash(self) -> str:
         from learner.weights import policy_hash
@@ -235,7 +248,8 @@ class Learner:
         if folder is None:
             raise ValueError("no checkpoint folder: set learner.checkpoint.folder")
         return save_checkpoint(self.engine, folder, state, keep_last=self.cfg.checkpoint.keep_last,
-                               checksums=self.cfg.checkpoint.checksums, source=self.policy_path)
+                               checksums=self.cfg.checkpoint.checksums, source=self.policy_path,
+                               adapters=adapter_spec(self.cfg.lora) if self.cfg.lora.enabled else None)
 
     def load_checkpoint(self, path: str | Path | None = None):
         """Resume from ``path`` (a checkpoint, or a folder with a ``latest`` pointer; default: the config's folder)."""

@@ -9,7 +9,7 @@ in lockstep, and only the driver-facing rank needs to keep them.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -18,11 +18,12 @@ from pararl.sync.buckets import Bucket, is_zero3, named_weights, pack_flat, plan
 __all__ = ["flatten_parameters", "iter_weight_buckets", "policy_hash", "weights_hash"]
 
 
-def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20,
-                        dtype: torch.dtype | None = None) -> Iterator[Bucket]:
-    """Yield lists of (name, full tensor on CPU); collective under ZeRO-3 (all ranks iterate together)."""
+def iter_weight_buckets(module: torch.nn.Module, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None,
+                        only: Callable[[str], bool] | None = None) -> Iterator[Bucket]:
+    """Yield lists of (name, full tensor on CPU); collective under ZeRO-3 (all ranks iterate together).
+    ``only``: the names to send (LoRA: the adapters)."""
     module = getattr(module, "module", module)  # a DeepSpeed engine: its wrapped model
-    for bucket in plan_buckets(named_weights(module), bucket_bytes):
+    for bucket in plan_buckets(named_weights(module, only), bucket_bytes):
         params = [p for _, p in bucket if is_zero3(p)]
         if params:
             import deepspeed

@@ -15,8 +15,9 @@ import torch
 from pararl.bundle import load_bundle
 from pararl.devices import resolve_dtype
 from pararl.logprobs import Plan, TokenLogProbs, from_sampler, trajectory_logprobs
+from pararl.lora import AdapterConfig, add_adapters, has_adapters, is_adapter
 from pararl.sync import collective
-from pararl.sync.buckets import weights_hash
+from pararl.sync.buckets import named_weights, weights_hash
 from pararl.sync.wire import SyncError, TensorRun, decode_bucket
 from pararl.types import GenerationRequest, Trajectories
 from rollout.config import SamplerConfig
@@ -27,9 +28,10 @@ class RolloutWorker:
     def __init__(self, model_folder: str, sampler_cfg: SamplerConfig, device: str = "cpu", dtype: str | None = None,
                  threads: int | None = None, logprob_chunk_rows: int | None = None,
                  named_format: dict[str, Any] | None = None, behaviour: str = "replay",
-                 policy: torch.nn.Module | None = None) -> None:
+                 policy: torch.nn.Module | None = None, adapters: AdapterConfig | None = None) -> None:
         """``policy``: sample from this model (a colocated learner's own, in the same process) instead of
-        loading the folder's weights."""
+        loading the folder's weights. ``adapters``: the learner trains LoRA adapters; the worker carries
+        the same ones on its frozen base, and a new version sends only them."""
         self.logprob_chunk_rows = logprob_chunk_rows
         self.behaviour = behaviour  # learner.behaviour: "replay" (extra forwards) or "sampler" (its own forwards)
         if threads:
@@ -39,7 +41,10 @@ class RolloutWorker:
                                   named=named_format, policy=policy)
         self.policy = self.bundle.policy
         self.sampler = ParallelSampler(self.policy, self.bundle.fmt, sampler_cfg)
-        self.live = {name: t for name, t in self.policy.state_dict(keep_vars=True).items()}
+        lora = adapters is not None and adapters.enabled
+        if lora and not has_adapters(self.policy):
+            add_adapters(self.policy, adapters)
+        self.live = {name: t for name, t in self.policy.state_dict(keep_vars=True).items() if not lora or is_adapter(name)}
         self.version = 0
         self._received: set[str] = set()
 
@@ -88,8 +93,8 @@ class RolloutWorker:
         return version
 
     def weights_hash(self) -> str:
-        """The hash of the live sampling model (same definition as the learner's)."""
-        return weights_hash((name, t.detach()) for name, t in self.live.items())
+        """The hash of the whole sampling model, frozen base included (same definition as the learner's)."""
+        return weights_hash((name, t.detach()) for name, t in named_weights(self.policy))
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, requests: Sequence[GenerationRequest], group_size: int, snapshot_steps: Sequence[int],

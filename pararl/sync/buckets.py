@@ -8,7 +8,7 @@ buckets compute the same value from different bucketings.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -24,13 +24,14 @@ def _numel(p: torch.Tensor) -> int:
     return int(p.ds_numel) if is_zero3(p) else p.numel()
 
 
-def named_weights(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and persistent buffers under their state-dict names (tied weights once)."""
+def named_weights(module: torch.nn.Module, only: Callable[[str], bool] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers under their state-dict names (tied weights once); ``only``
+    keeps the names it accepts (LoRA: the adapters, the only tensors a new version changes)."""
     named = list(module.named_parameters())
     skip = {k for k, _ in named}
     persistent = set(module.state_dict(keep_vars=True).keys())
     named += [(k, b) for k, b in module.named_buffers() if k in persistent and k not in skip]
-    return named
+    return named if only is None else [(k, t) for k, t in named if only(k)]
 
 
 def plan_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[Bucket]:
@@ -50,10 +51,10 @@ def plan_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> li
     return buckets
 
 
-def bucket_plan(module: torch.nn.Module, bucket_bytes: int) -> list[list[str]]:
+def bucket_plan(module: torch.nn.Module, bucket_bytes: int, only: Callable[[str], bool] | None = None) -> list[list[str]]:
     """The sender's bucket boundaries, by name: the receivers follow them whatever their own dtypes."""
     module = getattr(module, "module", module)
-    return [[name for name, _ in bucket] for bucket in plan_buckets(named_weights(module), bucket_bytes)]
+    return [[name for name, _ in bucket] for bucket in plan_buckets(named_weights(module, only), bucket_bytes)]
 
 
 def pack_flat(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
