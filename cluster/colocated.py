@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import ray
+import torch
 
 from cluster.learner_group import LearnerActorBody
 from cluster.weight_sync import WeightSync, register_transport
@@ -56,6 +57,8 @@ class ColocatedBody(LearnerActorBody):
             return self.worker.sample(requests, group_size, snapshot_steps, version, plan)
         finally:
             module.train(training)
+            if torch.cuda.is_available():  # the sampler's activations back to the GPU, for a reward replica beside it
+                torch.cuda.empty_cache()
 
     def adopt_weights(self, version: int) -> int:
         """The sampler reads the learner's parameters themselves: the update already put version ``version`` there."""

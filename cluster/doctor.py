@@ -40,6 +40,8 @@ def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="memory of one GPU, when Ray's accelerator type does not say it")
+    parser.add_argument("--node-gpus", type=int, default=None,
+                        help="GPUs of one node, for the one-node check (default: the largest node Ray sees)")
     parser.add_argument("--load", action="store_true",
                         help="also build the reward models (and check the stats against their identities)")
 
@@ -59,7 +61,7 @@ def doctor_main(args: argparse.Namespace) -> int:
     models = check_reward(cfg, report, getattr(args, "load", False))
     check_stats(cfg, report, models)
     check_data(cfg, report)
-    check_cluster(cfg, report, model, getattr(args, "gpu_memory_gb", None))
+    check_cluster(cfg, report, model, getattr(args, "gpu_memory_gb", None), getattr(args, "node_gpus", None))
     return finish(report)
 
 
@@ -258,11 +260,11 @@ def gpu_memory_gib(resources: dict[str, float], given: float | None) -> tuple[fl
     return None, f"unknown (accelerator types {types or 'none'}; pass --gpu-memory-gb)"
 
 
-def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb: float | None) -> None:
+def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb: float | None,
+                  node_gpus: int | None = None) -> None:
     import ray
 
-    from cluster.memory import GiB, estimate_run
-    from cluster.placement import required, start_ray
+    from cluster.placement import required, stage_needs, start_ray
 
     c, r = cfg.cluster, cfg.reward
     started = not ray.is_initialized()
@@ -274,10 +276,9 @@ def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb
     try:
         have = ray.cluster_resources()
         need = required(c, r)
-        parts = {"CPU": (c.rollout_cpus, c.learner_cpus, r.cpus_per_replica), "GPU": (c.rollout_gpus, c.learner_gpus, r.gpus_per_replica)}
-        for kind, (roll, learn, rew) in parts.items():
-            why = (f"{c.rollout_workers} rollout workers x {roll:g} + {c.learner_ranks} learner ranks x {learn:g} + "
-                   f"{r.replicas} reward replicas x {rew:g}")
+        stages = stage_needs(c, r)
+        for kind in ("CPU", "GPU"):
+            why = " + ".join(f"{count} {stage} x {each[kind]:g}" for stage, (count, each) in stages.items())
             if need[kind] > have.get(kind, 0) + 1e-9:
                 report.problem("cluster", f"the config needs {need[kind]:g} {kind}s ({why}), the cluster has {have.get(kind, 0):g}")
             else:
@@ -293,41 +294,60 @@ def check_cluster(cfg: Any, report: Report, model: dict[str, Any], gpu_memory_gb
         if "config" not in model:
             report.note("memory", "no estimate: the model's config.json is not readable")
             return
-        fmt = model.get("fmt")
-        if fmt is not None:
-            out_len, span = len(fmt.output_ids(cfg.sampler.text_len)[0]), fmt.image_span_len
-            vocab, codebook = fmt.text_vocab_size, fmt.codebook_size
-        else:
-            from cluster.memory import preset_shapes
-
-            out_len, span, vocab, codebook = preset_shapes("mmada-parallel-a", cfg.sampler.text_len)
-        tok = model.get("image_tokenizer")
-        reward_weights = model.get("image_weights", 0.0) + sum(
-            Path(v).expanduser().stat().st_size for m in r.models.values() for v in m.kwargs.values()
-            if path_like(v) and Path(v).expanduser().is_file())
-        estimates, host, _ = estimate_run(cfg, model["config"], out_len, span, tok.image_size if tok else (512, 512),
-                                          reward_weights or 2.5 * GiB, text_vocab=vocab, codebook=codebook)
-        per_gpu, source = gpu_memory_gib(have, gpu_memory_gb)
-        share = {"learner rank": c.learner_gpus, "rollout worker": c.rollout_gpus, "reward replica": r.gpus_per_replica}
-        for e in estimates:
-            if share[e.actor] <= 0:
-                report.ok("memory", f"{e.actor} runs on CPU (estimate on a GPU would be {e.total / GiB:.1f} GiB)")
-            elif per_gpu is None:
-                report.note("memory", f"{e.line()}; GPU size {source}")
-            elif e.total > per_gpu * GiB * min(1.0, share[e.actor]):
-                report.problem("memory", f"{e.actor} needs about {e.total / GiB:.1f} GiB of GPU memory, its "
-                                         f"{min(1.0, share[e.actor]):g} GPU has {per_gpu * min(1.0, share[e.actor]):.0f} GiB "
-                                         f"({source}): {e.line()}")
-            else:
-                report.ok("memory", f"{e.line()} of {per_gpu:.0f} GiB per GPU ({source})")
-        ram = have.get("memory", 0)
-        if ram and host > ram:
-            report.problem("memory", f"actors load about {host / GiB:.0f} GiB of host RAM at start-up, Ray offers {ram / GiB:.0f} GiB")
-        else:
-            report.ok("memory", f"host RAM at start-up about {host / GiB:.0f} GiB (Ray offers {ram / GiB:.0f} GiB)")
+        check_memory(cfg, report, model, have, gpu_memory_gb, node_gpus or largest_node_gpus())
     finally:
         if started:
             ray.shutdown()
+
+
+def largest_node_gpus() -> int:
+    import ray
+
+    return int(max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]), default=0))
+
+
+def check_memory(cfg: Any, report: Report, model: dict[str, Any], have: dict[str, float], gpu_memory_gb: float | None,
+                 node_gpus: int) -> None:
+    """Each actor's GPU estimate against its share of a GPU, host RAM against Ray's, and whether the run
+    fits one node (a colocated config must)."""
+    from cluster.memory import GiB, estimate_run, one_node, preset_shapes
+
+    c, r = cfg.cluster, cfg.reward
+    fmt = model.get("fmt")
+    if fmt is not None:
+        out_len, span = len(fmt.output_ids(cfg.sampler.text_len)[0]), fmt.image_span_len
+        vocab, codebook = fmt.text_vocab_size, fmt.codebook_size
+    else:
+        out_len, span, vocab, codebook = preset_shapes("mmada-parallel-a", cfg.sampler.text_len)
+    tok = model.get("image_tokenizer")
+    reward_weights = model.get("image_weights", 0.0) + sum(
+        Path(v).expanduser().stat().st_size for m in r.models.values() for v in m.kwargs.values()
+        if path_like(v) and Path(v).expanduser().is_file())
+    estimates, host, _ = estimate_run(cfg, model["config"], out_len, span, tok.image_size if tok else (512, 512),
+                                      reward_weights or 2.5 * GiB, text_vocab=vocab, codebook=codebook)
+    per_gpu, source = gpu_memory_gib(have, gpu_memory_gb)
+    for e in estimates:
+        share = r.gpus_per_replica if e.actor == "reward replica" else (
+            c.rollout_gpus if e.actor == "rollout worker" else c.learner_gpus)
+        if share <= 0:
+            report.ok("memory", f"{e.actor} runs on CPU (estimate on a GPU would be {e.total / GiB:.1f} GiB)")
+        elif per_gpu is None:
+            report.note("memory", f"{e.line()}; GPU size {source}")
+        elif e.total > per_gpu * GiB * min(1.0, share):
+            report.problem("memory", f"{e.actor} needs about {e.total / GiB:.1f} GiB of GPU memory, its "
+                                     f"{min(1.0, share):g} GPU has {per_gpu * min(1.0, share):.0f} GiB "
+                                     f"({source}): {e.line()}")
+        else:
+            report.ok("memory", f"{e.line()} of {per_gpu:.0f} GiB per GPU ({source})")
+    if per_gpu is not None and node_gpus:
+        fits, why = one_node(cfg, estimates, per_gpu * GiB, node_gpus)
+        line = f"one node of {node_gpus} GPUs of {per_gpu:.0f} GiB: {'fits' if fits else 'does not fit'} ({why})"
+        (report.ok if fits else report.problem if c.colocate else report.note)("memory", line)
+    ram = have.get("memory", 0)
+    if ram and host > ram:
+        report.problem("memory", f"actors load about {host / GiB:.0f} GiB of host RAM at start-up, Ray offers {ram / GiB:.0f} GiB")
+    else:
+        report.ok("memory", f"host RAM at start-up about {host / GiB:.0f} GiB (Ray offers {ram / GiB:.0f} GiB)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,15 +86,29 @@ def _inference_bytes(s: Shapes, rows: int, wbytes: int) -> float:
     return rows * s.seq_len * per_token + _head_bytes(s, rows, wbytes)
 
 
-def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int) -> Estimate:
-    """One DeepSpeed rank: ZeRO-partitioned states, one micro-batch's activations, the reference."""
+def adapter_params(config: LLaDAConfig, lora: Any) -> int:
+    """Parameters of the LoRA adapters (``pararl.lora``): rank x (inputs + outputs) per adapted linear map."""
+    if not lora.enabled:
+        return 0
+    d, f = config.d_model, config.ffn_hidden_size
+    kv = config.kv_heads * (d // config.n_heads)
+    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "attn_out": (d, d), "ff_proj": (d, f),
+              "up_proj": (d, f), "ff_out": (f, d)}
+    return config.n_layers * sum(lora.rank * sum(shapes[t]) for t in lora.targets)
+
+
+def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int, adapters: int = 0) -> Estimate:
+    """One DeepSpeed rank: ZeRO-partitioned states, one micro-batch's activations, the reference. Under
+    LoRA (``adapters`` parameters) the optimizer state and gradients are the adapters' and the reference
+    is the base itself."""
     z, n, p = lc.zero_stage, max(1, ranks), s.params
+    trained = adapters or p
     w = 2 if lc.precision in ("bf16", "fp16") else 4
     part = lambda nbytes, stage: nbytes / n if z >= stage else nbytes  # noqa: E731
     e = Estimate("learner rank")
-    e.parts["weights"] = part(w * p, 3)
-    e.parts["fp32 master + Adam"] = part((12 if w == 2 else 8) * p, 1)
-    e.parts["gradients"] = part(w * p, 2) + (part(4 * p, 1) if w == 2 else 0)  # + their fp32 partition (bf16)
+    e.parts["weights"] = part(w * (p + adapters), 3)
+    e.parts["fp32 master + Adam"] = part((12 if w == 2 else 8) * trained, 1)
+    e.parts["gradients"] = part(w * trained, 2) + (part(4 * trained, 1) if w == 2 else 0)  # + fp32 partition (bf16)
     e.parts["ZeRO-3 gathered params"] = min(p, ZERO3_LIVE_PARAMS) * w if z == 3 else 0.0
     rows = lc.micro_batch_size * windows
     tokens = rows * s.seq_len
@@ -104,7 +118,7 @@ def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int) -> Estimate:
         act = (s.n_layers + 1) * tokens * _block_bytes_per_token(s, w)
     act += 2 * _head_bytes(s, rows, w) + _span_bytes(s, rows, 2)  # span logits and their gradient, fp32 log-softmax
     reference = lc.beta > 0 and lc.kl_reference == "reference"
-    ref_weights = w * p if reference else 0.0
+    ref_weights = w * p if reference and not adapters else 0.0  # LoRA: the base with the adapters off
     ref_act = _inference_bytes(s, rows, w) + _span_bytes(s, rows, 1) if reference else 0.0
     if reference and lc.reference_offload:  # on the GPU only while its log-probs are computed
         e.parts["activations (peak)"] = max(act, ref_weights + ref_act)
@@ -128,6 +142,22 @@ def rollout_worker(s: Shapes, trajectories: int, rows_per_trajectory: int, windo
     return e
 
 
+def colocated_rank(train: Estimate, roll: Estimate, offload: bool, gpu: bool) -> list[Estimate]:
+    """A colocated rank's two phases on its GPU: the update (the learner rank's estimate), and sampling,
+    where the training weights are the sampler's, the gradient buffers stay, and the optimizer state
+    is in host memory under ``colocate_offload``."""
+    training = Estimate("colocated rank, training", dict(train.parts))
+    sampling = Estimate("colocated rank, sampling")
+    sampling.parts["weights"] = train.parts["weights"]
+    if not (offload and gpu):
+        sampling.parts["fp32 master + Adam"] = train.parts["fp32 master + Adam"]
+    sampling.parts["gradients"] = train.parts["gradients"]
+    sampling.parts["reference"] = train.parts.get("reference", 0.0)
+    sampling.parts["activations (peak)"] = roll.parts["activations (peak)"]
+    sampling.parts["CUDA slack"] = CUDA_SLACK
+    return [training, sampling]
+
+
 def reward_replica(images: int, image_size: tuple[int, int], weights_bytes: float, top_channels: int = 128) -> Estimate:
     """Image tokenizer + reward models, and the VQ decoder's full-resolution feature maps for a batch."""
     e = Estimate("reward replica")
@@ -138,14 +168,16 @@ def reward_replica(images: int, image_size: tuple[int, int], weights_bytes: floa
     return e
 
 
-def host_memory(s: Shapes, lc: Any, learner_ranks: int, rollout_workers: int, reward_weights: float, replicas: int) -> float:
+def host_memory(s: Shapes, lc: Any, learner_ranks: int, rollout_workers: int, reward_weights: float, replicas: int,
+                offloaded: float = 0.0) -> float:
     """Host RAM at start-up, when every actor loads at once: each learner rank reads the policy in
     float32 before DeepSpeed partitions it, an offloaded reference stays in host RAM, rollout workers
-    read their copy before moving it to the GPU."""
-    reference = lc.beta > 0 and lc.kl_reference == "reference" and lc.reference_offload
+    read their copy before moving it to the GPU; ``offloaded``: optimizer state colocated ranks move
+    to host memory while they sample."""
+    reference = lc.beta > 0 and lc.kl_reference == "reference" and lc.reference_offload and not lc.lora.enabled
     w = 2 if lc.precision in ("bf16", "fp16") else 4
     per_rank = 4 * s.params + (w * s.params if reference else 0)
-    return learner_ranks * per_rank + rollout_workers * 2 * s.params + replicas * reward_weights
+    return learner_ranks * per_rank + rollout_workers * 2 * s.params + replicas * reward_weights + offloaded
 
 
 def preset_shapes(preset: str, text_len: int) -> tuple[int, int, int, int]:
@@ -168,13 +200,39 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
     windows = replay_rows(cfg)
     prompts_per_worker = -(-cfg.data.prompts_per_step // c.rollout_workers)
     cfg_rows = forward_rows(cfg.sampler)
-    estimates = [
-        learner_rank(s, lc, c.learner_ranks, windows),
-        rollout_worker(s, prompts_per_worker * cfg.data.group_size, cfg_rows, windows),
-        reward_replica(r.max_batch_size * r.sampled_steps, image_size, reward_weights),
-    ]
+    wbytes = 2 if lc.precision in ("bf16", "fp16") else 4
+    train = learner_rank(s, lc, c.learner_ranks, windows, adapter_params(config, lc.lora))
+    roll = rollout_worker(s, prompts_per_worker * cfg.data.group_size, cfg_rows, windows, wbytes if c.colocate else 2)
+    reward = reward_replica(r.max_batch_size * r.sampled_steps, image_size, reward_weights)
+    if c.colocate:
+        gpu = c.learner_gpus > 0
+        offloaded = c.learner_ranks * train.parts["fp32 master + Adam"] if c.colocate_offload and gpu else 0.0
+        host = host_memory(s, lc, c.learner_ranks, 0, reward_weights, r.replicas, offloaded)
+        return [*colocated_rank(train, roll, c.colocate_offload, gpu), reward], host, s
     host = host_memory(s, lc, c.learner_ranks, c.rollout_workers, reward_weights, r.replicas)
-    return estimates, host, s
+    return [train, roll, reward], host, s
+
+
+def one_node(cfg: Any, estimates: list[Estimate], gpu_bytes: float, node_gpus: int) -> tuple[bool, str]:
+    """Whether the run fits one node of ``node_gpus`` GPUs of ``gpu_bytes``, and the line that says why.
+    Ray packs fractional GPUs, so a reward replica whose share fits beside a colocated rank's runs on
+    that rank's GPU and adds its memory there."""
+    from cluster.placement import required
+
+    c, r = cfg.cluster, cfg.reward
+    need = required(c, r)["GPU"]
+    peak = {e.actor: e.total for e in estimates}
+    rank = max(v for k, v in peak.items() if k != "reward replica")
+    shared = c.colocate and 0 < r.gpus_per_replica and c.learner_gpus + r.gpus_per_replica <= 1 + 1e-9
+    worst = rank + (peak["reward replica"] if shared and r.replicas else 0.0)
+    gpus = f"{need:g} of {node_gpus} GPUs"
+    if need > node_gpus + 1e-9:
+        return False, f"needs {gpus}"
+    if worst > gpu_bytes:
+        where = "a GPU shared by a colocated rank and a reward replica" if shared else "the largest actor"
+        return False, f"{gpus}, but {where} needs {worst / GiB:.1f} GiB of {gpu_bytes / GiB:.0f}"
+    return True, f"{gpus}, at most {worst / GiB:.1f} GiB of {gpu_bytes / GiB:.0f} on one GPU" + \
+        (" (a colocated rank with a reward replica beside it)" if shared else "")
 
 
 def replay_rows(cfg: Any) -> int:
@@ -228,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{preset}: {s.params / 1e9:.2f}B parameters, longest sequence {s.seq_len} tokens (GiB per GPU)\n")
     print(markdown_table(estimates))
     print(f"\nhost RAM at start-up, whole cluster: {host / GiB:.0f} GiB")
-    print(f"largest rollout batch on one 80 GB GPU: {largest_rollout_batch(cfg, s)} trajectories per worker")
+    fits, why = one_node(cfg, estimates, 80e9, 8)
+    print(f"one node of 8 x 80 GB GPUs: {'fits' if fits else 'does not fit'} ({why})")
+    if not cfg.cluster.colocate:
+        print(f"largest rollout batch on one 80 GB GPU: {largest_rollout_batch(cfg, s)} trajectories per worker")
     return 0
 
 

@@ -52,19 +52,29 @@ def _check_keys(schema: DictConfig, given: Any, prefix: str = "") -> None:
             _check_keys(child, given[key], f"{prefix}{key}.")
 
 
+def load_yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """A YAML file as merge layers: what its ``extends: OTHER.yaml`` (relative to it) says first, then
+    its own keys over them, so a variant config states only what it changes."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (extended by {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} extends itself through {' -> '.join(map(str, seen))}")
+    layer = OmegaConf.load(path)
+    base = layer.pop("extends", None) if isinstance(layer, DictConfig) else None
+    if base is None:
+        return [layer]
+    return load_yaml_layers(path.parent / str(base), (*seen, path.resolve())) + [layer]
+
+
 def build_config(schema: type[T], sources: Sequence[Any] = (), overrides: Sequence[str] = ()) -> T:
     """Merge YAML files / dicts, then dotted ``key=value`` overrides, into ``schema``; refuse unknown keys."""
     base = OmegaConf.structured(schema)
     layers = []
     for source in sources:
         if isinstance(source, (str, Path)):
-            path = Path(source)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            layer = OmegaConf.load(path)
+            layers += load_yaml_layers(Path(source))
         else:
-            layer = OmegaConf.create(source)
-        layers.append(layer)
+            layers.append(OmegaConf.create(source))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")

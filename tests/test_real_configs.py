@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.memory import estimate_run, markdown_table, preset_shapes
+from cluster.memory import estimate_run, markdown_table, one_node, preset_shapes
 from cluster.placement import required
 from cluster.run_config import load_run_config
 from pararl.models import llada_8b_config
@@ -33,3 +33,24 @@ def test_8b_config_loads_and_fits_80gb_gpus(preset):
     doc = (ROOT / "docs" / "gpu-cluster.md").read_text()
     assert markdown_table(estimates) in doc, "docs/gpu-cluster.md: rerun python -m cluster.memory on the config"
     assert max(e.total for e in estimates) > 40e9  # 40 GB GPUs do not fit, as the page says
+
+
+@pytest.mark.parametrize("preset", ["mmada-parallel-a", "mmada-parallel-m"])
+def test_the_colocated_8b_config_is_the_cluster_one_on_one_node_of_8_gpus(preset):
+    base = load_run_config(ROOT / "configs" / f"{preset}-8b.yaml")
+    cfg = load_run_config(ROOT / "configs" / f"{preset}-8b-colocated.yaml")
+    assert cfg.sampler == base.sampler and cfg.reward.models == base.reward.models
+    assert (cfg.learner.lr, cfg.learner.beta, cfg.learner.zero_stage, base.learner.zero_stage) == (1e-6, 0.01, 2, 3)
+    c = cfg.cluster
+    assert c.colocate and c.rollout_workers == c.learner_ranks == 8 and required(c, cfg.reward)["GPU"] <= 8
+    unit = cfg.learner.micro_batch_size * cfg.learner.grad_accumulation * c.learner_ranks
+    assert cfg.data.prompts_per_step * cfg.data.group_size == unit
+    out, span, vocab, codebook = preset_shapes(preset, cfg.sampler.text_len)
+    estimates, host, _ = estimate_run(cfg, llada_8b_config(embedding_size=134656), out, span, text_vocab=vocab,
+                                      codebook=codebook)
+    fits, why = one_node(cfg, estimates, 80e9, 8)
+    assert fits, why
+    assert [e.actor for e in estimates] == ["colocated rank, training", "colocated rank, sampling", "reward replica"]
+    assert "fp32 master + Adam" not in estimates[1].parts, "it is in host memory while the rank samples"
+    doc = (ROOT / "docs" / "gpu-cluster.md").read_text()
+    assert markdown_table(estimates) in doc, "docs/gpu-cluster.md: rerun python -m cluster.memory on the config"

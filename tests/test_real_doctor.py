@@ -73,3 +73,21 @@ def test_doctor_estimates_gpu_memory_from_the_model_config(ray_local, tmp_path, 
     assert "PROBLEM  model: weights: " in out
     assert "PROBLEM  memory: rollout worker needs about 33." in out and "its 1 GPU has 32 GiB (--gpu-memory-gb)" in out
     assert "ok       memory: reward replica: " in out
+
+
+def test_doctor_says_a_colocated_8b_config_fits_one_node_of_8_gpus(ray_local, tmp_path, capsys):
+    from pararl.models import llada_8b_config
+
+    folder = tmp_path / "mmada-parallel-m-8b"
+    llada_8b_config(embedding_size=134656).save_pretrained(folder)
+    rc = run([str(CONFIGS / "mmada-parallel-m-8b-colocated.yaml"), f"model={folder}", "--gpu-memory-gb", "80",
+              "--node-gpus", "8"])
+    out = capsys.readouterr().out
+    assert rc == 2  # the weights are not there, nor are the GPUs in this Ray
+    assert "the config needs 6.5 GPUs (8 colocated ranks x 0.75 + 2 reward replicas x 0.25)" in out
+    assert "ok       memory: colocated rank, training: " in out and "ok       memory: colocated rank, sampling: " in out
+    assert "ok       memory: one node of 8 GPUs of 80 GiB: fits (6.5 of 8 GPUs, at most " in out
+    rc = run([str(CONFIGS / "mmada-parallel-m-8b-colocated.yaml"), f"model={folder}", "--gpu-memory-gb", "48",
+              "--node-gpus", "8"])
+    out = capsys.readouterr().out
+    assert "PROBLEM  memory: one node of 8 GPUs of 48 GiB: does not fit" in out
