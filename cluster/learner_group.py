@@ -140,5 +140,9 @@ class LearnerGroup:
         """Every rank's hash of its full weights (equal when the data-parallel ranks agree)."""
         return self._get(self.group.submit("weights_hash"), "while hashing its weights")
 
+    def sync_bytes(self) -> int:
+        """What one new policy version sends from rank 0 to each rollout worker."""
+        return self._get([self.actors[0].sync_bytes.remote()], "while counting its weights")[0]
+
     def shutdown(self) -> None:
         self.group.kill()

@@ -17,7 +17,7 @@ from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
 from pararl.net import free_port
 from pararl.sync import collective
-from pararl.sync.buckets import bucket_plan
+from pararl.sync.buckets import bucket_plan, full_numel, named_weights
 from pararl.sync.wire import TensorRun, encode_bucket
 
 
@@ -56,6 +56,11 @@ class LearnerRank:
 
     def weights_hash(self) -> str:
         return self.learner.weights_hash()
+
+    def sync_bytes(self) -> int:
+        """The bytes one new policy version sends (under LoRA: the adapters')."""
+        named = named_weights(self.learner.engine.module, self.learner.synced)
+        return sum(full_numel(t) * t.element_size() for _, t in named)
 
     # -- weight sync: the sender's side of pararl.sync ---------------------------------------
     def stream_weights(self, bucket_bytes: int) -> Iterator[list[TensorRun]]:

@@ -72,3 +72,16 @@ def test_a_bad_value_exits_2_with_one_line_before_ray_starts(config, capsys, ove
     assert len(err) == 1 and message in err[0], err
     with pytest.raises(ConfigError, match=re.escape(message)):  # found by the loader itself, which starts nothing
         load_run_config(config, override.split())
+
+
+def test_a_config_extends_another_and_a_missing_or_circular_base_is_named(config, tmp_path):
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("extends: run.yaml\nseed: 7\ncluster: {max_staleness: 1}\n")
+    cfg = load_run_config(variant)
+    assert cfg.seed == 7 and cfg.cluster.max_staleness == 1 and cfg.sampler.guidance == "pararl"  # the base's own
+    (tmp_path / "gone.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml does not exist \(extended by .*gone.yaml\)"):
+        load_run_config(tmp_path / "gone.yaml")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_run_config(tmp_path / "loop.yaml")

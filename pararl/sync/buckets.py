@@ -20,7 +20,8 @@ def is_zero3(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def _numel(p: torch.Tensor) -> int:
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole tensor, also of a ZeRO-3 partitioned one."""
     return int(p.ds_numel) if is_zero3(p) else p.numel()
 
 
@@ -40,7 +41,7 @@ def plan_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> li
         raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
     buckets, current, size = [], [], 0
     for name, p in named:
-        nbytes = _numel(p) * p.element_size()
+        nbytes = full_numel(p) * p.element_size()
         if current and size + nbytes > bucket_bytes:
             buckets.append(current)
             current, size = [], 0
