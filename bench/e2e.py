@@ -1,6 +1,7 @@
 """System overhead of the ParaRL loop: wall seconds per step against the compute on its critical path.
 
-Runs the same config with ``cluster.max_staleness`` k = 0, 1 and 2, and reads the per-step figures
+Runs the same config in several modes: ``cluster.max_staleness`` k = 0, 1 and 2, and colocated
+(``cluster.colocate``, k = 0) with one and with two ranks, and reads the per-step figures
 every component measured where it ran (MLflow): the slowest rollout worker's sampling, the reward
 batches, the learner rank's forward/backward. With k = 0 the critical path is rollout + reward +
 learner; with k >= 1 the next rollout is queued before this step's reward and update, so it is
@@ -34,20 +35,30 @@ def histories(db: Path, run_id: str, keys: list[str]) -> dict[str, list[float]]:
     return {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
 
 
-def measure(config: str, overrides: list[str], k: int, steps: int) -> dict:
+MODES = {"k0": [], "k1": ["cluster.max_staleness=1"], "k2": ["cluster.max_staleness=2"],
+         # colocated: the learner ranks sample too (one rollout worker per rank); two ranks take the
+         # default's optimizer step (64 trajectories) as two halves
+         "colocated1": ["cluster.colocate=true", "cluster.learner_ranks=1", "cluster.rollout_workers=1"],
+         "colocated2": ["cluster.colocate=true", "cluster.learner_ranks=2", "cluster.rollout_workers=2",
+                        "learner.micro_batch_size=32"]}
+
+
+def measure(config: str, overrides: list[str], mode: str, steps: int) -> dict:
+    from cluster.run_config import load_run_config
     from cluster.train import train
 
-    run_dir = Path(tempfile.mkdtemp(prefix="pararl-e2e-")) / f"k{k}"  # every k in its own fresh folder
+    run_dir = Path(tempfile.mkdtemp(prefix="pararl-e2e-")) / mode  # every mode in its own fresh folder
+    overrides = [*overrides, *MODES[mode]]
+    k = load_run_config(config, overrides).cluster.max_staleness
     out = train(config, [*overrides, f"run_dir={run_dir}", f"learner.checkpoint.folder={run_dir / 'checkpoints'}",
-                         f"cluster.max_staleness={k}", f"train.steps={steps}", "train.checkpoint_every=0",
-                         "tracking.snapshot_every=0"])
+                         f"train.steps={steps}", "train.checkpoint_every=0", "tracking.snapshot_every=0"])
     keys = ["time.step", "compute.rollout", "compute.reward", "compute.learner", "rollout.staleness_max"]
     h = {key: v[min(k + 1, steps - 1):] for key, v in histories(run_dir / "mlflow.db", out["run_id"], keys).items()}
     parts = list(zip(h["compute.rollout"], h["compute.reward"], h["compute.learner"]))
     critical = [r + w + ln if k == 0 else max(r, w + ln) for r, w, ln in parts]
     wall = statistics.mean(h["time.step"])
     crit = statistics.mean(critical)
-    return {"mode": f"k={k}", "max_staleness": k, "steps_timed": len(critical), "wall_s": wall, "critical_s": crit,
+    return {"mode": mode, "max_staleness": k, "steps_timed": len(critical), "wall_s": wall, "critical_s": crit,
             "overhead": wall / crit - 1, "rollout_s": statistics.mean(h["compute.rollout"]),
             "reward_s": statistics.mean(h["compute.reward"]), "learner_s": statistics.mean(h["compute.learner"]),
             "staleness_max": max(h["rollout.staleness_max"])}
@@ -61,12 +72,15 @@ def main() -> None:
                          "or give a config path")
     overrides = [a for a in args if "=" in a]
     steps = int(os.environ.get("PARARL_E2E_STEPS", "8"))  # a test runs it shorter
-    ks = [int(k) for k in os.environ.get("PARARL_E2E_STALENESS", "0,1,2").split(",")]
-    rows = [measure(config, overrides, k, steps) for k in ks]
-    print(f"{'k':>4} {'wall s/step':>12} {'critical s':>11} {'overhead':>9} {'rollout':>8} {'reward':>7} {'learner':>8} "
+    modes = os.environ.get("PARARL_E2E_MODES", ",".join(MODES)).split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"PARARL_E2E_MODES: unknown {unknown}; known: {', '.join(MODES)}")
+    rows = [measure(config, overrides, mode, steps) for mode in modes]
+    print(f"{'mode':>10} {'k':>2} {'wall s/step':>12} {'critical s':>11} {'overhead':>9} {'rollout':>8} {'reward':>7} {'learner':>8} "
           f"{'staleness':>9}")
     for r in rows:
-        print(f"{r['max_staleness']:>4} {r['wall_s']:>12.3f} {r['critical_s']:>11.3f} {r['overhead']:>8.1%} "
+        print(f"{r['mode']:>10} {r['max_staleness']:>2} {r['wall_s']:>12.3f} {r['critical_s']:>11.3f} {r['overhead']:>8.1%} "
               f"{r['rollout_s']:>8.3f} {r['reward_s']:>7.3f} {r['learner_s']:>8.3f} {r['staleness_max']:>9.0f}")
     sync = rows[0]
     print(json.dumps({"overhead": sync["overhead"], "ratio": sync["overhead"],
