@@ -65,9 +65,6 @@ class ColocatedBody(LearnerActorBody):
         self.worker.version = version
         return version
 
-    def optimizer_on_host(self) -> bool:
-        return self.learner.stepped_aside
-
 
 ColocatedActor = ray.remote(ColocatedBody)
 
