@@ -4,8 +4,9 @@ A forward over a prompt and its output is read at the output positions only, and
 ever draws from its span's ids: a text position from the text vocabulary (every id with the
 releases' ``text_vocab: all``), an image position from the codebook. At the 8B shapes the full head
 is 134,656 ids at every one of ~2.5k positions; these blocks are a small part of it. Each block is
-the full head's slice to the bit on the machines tested (``tests/test_heads.py``), so sampling and
-scoring through them change no token and no log-prob.
+the full head's slice to float rounding (the matrix kernel sums a smaller matrix's dot products in
+its own order on some CPUs), so sampling through them changes no token and scoring moves a log-prob
+by a few units in the last place (``tests/test_heads.py``).
 
 A policy whose forward does not take ``heads`` (a wrapper, a user's model) still works: its full
 logits are sliced here instead.

@@ -1,5 +1,9 @@
 """The span heads (pararl.heads): logits only at the output positions and over each span's ids, equal
-to the full head's slice, so sampling, the learner's log-probs and the SFT loss are unchanged."""
+to the full head's slice, so sampling, the learner's log-probs and the SFT loss are unchanged.
+
+Equal to float rounding, not to the bit: the BLAS kernel picks its blocking from the matrix's shape, and
+on some CPUs (AVX-512 EPYC, CI's among them) a sliced head's dot products are summed in another order
+(a few units in the last place). Tokens, step maps and snapshots are compared exactly."""
 from dataclasses import replace
 
 import pytest
@@ -17,6 +21,12 @@ from tests.test_scoring import A_FMT, A_REQUESTS
 from tests.tiny import tiny_config
 
 
+def assert_rounding_equal(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    """A few float32 ulps at the logits' scale; a wrong slice (one id or position off) is orders larger."""
+    assert a.shape == b.shape, what
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
 def policy_for(fmt, **overrides):
     return build_policy(tiny_config(fmt, **overrides), seed=3).eval()
 
@@ -24,7 +34,7 @@ def policy_for(fmt, **overrides):
 @pytest.mark.parametrize("head", [dict(weight_tying=False), dict(weight_tying=True), dict(include_bias=True),
                                   dict(scale_logits=True)])
 @pytest.mark.parametrize("text_vocab", ["text", "all"])
-def test_each_span_block_is_the_full_heads_slice_to_the_bit(head, text_vocab):
+def test_each_span_block_is_the_full_heads_slice_to_rounding(head, text_vocab):
     fmt = replace(FMT, text_vocab=text_vocab)
     policy = policy_for(fmt, **head)
     if head.get("include_bias"):
@@ -39,8 +49,10 @@ def test_each_span_block_is_the_full_heads_slice_to_the_bit(head, text_vocab):
     assert text.shape == (len(REQUESTS), lay.text_len, full.shape[-1] if text_vocab == "all" else fmt.text_vocab_size)
     assert image.shape == (len(REQUESTS), lay.image_len, fmt.codebook_size)
     ids = full.shape[-1] if text_vocab == "all" else fmt.text_vocab_size
-    assert torch.equal(text, full[:, lay.text, :ids])
-    assert torch.equal(image, full[:, lay.image, fmt.image_offset : fmt.image_offset + fmt.codebook_size])
+    assert_rounding_equal(text, full[:, lay.text, :ids], "text")
+    assert_rounding_equal(image, full[:, lay.image, fmt.image_offset : fmt.image_offset + fmt.codebook_size], "image")
+    shifted = full[:, lay.image, fmt.image_offset + 1 : fmt.image_offset + fmt.codebook_size + 1]
+    assert not torch.allclose(image, shifted, rtol=1e-6, atol=1e-6)  # the tolerance tells slices apart
 
 
 @pytest.mark.parametrize("rule", ["pararl", "mmada-parallel-a"])
@@ -57,12 +69,15 @@ def test_a_trajectory_sampled_through_the_span_heads_equals_the_full_heads_token
     runs = [ParallelSampler(p, fmt, cfg).sample(requests, group_size=2, snapshot_steps=(3, 7), record_policy=True)
             for p in (policy, FullHead(policy))]
     heads, full = runs
-    for name in ("tokens", "step_map", "snapshot_x0", "sampled_logp", "policy_logp"):
+    for name in ("tokens", "step_map", "snapshot_x0"):
         assert torch.equal(getattr(heads, name), getattr(full, name)), name
+    for name in ("sampled_logp", "policy_logp"):
+        assert_rounding_equal(getattr(heads, name), getattr(full, name), name)
     plan = TracePlan((0, 4), merge=4)
     with torch.no_grad():
         a, b = (trajectory_logprobs(p, fmt, heads, plan, with_entropy=True) for p in (policy, FullHead(policy)))
-    assert torch.equal(a.logp, b.logp) and torch.equal(a.entropy, b.entropy)
+    assert_rounding_equal(a.logp, b.logp, "logp")
+    assert_rounding_equal(a.entropy, b.entropy, "entropy")
 
 
 def test_the_sft_loss_through_the_span_heads_equals_the_full_heads():
@@ -81,7 +96,8 @@ def test_the_sft_loss_through_the_span_heads_equals_the_full_heads():
     t = torch.rand(len(REQUESTS), 2, generator=gen) * 0.8 + 0.2
     u = torch.rand(len(REQUESTS), batch.layout.image_len + batch.layout.text_len, generator=gen)
     losses = [masked_loss(p, FMT, bucket, rows, uncond, t, u) for p in (policy, FullHead(policy))]
-    assert torch.equal(losses[0][0], losses[1][0]) and losses[0][1] == losses[1][1]
+    assert_rounding_equal(losses[0][0], losses[1][0], "loss")
+    assert losses[0][1] == losses[1][1]
 
 
 def test_the_gradients_through_the_span_heads_equal_the_full_heads_up_to_rounding():

@@ -118,7 +118,7 @@ def test_the_run_joins_the_cluster_and_each_stage_lands_on_the_nodes_its_resourc
 
 def test_a_worker_node_killed_mid_run_loses_no_trajectory(cluster, config, tmp_path):
     """w1 holds a rollout worker (no other node has room for it: it is dropped) and a reward replica
-    (Serve replaces it on the head)."""
+    (the head's replica answers meanwhile; Serve replaces the lost one on the head)."""
     run_dir = tmp_path / "run"
     code, out = _run_losing(cluster, config, run_dir, "w1", 1, "train.checkpoint_every=0", "train.steps=12")
     assert code == 0, out
@@ -127,7 +127,11 @@ def test_a_worker_node_killed_mid_run_loses_no_trajectory(cluster, config, tmp_p
     assert _metrics(run_dir, "rollout.trajectories") == [16.0] * 12, "every step sampled all its trajectories"
     assert max(_metrics(run_dir, "rollout.workers_lost")) == 1 and _metrics(run_dir, "rollout.workers")[-1] == 1
     assert _metrics(run_dir, "cluster.nodes_lost")[-1] == 1, "the lost node is counted"
-    assert seen["reward.replica_losses"][-1] == 1, ("Serve's replacement replica on the head answered", seen)
+    assert _metrics(run_dir, "reward.dropped") == [0.0] * 12, "w1's reward replica took no trajectory with it"
+    # Serve replaces w1's replica on the head once its health check marks it dead (tens of seconds): a
+    # slow machine sees the replacement answer, a fast one may finish the 12 steps first. Either way
+    # the head's replica answered every request (no retry was needed, none dropped).
+    assert seen["reward.replica_losses"][-1] <= 1, ("at most w1's one replica was replaced", seen)
     cluster.wait_nodes(3)
 
 
