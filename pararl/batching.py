@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from pararl.formats import OutputLayout, ParallelFormat
+from pararl.tasks import IMAGE, TEXT, one_family, task_of
 from pararl.types import GenerationRequest
 
 
@@ -30,12 +31,13 @@ def build_batch(
     fmt: ParallelFormat, requests: Sequence[GenerationRequest], text_len: int, drop_input_image: bool = False,
     released_rows: bool = False,
 ) -> PromptBatch:
-    """``released_rows``: the released -A generator's two unconditional rows (``fmt.released_unconditional``)
-    instead of the format's one."""
+    """Requests of one task family (their output spans must agree). ``released_rows``: the released -A
+    generator's two unconditional rows (``fmt.released_unconditional``) instead of the format's one."""
     if not requests:
         raise ValueError("no requests to sample")
-    prompts = [fmt.encode_prompt(r.prompt_ids, r.input_codes) for r in requests]
-    output, image_off, text_off = fmt.output_ids(text_len)
+    outputs = one_family([task_of(r.task, r.input_codes is not None) for r in requests])
+    prompts = [fmt.encode_prompt(r.prompt_ids, r.input_codes, r.task) for r in requests]
+    output, image_off, text_off = fmt.output_ids(text_len, outputs)
     width = max(len(p.ids) for p in prompts)
     length = width + len(output)
     ids = torch.full((len(prompts), length), fmt.pad_id, dtype=torch.long)
@@ -58,5 +60,6 @@ def build_batch(
     for t in (ids, uncond, uncond_image):
         if t is not None:
             t[:, width:] = out
-    layout = OutputLayout(length, width, width + image_off, fmt.image_span_len, width + text_off, text_len)
+    image_len, text_len = (fmt.image_span_len if IMAGE in outputs else 0), (text_len if TEXT in outputs else 0)
+    layout = OutputLayout(length, width, width + image_off, image_len, width + text_off, text_len)
     return PromptBatch(ids, uncond, mask, layout, uncond_image)

@@ -11,11 +11,13 @@ from pararl.formats import OutputLayout
 
 @dataclass
 class GenerationRequest:
-    """One prompt (token ids), an optional input image (codes, for editing) and the seed of its group."""
+    """One prompt (token ids), an optional input image (codes: editing, understanding), the seed of its
+    group, and its task family (``pararl.tasks``; None: edit with an input image, generate without)."""
 
     prompt_ids: Sequence[int]
     input_codes: torch.Tensor | None = None
     seed: int = 0
+    task: str | None = None
 
 
 @dataclass

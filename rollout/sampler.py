@@ -75,14 +75,22 @@ def top_k_mask(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.T
 class ParallelSampler:
     def __init__(self, model: torch.nn.Module, fmt: ParallelFormat, cfg: SamplerConfig) -> None:
         self.model, self.fmt, self.cfg = model, fmt, resolve_sampler(cfg)
-        self.plan: RevealPlan = reveal_plan(self.cfg, fmt.image_tokens)
+        self.plan: RevealPlan = reveal_plan(self.cfg, fmt.image_tokens)  # the plan of a layout with both spans
         self.guidance = make_guidance(self.cfg)
         self.confidence_noise = noise.CONFIDENCE_NOISE[self.cfg.confidence_noise]
 
-    def text_step(self, text_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
+    def plan_for(self, lay) -> RevealPlan:
+        """The reveal plan of a batch's layout: a task family without an image or a text span reveals
+        none of it (``pararl.tasks``)."""
+        if lay.image_len and lay.text_len == self.cfg.text_len:
+            return self.plan
+        return reveal_plan(self.cfg, self.fmt.image_tokens if lay.image_len else 0, lay.text_len)
+
+    def text_step(self, text_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int,
+                  plan: RevealPlan | None = None) -> tuple:
         """x̂0 of the text span, the positions step ``s`` reveals (most confident masked, in the window),
         and the log-probability of each draw under the distribution it was drawn from."""
-        cfg, fmt, plan = self.cfg, self.fmt, self.plan
+        cfg, fmt, plan = self.cfg, self.fmt, plan or self.plan
         masked = cur == fmt.mask_id
         allowed = fmt.restrict_text_logits(text_l)
         u = noise.uniform(seeds, noise.TEXT_SAMPLE, s, cur.shape[1])
@@ -118,10 +126,11 @@ class ParallelSampler:
             unc = list(more.split(rows))
         return g.image(image_b[:rows], unc)
 
-    def image_step(self, image_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int) -> tuple:
+    def image_step(self, image_l: torch.Tensor, cur: torch.Tensor, seeds: torch.Tensor, s: int,
+                   plan: RevealPlan | None = None) -> tuple:
         """x̂0 of the image span, the draws, at an image update the positions it reveals (MaskGIT), and
         the draws' probabilities under the (guided, tempered) distribution they were drawn from."""
-        cfg, fmt, plan = self.cfg, self.fmt, self.plan
+        cfg, fmt, plan = self.cfg, self.fmt, plan or self.plan
         masked = cur == fmt.mask_id
         u = noise.uniform(seeds, noise.IMAGE_SAMPLE, s, cur.shape[1])
         draw_c, probs = sample_categorical(image_l, u, cfg.image_temperature)
@@ -173,7 +182,7 @@ class ParallelSampler:
     ) -> Trajectories:
         """``record_policy``: also keep each token's unguided, temperature-1 log-prob (``Trajectories.policy_logp``,
         pi_old for ``learner.behaviour=sampler``); one more log-softmax per span and step, so only when asked."""
-        cfg, fmt, plan, g = self.cfg, self.fmt, self.plan, self.guidance
+        cfg, fmt, g = self.cfg, self.fmt, self.guidance
         snaps = sorted(set(int(s) for s in snapshot_steps))
         if snaps and not (0 <= snaps[0] and snaps[-1] < cfg.steps):
             raise ConfigError(f"snapshot steps {snaps} must lie in [0, {cfg.steps})")
@@ -182,6 +191,7 @@ class ParallelSampler:
         device = next(self.model.parameters()).device
         batch = build_batch(fmt, requests, cfg.text_len, cfg.cfg_drop_input_image, released_rows=bool(g.after_text))
         lay = batch.layout
+        plan = self.plan_for(lay)
         rows = len(requests) * group_size
         rep = lambda t: t.repeat_interleave(group_size, 0).to(device)  # noqa: E731
 
@@ -212,9 +222,11 @@ class ParallelSampler:
         cache = None
         for s in progress_bar(range(cfg.steps), desc="sampling", enabled=progress, leave=False):
             snap = s in snaps
+            if not (plan.text_reveal[s] or plan.image_update[s] or snap):
+                continue  # a family without text (t2i) between image updates: nothing to reveal or keep
             (text_b, image_b), cache = self.step_logits(buf, model_attn, lay, s, cache)
             text_l = g.text(text_b[:rows], text_b[rows:] if g.with_cond else None)
-            x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], seeds, s)
+            x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], seeds, s, plan)
             x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it
             step_map[:, text].masked_fill_(reveal_t, s)
             put(sampled, rtext, reveal_t, logp_t.float())
@@ -222,7 +234,7 @@ class ParallelSampler:
                 put(policy_logp, rtext, reveal_t, logp_at(fmt.restrict_text_logits(text_b[:rows]), x0_t))
             if plan.image_update[s] or snap:
                 image_l = self.image_logits(image_b, x, extra, attn_1, lay)
-                x0_i, draw_i, reveal_i, p_i = self.image_step(image_l, x[:, image], seeds, s)
+                x0_i, draw_i, reveal_i, p_i = self.image_step(image_l, x[:, image], seeds, s, plan)
                 if reveal_i is not None:
                     x[:, image] = torch.where(reveal_i, draw_i, x[:, image])
                     step_map[:, image].masked_fill_(reveal_i, s)

@@ -71,20 +71,28 @@ def image_masked_after(n: int, steps: int, updates: list[int], leave_one: bool =
     return counts
 
 
-def reveal_plan(cfg: SamplerConfig, image_tokens: int) -> RevealPlan:
-    check_sampler(cfg, image_tokens)
-    steps, n = cfg.steps, cfg.text_len
-    block = cfg.block_length or n
-    per_block = steps // (n // block)
-    masked = text_masked_after(n, steps, cfg.block_length, cfg.text_schedule)
-    text_reveal = [prev - cur for prev, cur in zip([n] + masked[:-1], masked)]
-    window = [((s // per_block) * block, (s // per_block + 1) * block) for s in range(steps)]
+def reveal_plan(cfg: SamplerConfig, image_tokens: int, text_len: int | None = None) -> RevealPlan:
+    """The plan of one layout: ``image_tokens`` codes and ``text_len`` text positions (None: the config's).
+    A task family without an image (or text) span has 0 of them: that scheduler then reveals nothing."""
+    check_sampler(cfg, image_tokens or None)
+    steps = cfg.steps
+    n = cfg.text_len if text_len is None else text_len
+    if n:
+        block = cfg.block_length or n
+        per_block = steps // (n // block)
+        masked = text_masked_after(n, steps, cfg.block_length, cfg.text_schedule)
+        text_reveal = [prev - cur for prev, cur in zip([n] + masked[:-1], masked)]
+        window = [((s // per_block) * block, (s // per_block + 1) * block) for s in range(steps)]
+    else:
+        text_reveal, window = [0] * steps, [(0, 0)] * steps
 
+    image_reveal, image_update, image_ratio = [0] * steps, [False] * steps, [0.0] * steps
+    image_target = [0] * steps
+    if not image_tokens:
+        return RevealPlan(text_reveal, window, image_reveal, image_update, image_ratio, image_target)
     image_steps = cfg.image_steps or steps - cfg.image_start
     updates = image_update_steps(steps, image_steps, cfg.image_start)
     after = image_masked_after(image_tokens, steps, updates, cfg.image_leftover == "random")
-    image_reveal, image_update, image_ratio = [0] * steps, [False] * steps, [0.0] * steps
-    image_target = [0] * steps
     for j, s in enumerate(updates):
         image_reveal[s] = (image_tokens if j == 0 else after[j - 1]) - after[j]
         image_update[s] = True

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from pararl.errors import ConfigError
+from pararl.errors import ConfigError, DataError
+from pararl.tasks import Task
 
 TEXT_VOCABS = ("text", "all")
 
@@ -67,6 +68,12 @@ class FormatBase:
     image_tokens: int  # codes per image (a field or a property of the subclass)
     special_ids: tuple[int, ...]
     text_vocab: str = "text"  # what a text position may draw: "text" ids, or "all" ids as the releases do
+    TASKS: ClassVar[tuple[str, ...]] = ("generate", "edit")  # the task families this format can build sequences for
+
+    def check_task(self, task: Task) -> Task:
+        if task.name not in self.TASKS:
+            raise DataError(f"format {self.name!r} builds no sequences for task {task.name!r}; it knows {', '.join(self.TASKS)}")
+        return task
 
     @property
     def vocab_size(self) -> int:

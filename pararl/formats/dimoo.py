@@ -9,6 +9,7 @@ import torch
 
 from pararl.errors import ConfigError, DataError
 from pararl.formats.base import FormatBase, PromptTokens
+from pararl.tasks import IMAGE, TEXT, task_of
 
 DIMOO_GENERATE_INSTRUCTION = "Generate an image according to the text prompt."
 DIMOO_EDIT_INSTRUCTION = "Generate an image applying the following editing instruction based on the original image."
@@ -84,7 +85,9 @@ class DimooFormat(FormatBase):
         rows, cols = self.grid
         return ([self.mask_id] * cols + [self.newline_id]) * rows
 
-    def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None) -> PromptTokens:
+    def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None,
+                      task: str | None = None) -> PromptTokens:
+        self.check_task(task_of(task, input_codes is not None))
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise DataError("empty prompt: a generation or editing request needs instruction text")
@@ -137,7 +140,9 @@ class DimooFormat(FormatBase):
         uncond_img = head + user + suffix
         return ([*uncond_text, *ids[len(uncond_text):]], [*uncond_img, *ids[len(uncond_img):]])
 
-    def output_ids(self, text_len: int) -> tuple[list[int], int, int]:
+    def output_ids(self, text_len: int, outputs: tuple[str, ...] = (IMAGE, TEXT)) -> tuple[list[int], int, int]:
+        if tuple(outputs) != (IMAGE, TEXT):
+            raise DataError(f"format {self.name!r} writes image and text together; it has no {'+'.join(outputs)} layout")
         ids = ([self.answer_start_id, self.boi_id] + self._masked_span() + [self.eoi_id] + [self.mask_id] * text_len
                + list(self.answer_end_ids))
         return ids, 2, 3 + self.image_span_len

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from pararl.errors import ConfigError, DataError
 from pararl.formats.base import FormatBase, PromptTokens
+from pararl.tasks import IMAGE, TEXT, Task, task_of
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class ParallelFormat(FormatBase):
     text_vocab: str = "text"
     released_layout: bool = False
     eos_id: int = -1  # the instruction's closing token under released_layout
+    # Task tokens of MMaDA's other families (-1: the world's, which reuses <gen> / <edit>: the output
+    # layout already tells the model which family it is writing).
+    t2i_id: int = -1
+    mmu_id: int = -1
+    TASKS: ClassVar[tuple[str, ...]] = ("generate", "edit", "t2i", "understand", "reason")
 
     def __post_init__(self) -> None:
         self.check_text_vocab()
@@ -54,15 +60,24 @@ class ParallelFormat(FormatBase):
             specials.add(self.eos_id)
         object.__setattr__(self, "special_ids", tuple(sorted(i for i in specials if i < self.text_vocab_size)))
 
-    def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None) -> PromptTokens:
+    def task_head(self, task: Task) -> int:
+        """The task token a sequence of this family starts with."""
+        own = {"t2i": self.t2i_id, "understand": self.mmu_id}.get(task.name, -1)
+        if own >= 0:
+            return own
+        return self.edit_id if task.input_image else self.generate_id
+
+    def encode_prompt(self, prompt_ids: Sequence[int], input_codes: Sequence[int] | torch.Tensor | None = None,
+                      task: str | None = None) -> PromptTokens:
+        kind = self.check_task(task_of(task, input_codes is not None))
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
-            raise DataError("empty prompt: a generation or editing request needs instruction text")
+            raise DataError(f"empty prompt: a {kind.name} request needs instruction text")
         if self.released_layout:
             prompt_ids = ([] if prompt_ids[0] == self.bos_id else [self.bos_id]) + prompt_ids + [self.eos_id]
         if input_codes is None:
-            head = [self.generate_id]
-            image = [self.soi_id] + [0] * self.image_tokens + [self.eoi_id] if self.released_layout else []
+            blank = self.released_layout and kind.writes_image and kind.writes_text  # -M generation's id-0 image span
+            image = [self.soi_id] + [0] * self.image_tokens + [self.eoi_id] if blank else []
         else:
             codes = torch.as_tensor(input_codes).flatten()
             if codes.numel() != self.image_tokens:
@@ -72,7 +87,7 @@ class ParallelFormat(FormatBase):
             if codes.min() < 0 or codes.max() >= self.codebook_size:
                 raise DataError(f"input image codes must lie in [0, {self.codebook_size})")
             image = [self.soi_id, *self.image_ids(codes).tolist(), self.eoi_id]
-            head = [self.edit_id]
+        head = [self.task_head(kind)]
         ids = head + image + prompt_ids
         text_mask = [False] * (len(head) + len(image)) + [True] * len(prompt_ids)
         image_mask = [False] * len(head) + [True] * len(image) + [False] * len(prompt_ids)
@@ -89,10 +104,12 @@ class ParallelFormat(FormatBase):
                 ids[i] = 0
         return ids
 
-    def output_ids(self, text_len: int) -> tuple[list[int], int, int]:
-        """The masked output and the offsets of its image and text spans inside it."""
-        ids = [self.soi_id] + [self.mask_id] * self.image_tokens + [self.eoi_id, self.bos_id] + [self.mask_id] * text_len
-        return ids, 1, self.image_tokens + 3
+    def output_ids(self, text_len: int, outputs: tuple[str, ...] = (IMAGE, TEXT)) -> tuple[list[int], int, int]:
+        """The masked output and the offsets of its image and text spans inside it (a span the task does
+        not write is absent: its offset is where it would start, and the layout gives it no columns)."""
+        image = [self.soi_id] + [self.mask_id] * self.image_tokens + [self.eoi_id] if IMAGE in outputs else []
+        text = [self.bos_id] + [self.mask_id] * text_len if TEXT in outputs else []
+        return image + text, 1 if image else 0, len(image) + (1 if text else 0)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "ParallelFormat":

@@ -1,0 +1,146 @@
+"""Task families with their own output layouts: text only, image only, and both (pararl.tasks).
+
+The sampler, the snapshots, trace replay and the random-mask estimator work on each, and their
+log-probs equal a plain per-trajectory loop as the parallel layout's do (tests/test_learner_logprobs.py).
+"""
+import pytest
+import torch
+
+from pararl.batching import build_batch
+from pararl.errors import DataError
+from pararl.formats import mmada_a_format
+from pararl.logprobs import RandomMaskPlan, TracePlan, trajectory_logprobs
+from pararl.tasks import TASKS
+from pararl.types import GenerationRequest
+from rollout.config import SamplerConfig
+from rollout.sampler import ParallelSampler
+from tests.real_tiny import a_tokenizer
+from tests.test_learner_logprobs import loop_logprob, token_logp
+from tests.tiny import CODEBOOK, IMAGE_TOKENS, tiny_format, tiny_policy
+
+FMT = tiny_format()
+STEPS, TEXT_LEN = 8, 12
+CODES = torch.arange(IMAGE_TOKENS) % CODEBOOK
+
+
+def requests(task: str) -> list[GenerationRequest]:
+    image = TASKS[task].input_image
+    return [GenerationRequest([10, 11, 12], CODES if image else None, seed=3, task=task),
+            GenerationRequest([13, 14, 15, 16, 17], CODES.flip(0) if image else None, seed=4, task=task)]
+
+
+class Counter(torch.nn.Module):
+    """The policy, counting its forwards."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        self.calls += 1
+        return self.model(input_ids, attention_mask=attention_mask, **kw)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return tiny_policy(tmp_path_factory.mktemp("tasks"), seed=5)
+
+
+def sample(policy, task, snapshots=(STEPS - 1,), **overrides):
+    cfg = SamplerConfig(**{"steps": STEPS, "text_len": TEXT_LEN, "image_start": 2, "image_steps": 4} | overrides)
+    return ParallelSampler(policy, FMT, cfg).sample(requests(task), group_size=2, snapshot_steps=snapshots,
+                                                    record_policy=True)
+
+
+def test_each_family_has_its_own_output_layout():
+    both = build_batch(FMT, requests("generate"), TEXT_LEN).layout
+    image = build_batch(FMT, requests("t2i"), TEXT_LEN).layout
+    text = build_batch(FMT, requests("understand"), TEXT_LEN).layout
+    reason = build_batch(FMT, requests("reason"), TEXT_LEN)
+    assert (both.image_len, both.text_len) == (IMAGE_TOKENS, TEXT_LEN)
+    assert (image.image_len, image.text_len) == (IMAGE_TOKENS, 0)
+    assert (text.image_len, text.text_len) == (0, TEXT_LEN)
+    assert image.length - image.output_start == IMAGE_TOKENS + 2  # <soi> codes <eoi>
+    out = reason.input_ids[0, reason.layout.output].tolist()
+    assert out == [FMT.bos_id] + [FMT.mask_id] * TEXT_LEN
+    # understanding carries its input image in the prompt; text reasoning has none
+    ids = build_batch(FMT, requests("understand"), TEXT_LEN).input_ids[1]
+    assert FMT.soi_id in ids[: text.output_start].tolist()
+    assert FMT.soi_id not in reason.input_ids[1, : reason.layout.output_start].tolist()
+
+
+def test_families_never_share_a_batch_and_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="sample them in separate batches"):
+        build_batch(FMT, requests("generate") + requests("reason"), TEXT_LEN)
+    build_batch(FMT, requests("generate") + requests("edit"), TEXT_LEN)  # same outputs: one batch
+    with pytest.raises(DataError, match="task 'understand' needs an input image"):
+        build_batch(FMT, [GenerationRequest([10], None, task="understand")], TEXT_LEN)
+    with pytest.raises(DataError, match="takes no input image"):
+        build_batch(FMT, [GenerationRequest([10], CODES, task="t2i")], TEXT_LEN)
+    with pytest.raises(Exception, match="not a known task"):
+        build_batch(FMT, [GenerationRequest([10], None, task="poem")], TEXT_LEN)
+    a = mmada_a_format(a_tokenizer(), grid=(4, 4))
+    with pytest.raises(DataError, match="builds no sequences for task 'reason'"):
+        a.encode_prompt([5, 6], None, "reason")
+
+
+@pytest.mark.parametrize("task", ["t2i", "understand", "reason"])
+def test_a_family_samples_every_output_position_and_its_snapshots(policy, task):
+    tr = sample(policy, task, snapshots=(3, STEPS - 1))
+    lay, out = tr.layout, tr.output
+    assert not (out == FMT.mask_id).any()
+    sm = tr.step_map[:, lay.output]
+    scored = sm >= 0
+    assert scored.sum(1).tolist() == [lay.image_len + lay.text_len] * len(tr)
+    text, image = lay.relative(lay.text), lay.relative(lay.image)
+    if lay.text_len:
+        assert (FMT.restrict_text_logits(torch.zeros(1, FMT.vocab_size))[0, out[:, text]] == 0).all()
+    if lay.image_len:
+        assert (FMT.image_codes(out[:, image]) >= 0).all()
+        assert sm[:, image].min() >= 2, "no image position is revealed before image_start"
+    revealed, x0 = tr.snapshot(STEPS - 1)
+    assert torch.equal(revealed, out) and torch.equal(x0, out)
+    early, early_x0 = tr.snapshot(3)
+    assert (early == FMT.mask_id).any() and not (early_x0 == FMT.mask_id).any()
+    # batch invariance: the second request alone samples the same trajectories
+    alone = ParallelSampler(policy, FMT, SamplerConfig(steps=STEPS, text_len=TEXT_LEN, image_start=2, image_steps=4))
+    solo = alone.sample(requests(task)[1:], group_size=2)
+    assert torch.equal(solo.output, out[2:])
+
+
+def test_an_image_only_family_runs_no_forward_where_nothing_is_revealed(policy):
+    counter = Counter(policy)
+    cfg = SamplerConfig(steps=STEPS, text_len=TEXT_LEN, image_start=2, image_steps=4)
+    ParallelSampler(counter, FMT, cfg).sample(requests("t2i"), snapshot_steps=(STEPS - 1,))
+    assert counter.calls == 4  # the image updates (the last one is also the snapshot)
+    counter.calls = 0
+    ParallelSampler(counter, FMT, cfg).sample(requests("reason"))
+    assert counter.calls == STEPS
+
+
+@pytest.mark.parametrize("task", ["t2i", "understand", "reason"])
+@torch.no_grad()
+def test_trace_replay_of_a_family_equals_the_plain_loop_and_what_the_sampler_drew(policy, task):
+    tr = sample(policy, task)
+    got = trajectory_logprobs(policy, FMT, tr, TracePlan(tuple(range(STEPS))))
+    lay = tr.layout
+    assert got.mask.sum(1).tolist() == [lay.image_len + lay.text_len] * len(tr)
+    loop = loop_logprob(policy, tr, [(k, k + 1) for k in range(STEPS)])
+    torch.testing.assert_close(got.sum.double(), loop, atol=1e-4, rtol=0)
+    # the sampler's own forwards (temperature 1, no guidance) drew exactly these log-probs
+    torch.testing.assert_close(got.logp, torch.where(got.mask, tr.policy_logp, 0.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["t2i", "reason"])
+@torch.no_grad()
+def test_random_mask_of_a_family_scores_the_masked_output_against_the_loop(policy, task):
+    tr = sample(policy, task)
+    got = trajectory_logprobs(policy, FMT, tr, RandomMaskPlan(seed=7, ratio_min=0.3, ratio_max=0.9))
+    lay = tr.layout
+    assert got.mask.any(1).all()
+    for r in range(len(tr)):  # one trajectory at a time
+        x = tr.tokens[r : r + 1].clone()
+        x[:, lay.output] = x[:, lay.output].masked_fill(got.mask[r : r + 1], FMT.mask_id)
+        attn = tr.attention_mask[r : r + 1]
+        lp = token_logp(policy(x, attention_mask=None if attn.all() else attn).logits, FMT, lay, tr.tokens[r : r + 1])
+        torch.testing.assert_close(got.logp[r], torch.where(got.mask[r], lp[0], 0.0), atol=1e-5, rtol=0)
