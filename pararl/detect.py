@@ -94,7 +94,8 @@ def preset_format(preset: str, config: dict[str, Any], tokenizer: Any, options: 
         total = config.get("new_vocab_size")
         if total is not None and int(total) < offset + codebook:
             raise CheckpointError(f"-M checkpoint: new_vocab_size {total} < {offset} + codebook {codebook}")
-        fmt = mmada_m_format(text_vocab_size=offset, codebook_size=codebook, image_tokens=tokens, text_vocab=text_vocab)
+        fmt = mmada_m_format(text_vocab_size=offset, codebook_size=codebook, image_tokens=tokens, text_vocab=text_vocab,
+                             tokenizer=tokenizer)
         return fmt, f"-M format: image id = {offset} + code, {tokens} codes per image"
     raise CheckpointError(f"unknown format preset {preset!r}; known: {', '.join(PRESETS)}")
 
