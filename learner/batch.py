@@ -14,7 +14,7 @@ import torch
 
 from pararl.formats import OutputLayout
 from pararl.guidance import Scoring
-from pararl.logprobs import Plan, TokenLogProbs
+from pararl.logprobs import Plan, TokenLogProbs, update_plans
 from pararl.types import Trajectories
 
 ROW_FIELDS = ("tokens", "attention_mask", "step_map", "seeds", "advantages", "row_weight")
@@ -77,8 +77,10 @@ class TrainBatch:
         if not bool(((self.row_weight == 0) | (self.row_weight == 1)).all()):
             raise ValueError("row_weight must be 0 (padding) or 1 (a trajectory that trains)")
         n_out = self.layout.length - self.layout.output_start
-        if self.old is not None and self.old.logp.shape != (rows, n_out):
-            raise ValueError(f"behaviour log-probs {tuple(self.old.logp.shape)} != ({rows}, {n_out}) output tokens")
+        masks = len(update_plans(self.plan))  # pi_old of each inner update's mask, side by side
+        if self.old is not None and self.old.logp.shape != (rows, n_out * masks):
+            raise ValueError(f"behaviour log-probs {tuple(self.old.logp.shape)} != ({rows}, {n_out} output tokens x "
+                             f"{masks} mask(s))")
         if self.sampled is not None and self.sampled.shape != (rows, n_out):
             raise ValueError(f"sampled log-probs {tuple(self.sampled.shape)} != ({rows}, {n_out}) output tokens")
         g = self.guidance_rows
@@ -142,7 +144,7 @@ def iteration_plan(cfg, total_steps: int, seed: int, reward_steps: Sequence[int]
         return TracePlan(tuple(reward_steps), scoring=scoring)
     sampled = cfg.sampled_steps if cfg.coverage == "random" else 0
     return make_plan(cfg.logprob_estimator, total_steps, seed, sampled, cfg.merge_steps, cfg.mask_ratio_min,
-                     cfg.mask_ratio_max, scoring)
+                     cfg.mask_ratio_max, scoring, cfg.mask_structure, cfg.updates_per_batch)
 
 
 def rows_per_trajectory(cfg, reward_sampled_steps: int, total_steps: int) -> int:

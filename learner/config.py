@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pararl.errors import ConfigError
+from pararl.logprobs import MASK_STRUCTURES
 from pararl.lora import AdapterConfig, check_adapter_config
 from pararl.registry import Registry
 
@@ -89,6 +90,9 @@ class LearnerConfig:
     merge_steps: int = 1  # coverage=all | random: a window [k, k + merge_steps) is scored in one forward
     mask_ratio_min: float = 0.05  # random_mask: the ratio t is drawn from U(min, max) per trajectory
     mask_ratio_max: float = 1.0
+    # random_mask: uniform (one mask per batch, shared by its inner updates) | stratified (UniGRPO's
+    # structured masking: each inner update its own mask, a trajectory's ratios spread over the updates)
+    mask_structure: str = "uniform"
 
     # LoRA (peft): only low-rank adapters on the blocks' linear maps train; the reference policy is the
     # base with them switched off, and a new version sends only them (pararl/lora.py)
@@ -175,6 +179,11 @@ def validate(cfg: LearnerConfig) -> LearnerConfig:
         raise ConfigError(
             f"learner.mask_ratio_min={cfg.mask_ratio_min}, mask_ratio_max={cfg.mask_ratio_max}: need 0 < min <= max <= 1"
         )
+    if cfg.mask_structure not in MASK_STRUCTURES:
+        raise ConfigError(f"learner.mask_structure={cfg.mask_structure!r} is not one of {', '.join(MASK_STRUCTURES)}")
+    if cfg.mask_structure != "uniform" and cfg.logprob_estimator != "random_mask":
+        raise ConfigError(f"learner.mask_structure={cfg.mask_structure!r} shapes the random mask; with "
+                          f"logprob_estimator={cfg.logprob_estimator!r} there is none")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"learner.checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
     return cfg

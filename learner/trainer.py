@@ -14,6 +14,7 @@ single-process tools use it directly.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,10 +28,24 @@ from learner.mismatch import correction_weights, gap_metrics, gap_sums
 from learner.offload import move_optimizer_state
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
-from pararl.logprobs import TokenLogProbs, trajectory_logprobs, window_index
+from pararl.logprobs import Plan, TokenLogProbs, trajectory_logprobs, update_plans, window_index
 from pararl.lora import adapter_spec, adapters_off, add_adapters, is_adapter
 from pararl.models import load_policy
 from pararl.net import free_port
+
+
+@dataclass
+class UpdateTargets:
+    """What one inner update's loss compares against (learner.loss.clipped_surrogate's fixed inputs)."""
+
+    plan: Plan
+    old: TokenLogProbs
+    ref: TokenLogProbs | None
+    scored: torch.Tensor  # [R, N] tokens in the loss (padding rows excluded)
+    window: torch.Tensor  # [R, N] the forward row that scores each token
+    norms: list[Normalizer]  # per optimizer step
+    correction: torch.Tensor | None
+    mismatch: dict
 
 
 class Learner:
@@ -131,36 +146,28 @@ class Learner:
         if int(agree[0]) != -int(agree[1]):
             raise ValueError(f"learner ranks got different shard sizes ({steps} optimizer steps here): split batches equally")
 
-        old = batch.old if batch.old is not None else self._score(self.engine, batch)
-        if cfg.beta > 0:
-            ref = self.reference_logprobs(batch) if cfg.kl_reference == "reference" else old
-        else:
-            ref = None
-        real = batch.row_weight > 0
-        scored = old.mask & real[:, None]
-        window = window_index(batch.step_map[:, batch.layout.output], batch.plan, batch.steps).to(scored.device)
-        norms = self._normalizers(scored, real, window, steps, per_step)
-
-        per_column = modality_weights(batch.layout, cfg.text_weight, cfg.image_weight).to(old.logp.device)
-        correction, mismatch = self._mismatch(batch, old, scored)
+        targets = self._update_targets(batch, steps, per_step)
+        mismatch = targets[0].mismatch
+        per_column = modality_weights(batch.layout, cfg.text_weight, cfg.image_weight).to(targets[0].old.logp.device)
         updates, total = [], None
-        for _ in range(cfg.updates_per_batch):
+        for u in range(cfg.updates_per_batch):
+            t = targets[u % len(targets)]
             stats = None
             for j in range(steps):
-                norm = norms[j]
+                norm = t.norms[j]
                 for i in range(gas):
                     rows = slice(j * per_step + i * mb, j * per_step + (i + 1) * mb)
                     sub = batch.select(rows)
-                    cur = trajectory_logprobs(self.engine, self.fmt, sub, batch.plan, with_entropy=True)
-                    if not torch.equal(cur.mask, old.mask[rows]):
+                    cur = trajectory_logprobs(self.engine, self.fmt, sub, t.plan, with_entropy=True)
+                    if not torch.equal(cur.mask, t.old.mask[rows]):
                         raise ValueError("the behaviour log-probs score other tokens than the batch's plan: "
                                          "they were computed with a different plan")
                     loss, st = clipped_surrogate(
-                        cur.logp, old.logp[rows], None if ref is None else ref.logp[rows], sub.advantages,
-                        scored[rows], cur.weight * per_column, self.settings, norm, cur.entropy, window[rows],
-                        None if correction is None else correction[rows],
+                        cur.logp, t.old.logp[rows], None if t.ref is None else t.ref.logp[rows], sub.advantages,
+                        t.scored[rows], cur.weight * per_column, self.settings, norm, cur.entropy, t.window[rows],
+                        None if t.correction is None else t.correction[rows],
                     )
-                    st["sequences"] = real[rows].sum().to(st["sequences"].dtype)
+                    st["sequences"] = sub.row_weight.sum().to(st["sequences"].dtype)
                     # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.
                     self.engine.backward(loss * (gas * self.world))
                     if self.engine.is_gradient_accumulation_boundary():
@@ -183,6 +190,31 @@ class Learner:
         out.update(updates=updates, optimizer_steps=steps * cfg.updates_per_batch, global_steps=int(self.engine.global_steps))
         out["compute_seconds"] = time.perf_counter() - start  # forward/backward/step of this rank, reference included
         out.update(mismatch)
+        return out
+
+    def _update_targets(self, batch: TrainBatch, steps: int, per_step: int) -> list[UpdateTargets]:
+        """What each inner update scores against: one entry shared by every update, or under UniGRPO's
+        structured masking one per update (its own mask, pi_old and reference log-probs, denominators)."""
+        plans = update_plans(batch.plan)
+        if len(plans) not in (1, self.cfg.updates_per_batch):
+            raise ValueError(f"the batch's plan has {len(plans)} inner-update masks; learner.updates_per_batch is "
+                             f"{self.cfg.updates_per_batch}")
+        if batch.old is not None:
+            olds = batch.old.per_update(len(plans))
+        else:  # pi_old is this rank's weights before the first update (the synchronous, on-policy case)
+            olds = [self._score(self.engine, replace(batch, plan=plan)) for plan in plans]
+        real, out = batch.row_weight > 0, []
+        for plan, old in zip(plans, olds):
+            view = batch if plan is batch.plan else replace(batch, plan=plan, old=old)
+            if self.cfg.beta > 0:
+                ref = self.reference_logprobs(view) if self.cfg.kl_reference == "reference" else old
+            else:
+                ref = None
+            scored = old.mask & real[:, None]
+            window = window_index(batch.step_map[:, batch.layout.output], plan, batch.steps).to(scored.device)
+            norms = self._normalizers(scored, real, window, steps, per_step)
+            correction, mismatch = self._mismatch(batch, old, scored)
+            out.append(UpdateTargets(plan, old, ref, scored, window, norms, correction, mismatch))
         return out
 
     def _normalizers(self, scored: torch.Tensor, real: torch.Tensor, window: torch.Tensor, steps: int,

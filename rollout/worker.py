@@ -14,7 +14,7 @@ import torch
 
 from pararl.bundle import load_bundle
 from pararl.devices import resolve_dtype
-from pararl.logprobs import Plan, TokenLogProbs, from_sampler, trajectory_logprobs
+from pararl.logprobs import Plan, TokenLogProbs, behaviour_logprobs, from_sampler
 from pararl.lora import AdapterConfig, add_adapters, has_adapters, is_adapter
 from pararl.sync import collective
 from pararl.sync.buckets import named_weights, weights_hash
@@ -112,7 +112,7 @@ class RolloutWorker:
             old = from_sampler(traj, plan)  # None where the sampler's forwards do not give it: replayed below
         if plan is not None and old is None:
             with torch.inference_mode():
-                old = trajectory_logprobs(self.policy, self.bundle.fmt, traj, plan, chunk_rows=self.logprob_chunk_rows)
+                old = behaviour_logprobs(self.policy, self.bundle.fmt, traj, plan, chunk_rows=self.logprob_chunk_rows)
         old = None if old is None else old.to("cpu")
         traj.compute_seconds = time.perf_counter() - start
         return traj.to("cpu"), old
