@@ -21,6 +21,18 @@ class GenerationRequest:
 
 
 @dataclass
+class PromptFacts:
+    """What a prompt's rewards read besides its trajectories: the task family, the prompt text (t2i
+    scores the image against it), the reference answer (verifiable rewards), the input image's span ids
+    (understanding scores the answer against it)."""
+
+    task: str = "generate"
+    prompt: str = ""
+    reference: str | None = None
+    input_ids: torch.Tensor | None = None
+
+
+@dataclass
 class Trajectories:
     """B x G trajectories of one sampler call, row r = request ``prompt_index[r]``, member ``member[r]``.
 

@@ -6,6 +6,8 @@ from typing import Any, Dict, Optional
 
 from pararl.config import check_custom_resources
 from pararl.errors import ConfigError
+from pararl.tasks import TASKS
+from reward.verifiable import build_text_reward
 
 
 @dataclass
@@ -14,6 +16,14 @@ class RewardModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0
     standardize: bool = True  # ParaRL's clip(1/2 + (s - mean) / (2 Z), 0, 1) with training-data stats
+
+
+@dataclass
+class TextRewardConfig:
+    """A reward of the final output text (``reward.verifiable``): a registered name or module:function."""
+
+    name: str = "answer"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -33,6 +43,12 @@ class RewardHttpConfig:
 class RewardConfig:
     # label -> reward model; empty in the schema so a config's own models replace, not join, a default
     models: Dict[str, RewardModelConfig] = field(default_factory=dict)
+    # label -> a reward of the final text (a verifiable answer, a reasoning format), for the tasks below
+    text_models: Dict[str, TextRewardConfig] = field(default_factory=dict)
+    # task -> {label: weight}: which rewards score each task family (pararl.tasks) and how much; labels of
+    # models (image against text: ParaRL's pairs, the prompt against the image for t2i, the answer against
+    # the input image for understand) and of text_models. Unset: generate and edit, every model at its weight.
+    tasks: Dict[str, Dict[str, float]] = field(default_factory=dict)
     stats_file: Optional[str] = None  # made by `pararl reward-stats`; required when a model standardises
     stats_texts: str = "partial"  # what the statistics are measured on: "partial" or "full" texts (reward.stats)
     sampled_steps: int = 3  # s: snapshot steps scored per trajectory
@@ -58,10 +74,42 @@ class RewardConfig:
     http: RewardHttpConfig = field(default_factory=RewardHttpConfig)
 
 
+def task_weights(cfg: RewardConfig) -> dict[str, dict[str, float]]:
+    """Each task's reward labels and weights (``reward.tasks``, or ParaRL's default)."""
+    if cfg.tasks:
+        return {task: dict(weights) for task, weights in cfg.tasks.items()}
+    return {task: {label: m.weight for label, m in cfg.models.items()} for task in ("generate", "edit")}
+
+
+def check_task_weights(cfg: RewardConfig) -> None:
+    for task, weights in task_weights(cfg).items():
+        kind = TASKS.get(task, "reward.tasks")
+        if not weights:
+            raise ConfigError(f"reward.tasks.{task} names no reward")
+        for label, w in weights.items():
+            if label not in cfg.models and label not in cfg.text_models:
+                known = sorted([*cfg.models, *cfg.text_models])
+                raise ConfigError(f"reward.tasks.{task}.{label}: no reward model or text model is labelled {label!r}; "
+                                  f"known: {', '.join(known)}")
+            if label in cfg.models and not (kind.writes_image or kind.input_image):
+                raise ConfigError(f"reward.tasks.{task}.{label}: {label!r} scores an image against a text, and a "
+                                  f"{task} trajectory has no image")
+            if not w >= 0:
+                raise ConfigError(f"reward.tasks.{task}.{label}={w} must be >= 0")
+        if any(label in cfg.text_models for label in weights) and not cfg.include_final:
+            raise ConfigError(f"reward.tasks.{task} has a text reward, which scores the final text: it needs "
+                              "reward.include_final=true")
+
+
 def check_reward_config(cfg: RewardConfig) -> None:
     """The cheap checks, made before any replica starts (a failing replica is retried for seconds)."""
-    if not cfg.models:
+    if not cfg.models and not cfg.text_models:
         raise ConfigError("reward.models is empty: configure at least one reward model")
+    check_task_weights(cfg)
+    for label, t in cfg.text_models.items():
+        if label in cfg.models:
+            raise ConfigError(f"reward label {label!r} names both a reward model and a text model")
+        build_text_reward(t.name, dict(t.kwargs))
     standardising = [label for label, m in cfg.models.items() if m.standardize]
     if standardising and not cfg.stats_file:
         raise ConfigError(f"reward models {standardising} standardise but reward.stats_file is not set; "

@@ -48,12 +48,18 @@ class CheapPickle:
 
 @dataclass
 class ScoreRequest(CheapPickle):
-    """One trajectory's sampled snapshots, as token ids (never pixels)."""
+    """One trajectory's sampled snapshots, as token ids (never pixels), and what its task's rewards read
+    besides them: the prompt (t2i scores it against the image), the reference answer (verifiable text
+    rewards), the input image (understanding scores the answer against it)."""
 
-    image_ids: torch.Tensor  # [s, N_img] x̂0 image span
-    text_ids: torch.Tensor  # [s, N_txt] revealed text span (masks still in place)
+    image_ids: torch.Tensor  # [s, N_img] x̂0 image span (N_img = 0: the task writes no image)
+    text_ids: torch.Tensor  # [s, N_txt] revealed text span (masks still in place; N_txt = 0: no text)
     steps: list[int]
     key: int = 0  # the caller's index of the trajectory
+    task: str = "generate"
+    prompt: str = ""
+    reference: str | None = None
+    input_ids: torch.Tensor | None = None  # [N_img] the input image span's ids (editing, understanding)
 
 
 @dataclass
@@ -68,6 +74,7 @@ class ScoreResult(CheapPickle):
     texts: list[str] = field(default_factory=list)
     replica: int = 0  # process id of the replica that scored it
     compute_seconds: float = 0.0  # decoding + reward models for the whole batch this request was in
+    task: str = "generate"
 
 
 @dataclass
@@ -78,6 +85,10 @@ class ScoreChunk(CheapPickle):
     text_ids: torch.Tensor  # [n, s, N_txt]
     steps: list[int]
     keys: list[int]
+    task: str = "generate"
+    prompts: list[str] = field(default_factory=list)
+    references: list[str | None] = field(default_factory=list)
+    input_ids: torch.Tensor | None = None  # [n, N_img]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -87,14 +98,18 @@ class ScoreChunk(CheapPickle):
         first = requests[0]
         for r in requests:
             if _stack_key(r) != _stack_key(first):
-                raise ValueError(f"trajectory {r.key} does not stack with trajectory {first.key}: steps or span lengths differ")
+                raise ValueError(f"trajectory {r.key} does not stack with trajectory {first.key}: task, steps or "
+                                 "span lengths differ")
+        inputs = None if first.input_ids is None else torch.stack([r.input_ids for r in requests])
         return cls(torch.stack([r.image_ids for r in requests]), torch.stack([r.text_ids for r in requests]),
-                   list(first.steps), [r.key for r in requests])
+                   list(first.steps), [r.key for r in requests], first.task, [r.prompt for r in requests],
+                   [r.reference for r in requests], inputs)
 
 
 def _stack_key(r: ScoreRequest) -> tuple:
-    """Requests stack into one chunk when these agree: their steps and span lengths."""
-    return tuple(r.steps), tuple(r.image_ids.shape), tuple(r.text_ids.shape)
+    """Requests stack into one chunk when these agree: their task, steps and span lengths."""
+    inputs = None if r.input_ids is None else tuple(r.input_ids.shape)
+    return r.task, tuple(r.steps), tuple(r.image_ids.shape), tuple(r.text_ids.shape), inputs
 
 
 def chunk_requests(requests: Sequence[ScoreRequest], size: int) -> list[ScoreChunk]:
@@ -125,13 +140,15 @@ class ChunkResult(CheapPickle):
     replica: int = 0
     compute_seconds: float = 0.0
     node: str = ""  # the address of the node the replica ran on (set by the pool)
+    task: str = "generate"
 
     def results(self) -> list[ScoreResult]:
         rewards = self.rewards.tolist()
         return [ScoreResult(key=k, raw={label: v[i] for label, v in self.raw.items()},
                             r_t={label: v[i] for label, v in self.r_t.items()}, combined=self.combined[i],
                             reward=rewards[i], problem=self.problems[i], batch_size=self.batch_size,
-                            texts=self.texts[i], replica=self.replica, compute_seconds=self.compute_seconds)
+                            texts=self.texts[i], replica=self.replica, compute_seconds=self.compute_seconds,
+                            task=self.task)
                 for i, k in enumerate(self.keys)]
 
 

@@ -14,7 +14,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from pararl.errors import PararlError, RunError
-from pararl.types import Trajectories
+from pararl.types import PromptFacts, Trajectories
 from reward.config import RewardConfig
 from reward.messages import ChunkResult, ScoreRequest, ScoreResult, chunk_requests
 from reward.scorer import SemanticScorer, requests_from
@@ -44,6 +44,7 @@ class RewardBatch:
     replica_losses: int = 0  # of those, ones beyond the pool's size: replicas that died and were replaced
     texts: list[list[str]] = field(default_factory=list)
     compute_seconds: float = 0.0  # reward-model time of all batches, divided by the replicas that shared them
+    tasks: list[str] = field(default_factory=list)  # [R] each trajectory's task family
 
     @property
     def dropped(self) -> int:
@@ -61,13 +62,19 @@ class RewardBatch:
             "reward/replica_losses": float(self.replica_losses),
         }
         for label, values in self.per_model.items():
-            v = values[kept].mean(-1)
-            out[f"reward/{label}/mean"] = float(v.mean()) if kept.any() else float("nan")
-            out[f"reward/{label}/std"] = float(v.std(unbiased=False)) if kept.any() else float("nan")
-            low, high = clipped_shares(values[kept])
+            scored = kept & ~values.isnan().all(-1)  # the trajectories whose task this reward scores
+            v = values[scored].mean(-1)
+            out[f"reward/{label}/mean"] = float(v.mean()) if scored.any() else float("nan")
+            out[f"reward/{label}/std"] = float(v.std(unbiased=False)) if scored.any() else float("nan")
+            low, high = clipped_shares(values[scored])
             out[f"reward/{label}/clipped_at_0"], out[f"reward/{label}/clipped_at_1"] = low, high
         for i, step in enumerate(self.steps):
             out[f"reward/R_t/step_{step}"] = float(self.r_t[kept, i].mean()) if kept.any() else float("nan")
+        if len(set(self.tasks)) > 1 or (self.tasks and self.tasks[0] not in ("generate", "edit")):
+            for task in sorted(set(self.tasks)):
+                mine = torch.tensor([t == task for t in self.tasks]) & kept
+                out[f"reward/task/{task}/mean"] = float(self.rewards[mine].mean()) if mine.any() else float("nan")
+                out[f"reward/task/{task}/trajectories"] = float(mine.sum())
         return out
 
 
@@ -78,7 +85,9 @@ def assemble(results: Sequence[ScoreResult], steps: list[int], nonfinite: str, r
         raise RewardError("non-finite reward (reward.nonfinite=fail): " + "; ".join(problems))
     if nonfinite not in ("drop", "fail"):
         raise ValueError(f"reward.nonfinite must be 'drop' or 'fail', got {nonfinite!r}")
-    stack = lambda key: {label: torch.stack([getattr(r, key)[label] for r in results]) for label in results[0].raw}  # noqa: E731
+    labels = list(dict.fromkeys(label for r in results for label in r.raw))
+    blank = torch.full_like(results[0].combined, float("nan"))  # a reward the trajectory's task does not use
+    stack = lambda key: {label: torch.stack([getattr(r, key).get(label, blank) for r in results]) for label in labels}  # noqa: E731
     return RewardBatch(
         rewards=torch.tensor([r.reward for r in results]),
         r_t=torch.stack([r.combined for r in results]),
@@ -91,6 +100,7 @@ def assemble(results: Sequence[ScoreResult], steps: list[int], nonfinite: str, r
         retries=retries,
         texts=[r.texts for r in results],
         compute_seconds=batch_seconds(results),
+        tasks=[r.task for r in results],
     )
 
 
@@ -111,8 +121,9 @@ class RewardClient:
         self.replicas: set[int] = set()
         self.nodes: set[str] = set()  # addresses of the nodes whose replicas have answered
 
-    def score(self, traj: Trajectories) -> RewardBatch:
-        requests = requests_from(traj)
+    def score(self, traj: Trajectories, prompts: Sequence[PromptFacts] | None = None) -> RewardBatch:
+        """``prompts[i]``: request ``i``'s task and what its rewards read (``requests_from``)."""
+        requests = requests_from(traj, prompts)
         if self.scorer is not None:
             size = self.cfg.max_batch_size
             results = [res for i in range(0, len(requests), size) for res in self.scorer.score_batch(requests[i : i + size])]
