@@ -37,12 +37,13 @@ from learner.config import behaviour_source
 from pararl.bundle import load_codecs
 from pararl.config import require
 from pararl.data import CodeCache, PromptSource, check_images, read_records
-from pararl.errors import RunError
+from pararl.errors import ConfigError, RunError
 from pararl.logprobs import Plan, TokenLogProbs
 from pararl.progress import progress as progress_bar
 from pararl.seeds import PLAN_STRIDE, derive
 from pararl.snapshots import snapshot_grid
-from pararl.types import Trajectories
+from pararl.types import PromptFacts, Trajectories
+from reward.config import task_weights
 from reward.pool.client import RewardClient
 from reward.pool.service import start_reward_pool, stop_reward_pool
 from reward.semantic import run_steps
@@ -60,6 +61,7 @@ class Rollout:
     old: TokenLogProbs | None
     plan: Plan
     seconds: float  # how long the driver waited for it
+    prompts: list[PromptFacts]  # what each prompt's rewards read besides its trajectories (its task, answer)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class QueuedRollout:
     submitted: SubmittedRollout
     plan: Plan
     position: int
+    prompts: list[PromptFacts]
 
 
 class Driver:
@@ -84,7 +87,12 @@ class Driver:
             check_stats_identities(cfg.reward)
         records = read_records(require(cfg.data.train, "data.train"))
         check_images(records, self.codecs.image_tokenizer.image_size, cfg.data.train)
-        self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer), cfg.seed)
+        unrewarded = sorted({r.task for r in records} - set(task_weights(cfg.reward)))
+        if unrewarded:
+            raise ConfigError(f"{cfg.data.train} holds {', '.join(unrewarded)} records, and reward.tasks gives them no "
+                              f"reward (it has {', '.join(sorted(task_weights(cfg.reward)))})")
+        self.prompts = PromptSource(records, self.codecs.encode_text, CodeCache(cfg.data.cache_dir, self.codecs.image_tokenizer),
+                                    cfg.seed, step_size=cfg.data.prompts_per_step)
         self.sampled_as = scoring_of(cfg.sampler)  # the rollouts' distribution (learner.scoring=sampled scores under it)
         self.stop_requested = False
         self.idle_steps = 0  # steps in a row that trained no trajectory
@@ -160,13 +168,14 @@ class Driver:
                               self.sampled_as)
         position = self.prompts.position
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
+        prompts = [self.prompts.facts(position + i, self.codecs.fmt) for i in range(len(requests))]
         submitted = self.rollouts.submit(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)
-        return QueuedRollout(step, submitted, plan, position)
+        return QueuedRollout(step, submitted, plan, position, prompts)
 
     def _collect(self, queued: QueuedRollout) -> Rollout:
         t = time.perf_counter()
         traj, old = self.rollouts.collect(queued.submitted)
-        return Rollout(traj, old, queued.plan, time.perf_counter() - t)
+        return Rollout(traj, old, queued.plan, time.perf_counter() - t, queued.prompts)
 
     def _rollout(self, step: int) -> Rollout:
         return self._collect(self._submit(step))
@@ -269,7 +278,7 @@ class Driver:
             raise RunError(f"internal: step {step} found the rollout of step {queued.step} first in the queue")
         rollout = self._collect(queued)
         clock.lap("rollout")
-        rewards = self.reward.score(rollout.traj)
+        rewards = self.reward.score(rollout.traj, rollout.prompts)
         clock.lap("reward")
         batch, facts = self._train_batch(rollout, rewards)
         if batch is None:

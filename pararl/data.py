@@ -15,20 +15,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pararl.errors import DataError
+from pararl.errors import ConfigError, DataError
 from pararl.image_tokenizers import ImageTokenizer
 from pararl.seeds import EPOCH_STRIDE, derive
-
-TASKS = ("generate", "edit")
+from pararl.tasks import TASKS, task_of
 
 
 @dataclass
 class Record:
+    """One prompt. ``task`` names its family (``pararl.tasks``); ``answer`` is the reference a verifiable
+    reward checks the final text against (understanding, reasoning)."""
+
     prompt: str
     task: str = "generate"
     input_image: str | None = None
     output_image: str | None = None
     output_text: str | None = None
+    answer: str | None = None
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -45,9 +48,10 @@ def read_records(path: str | Path) -> list[Record]:
         except (json.JSONDecodeError, TypeError) as err:
             raise DataError(f"{path}:{n}: not a dataset record ({err})") from err
         if rec.task not in TASKS:
-            raise DataError(f"{path}:{n}: task {rec.task!r} is not one of {TASKS}")
-        if rec.task == "edit" and not rec.input_image:
-            raise DataError(f"{path}:{n}: an edit record needs input_image")
+            raise DataError(f"{path}:{n}: task {rec.task!r} is not one of {', '.join(TASKS.names())}")
+        if TASKS[rec.task].input_image != bool(rec.input_image):
+            need = "needs input_image" if TASKS[rec.task].input_image else "takes no input_image"
+            raise DataError(f"{path}:{n}: a {rec.task} record {need}")
         if not rec.prompt.strip():
             raise DataError(f"{path}:{n}: empty prompt")
         for name in ("input_image", "output_image"):
@@ -132,24 +136,57 @@ class PromptSource:
     """Batches of generation requests in a fixed, seeded order; ``position`` is what a checkpoint saves.
 
     The order is a seeded permutation per epoch, so a resumed run continues with exactly the prompts
-    it would have seen, and each request's sampling seed derives from (run seed, position).
+    it would have seen, and each request's sampling seed derives from (run seed, position). Records of
+    task families with different outputs never share a step (a sampler call writes one layout): with
+    several families, consecutive steps of ``step_size`` prompts take them in turn, each family in its
+    own seeded order, and a position still names one request.
     """
 
-    def __init__(self, records: list[Record], encode_text, cache: CodeCache, seed: int) -> None:
+    def __init__(self, records: list[Record], encode_text, cache: CodeCache, seed: int, step_size: int = 0) -> None:
         self.records, self.encode_text, self.cache, self.seed = records, encode_text, cache, seed
         self.position = 0
+        by_family: dict[tuple[str, ...], list[int]] = {}
+        for i, rec in enumerate(records):
+            by_family.setdefault(TASKS[rec.task].outputs, []).append(i)
+        self.families = [by_family[k] for k in sorted(by_family)]
+        if len(self.families) > 1 and step_size < 1:
+            raise ConfigError(f"the dataset mixes task families {sorted(by_family)}: steps take them in turn, "
+                              "which needs the step's prompt count (step_size)")
+        self.step_size = step_size
 
     def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.records))
-        order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(derive(self.seed, epoch, EPOCH_STRIDE)))
-        return int(order[offset])
+        family, position = self._family_position(position)
+        epoch, offset = divmod(position, len(family))
+        stream = epoch if len(self.families) == 1 else epoch * len(self.families) + self.families.index(family)
+        order = torch.randperm(len(family), generator=torch.Generator().manual_seed(derive(self.seed, stream, EPOCH_STRIDE)))
+        return family[int(order[offset])]
+
+    def _family_position(self, position: int) -> tuple[list[int], int]:
+        """(the family a position draws from, the position within that family's own order)."""
+        if len(self.families) == 1:
+            return self.families[0], position
+        step, offset = divmod(position, self.step_size)
+        turn, f = divmod(step, len(self.families))
+        return self.families[f], turn * self.step_size + offset
+
+    def record(self, position: int) -> Record:
+        return self.records[self._index(position)]
 
     def request(self, position: int):
         from pararl.types import GenerationRequest
 
-        rec = self.records[self._index(position)]
-        codes = self.cache.codes(rec.input_image) if rec.task == "edit" else None
-        return GenerationRequest(self.encode_text(rec.prompt), codes, seed=derive(self.seed, position))
+        rec = self.record(position)
+        codes = self.cache.codes(rec.input_image) if rec.input_image else None
+        return GenerationRequest(self.encode_text(rec.prompt), codes, seed=derive(self.seed, position), task=rec.task)
+
+    def facts(self, position: int, fmt):
+        """What the rewards of the request at ``position`` read besides its trajectories."""
+        from pararl.types import PromptFacts
+
+        rec = self.record(position)
+        task_of(rec.task, bool(rec.input_image))
+        ids = fmt.span_ids(self.cache.codes(rec.input_image)) if rec.input_image else None
+        return PromptFacts(rec.task, rec.prompt, rec.answer, ids)
 
     def next_batch(self, size: int) -> list:
         batch = [self.request(self.position + i) for i in range(size)]

@@ -144,3 +144,48 @@ def test_random_mask_of_a_family_scores_the_masked_output_against_the_loop(polic
         attn = tr.attention_mask[r : r + 1]
         lp = token_logp(policy(x, attention_mask=None if attn.all() else attn).logits, FMT, lay, tr.tokens[r : r + 1])
         torch.testing.assert_close(got.logp[r], torch.where(got.mask[r], lp[0], 0.0), atol=1e-5, rtol=0)
+
+
+def test_a_dataset_of_several_families_gives_each_step_one_family_in_turn_and_resumes_exactly(tmp_path):
+    import json
+
+    from pararl.data import PromptSource, read_records
+    from pararl.seeds import EPOCH_STRIDE, derive
+
+    rows = [{"prompt": f"draw {i}", "task": "t2i"} for i in range(5)]
+    rows += [{"prompt": f"why {i}", "task": "reason", "answer": str(i)} for i in range(3)]
+    rows += [{"prompt": f"paint {i}", "task": "generate"} for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    records = read_records(tmp_path / "d.jsonl")
+    src = PromptSource(records, lambda t: [len(t)], cache=None, seed=3, step_size=2)
+    steps = [[src.record(p).task for p in range(s * 2, s * 2 + 2)] for s in range(9)]
+    families = [set(s) for s in steps]
+    assert all(len(f) == 1 for f in families), "a step never mixes families"
+    assert [f.pop() for f in families][:3] == ["t2i", "generate", "reason"]  # sorted by their outputs, in turn
+    # each family goes through its own records once per epoch before repeating
+    reason = [src.record(p).prompt for s in range(9) if steps[s][0] == "reason" for p in range(s * 2, s * 2 + 2)]
+    assert sorted(reason[:3]) == ["why 0", "why 1", "why 2"]
+    again = PromptSource(records, lambda t: [len(t)], cache=None, seed=3, step_size=2)
+    again.position = 8
+    assert [r.prompt_ids for r in again.next_batch(2)] == [src.request(8).prompt_ids, src.request(9).prompt_ids]
+    assert src.request(9).task == src.record(9).task and src.facts(4, FMT).reference == src.record(4).answer
+    with pytest.raises(Exception, match="mixes task families"):
+        PromptSource(records, lambda t: [len(t)], cache=None, seed=3)
+    # one family: the order every earlier run drew (a seeded permutation per epoch)
+    one = [r for r in records if r.task == "t2i"]
+    single = PromptSource(one, lambda t: [len(t)], cache=None, seed=3)
+    for p in range(12):
+        epoch, offset = divmod(p, 5)
+        order = torch.randperm(5, generator=torch.Generator().manual_seed(derive(3, epoch, EPOCH_STRIDE)))
+        assert single.record(p) is one[int(order[offset])]
+
+
+def test_records_name_their_task_and_bad_ones_are_refused(tmp_path):
+    from pararl.data import read_records
+
+    for row, message in (({"prompt": "how many", "task": "understand"}, "a understand record needs input_image"),
+                         ({"prompt": "a cat", "task": "t2i", "input_image": "x.png"}, "takes no input_image"),
+                         ({"prompt": "x", "task": "poem"}, "task 'poem' is not one of edit, generate, reason, t2i, understand")):
+        (tmp_path / "d.jsonl").write_text(__import__("json").dumps(row))
+        with pytest.raises(DataError, match=message):
+            read_records(tmp_path / "d.jsonl")
