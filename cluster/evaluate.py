@@ -20,7 +20,8 @@ from pararl.bundle import Codecs
 from pararl.data import CodeCache, Record
 from pararl.progress import progress as progress_bar
 from pararl.seeds import derive
-from pararl.types import GenerationRequest, Trajectories
+from pararl.tasks import TASKS
+from pararl.types import GenerationRequest, PromptFacts, Trajectories
 from reward.config import RewardConfig
 from reward.pool.client import RewardClient
 from reward.scorer import SemanticScorer
@@ -49,7 +50,23 @@ class EvalResult:
 
 def requests_for(records: Sequence[Record], codecs: Codecs, cache: CodeCache, seed: int) -> list[GenerationRequest]:
     return [GenerationRequest(codecs.encode_text(r.prompt), cache.codes(r.input_image) if r.input_image else None,
-                              seed=derive(seed, i)) for i, r in enumerate(records)]
+                              seed=derive(seed, i), task=r.task) for i, r in enumerate(records)]
+
+
+def facts_for(record: Record, request: GenerationRequest, codecs: Codecs) -> PromptFacts:
+    ids = None if request.input_codes is None else codecs.fmt.span_ids(request.input_codes)
+    return PromptFacts(record.task, record.prompt, record.answer, ids)
+
+
+def family_chunks(records: Sequence[Record], requests: Sequence[GenerationRequest], size: int) -> list[list[int]]:
+    """Batches of at most ``size`` prompts, each of one task family (one output layout), ordered by task and
+    prompt length (editing prompts carry an image, generation prompts do not: less padding)."""
+    chunks = []
+    for family in sorted({TASKS[r.task].outputs for r in records}):
+        order = sorted((i for i, r in enumerate(records) if TASKS[r.task].outputs == family),
+                       key=lambda i: (records[i].task, len(requests[i].prompt_ids)))
+        chunks += [order[i : i + size] for i in range(0, len(order), size)]
+    return chunks
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -80,12 +97,10 @@ def evaluate(policy: torch.nn.Module, codecs: Codecs, sampler_cfg: SamplerConfig
     requests = requests_for(records, codecs, cache, seed)
     start = time.perf_counter()
     per: dict[str, list[float]] = {"reward": []}
-    # Batches of one task each: editing prompts carry an image, generation prompts do not (less padding).
-    order = sorted(range(len(records)), key=lambda i: (records[i].task, len(requests[i].prompt_ids)))
-    chunks = [order[i : i + batch_prompts] for i in range(0, len(order), batch_prompts)]
-    for chunk in progress_bar(chunks, desc="evaluate", enabled=progress, unit="batch"):
+    for chunk in progress_bar(family_chunks(records, requests, batch_prompts), desc="evaluate", enabled=progress,
+                              unit="batch"):
         traj = sampler.sample([requests[i] for i in chunk], group_size=samples, snapshot_steps=steps)
-        scored = reward.score(traj)
+        scored = reward.score(traj, [facts_for(records[i], requests[i], codecs) for i in chunk])
         per["reward"] += [float(v) for v, k in zip(scored.rewards.tolist(), scored.kept.tolist()) if k]
         if checks is not None:
             for key, values in checks(traj, [records[i] for i in chunk], [requests[i] for i in chunk]).items():

@@ -32,6 +32,7 @@ from pararl.heads import span_forward
 from pararl.models import LLaDAConfig, build_policy
 from pararl.net import free_port
 from pararl.progress import progress as progress_bar
+from pararl.tasks import TASKS
 from pararl.types import GenerationRequest
 
 
@@ -83,23 +84,28 @@ def text_targets(codecs: Codecs, texts: Sequence[str], text_len: int, pad_token:
 
 def encode_records(records: Sequence[Record], codecs: Codecs, cache: CodeCache, text_len: int,
                    pad_token: str = "<eos>") -> list[Bucket]:
-    """One bucket per task: prompt (and input image), then the target output image and text."""
+    """One bucket per task: prompt (and input image), then the target output: the image and the text
+    of the spans the task writes (``pararl.tasks``)."""
     fmt = codecs.fmt
     buckets = []
     for task in sorted({r.task for r in records}):
         part = [r for r in records if r.task == task]
-        missing = [r.prompt for r in part if not (r.output_image and r.output_text)]
+        kind = TASKS[task]
+        missing = [r.prompt for r in part if (kind.writes_image and not r.output_image) or (kind.writes_text and not r.output_text)]
         if missing:
-            raise DataError(f"SFT needs output_image and output_text; missing for e.g. {missing[0]!r}")
+            need = " and ".join(f for f, w in (("output_image", kind.writes_image), ("output_text", kind.writes_text)) if w)
+            raise DataError(f"SFT of {task} records needs {need}; missing for e.g. {missing[0]!r}")
         requests = [GenerationRequest(codecs.encode_text(r.prompt),
-                                      cache.codes(r.input_image) if r.input_image else None) for r in part]
+                                      cache.codes(r.input_image) if r.input_image else None, task=task) for r in part]
         batch = build_batch(fmt, requests, text_len)
         lay = batch.layout
-        out_codes = torch.stack([cache.codes(r.output_image) for r in part])
-        texts = text_targets(codecs, [r.output_text for r in part], text_len, pad_token)
+        image = fmt.image_ids(torch.stack([cache.codes(r.output_image) for r in part])) if kind.writes_image else None
+        text = text_targets(codecs, [r.output_text for r in part], text_len, pad_token) if kind.writes_text else None
         for t in (batch.input_ids, batch.uncond_ids):
-            t[:, lay.image] = fmt.image_ids(out_codes)
-            t[:, lay.text] = texts
+            if image is not None:
+                t[:, lay.image] = image
+            if text is not None:
+                t[:, lay.text] = text
         buckets.append(Bucket(batch.input_ids, batch.uncond_ids, batch.attention_mask, lay))
     return buckets
 

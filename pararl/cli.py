@@ -44,9 +44,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _default_run(args: argparse.Namespace) -> int:
+    from shapeworld.default_run import DEFAULT_CONFIG as DEFAULT_RUN_CONFIG
     from shapeworld.default_run import default_run
 
-    default_run(overrides=args.overrides, cache_dir=args.cache)
+    default_run(args.config or DEFAULT_RUN_CONFIG, overrides=args.overrides, cache_dir=args.cache)
     return 0
 
 
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("default-run", help="the default run (make train): world, warm-up, CLIP, ParaRL, evaluation")
     dr.add_argument("--cache", default=".cache/pararl-default", help="where the world, warm-up and CLIP are kept")
+    dr.add_argument("--config", default=None, help="a run config on the world (configs/default.yaml; "
+                    "configs/unigrpo-world.yaml adds UniGRPO's tasks through its world: section)")
     dr.add_argument("overrides", nargs="*", help="run config overrides as dotted key=value")
     dr.set_defaults(run=_default_run)
 

@@ -13,21 +13,31 @@ import torch
 
 from pararl.bundle import Codecs
 from pararl.data import Record
+from pararl.tasks import TASKS
 from pararl.types import GenerationRequest, Trajectories
+from reward.verifiable import answers_match, extract_answer
 from shapeworld.scene import WorldSpec
 from shapeworld.tasks import PromptError, follows
 
 
 def check_outputs(spec: WorldSpec, codecs: Codecs, traj: Trajectories, records: Sequence[Record],
                   input_codes: Sequence[torch.Tensor | None]) -> dict[str, list[float]]:
-    """Per trajectory: exact alignment, soft agreement, and prompt following of the final outputs."""
+    """Per trajectory, by its task: for image and text, exact alignment, soft agreement and prompt
+    following of the final outputs; for an image alone, prompt following (``t2i_follows``); for an
+    answer, whether it is the reference after normalisation (``<task>_correct``)."""
     codes = codecs.fmt.image_codes(traj.image_tokens.cpu())
-    out: dict[str, list[float]] = {"aligned": [], "agreement": [], "follows": []}
+    out: dict[str, list[float]] = {}
     for row in range(len(traj)):
         rec = records[int(traj.prompt_index[row])]
+        kind = TASKS[rec.task]
         text = codecs.decode_text(traj.text_tokens[row].cpu())
-        out["aligned"].append(float(spec.aligned(text, codes[row])))
-        out["agreement"].append(spec.agreement(text, codes[row]))
+        if not kind.writes_image:
+            answer = extract_answer(text, think_end=None)
+            out.setdefault(f"{rec.task}_correct", []).append(float(answer is not None and answers_match(answer, rec.answer)))
+            continue
+        if kind.writes_text:
+            out.setdefault("aligned", []).append(float(spec.aligned(text, codes[row])))
+            out.setdefault("agreement", []).append(spec.agreement(text, codes[row]))
         parsed = spec.parse_image(codes[row])
         inp = input_codes[int(traj.prompt_index[row])]
         try:
@@ -35,7 +45,7 @@ def check_outputs(spec: WorldSpec, codecs: Codecs, traj: Trajectories, records: 
                                                 parsed.objects)
         except PromptError:
             ok = False
-        out["follows"].append(float(ok))
+        out.setdefault("follows" if kind.writes_text else "t2i_follows", []).append(float(ok))
     return out
 
 

@@ -31,13 +31,19 @@ class WorldConfig:
     edit_share: float = 0.5  # share of editing instructions (the rest: generation prompts)
     given: float = 0.5  # chance that a prompt names each attribute (colour, shape, cell) of an object
     seed: int = 0
+    # shares of UniGRPO's tasks (t2i, understand, reason: shapeworld.questions); the rest is drawing and editing
+    task_shares: dict = field(default_factory=dict)
+
+    @property
+    def questions(self) -> bool:
+        return bool(self.task_shares)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "spec": self.spec.to_dict()}
 
     @classmethod
     def from_dict(cls, fields: dict) -> "WorldConfig":
-        return cls(**{**fields, "spec": WorldSpec.from_dict(fields["spec"])})
+        return cls(**{"task_shares": {}, **fields, "spec": WorldSpec.from_dict(fields["spec"])})
 
 
 def held_out(key: str, seed: int, share: float) -> bool:
@@ -58,18 +64,18 @@ def make_splits(cfg: WorldConfig) -> tuple[list[Example], list[Example]]:
         if tries > 200 * (cfg.train_size + cfg.eval_size) + 10_000:
             raise RuntimeError(f"the world cannot fill {cfg.train_size} train and {cfg.eval_size} held-out "
                                "requests: too few distinct prompts for these sizes")
-        ex = sample_example(cfg.spec, rng, cfg.edit_share, cfg.given)
+        ex = sample_example(cfg.spec, rng, cfg.edit_share, cfg.given, cfg.task_shares)
         split = held if held_out(ex.key, cfg.seed, share) else train
         if len(split) < (cfg.eval_size if split is held else cfg.train_size):
             split.append(ex)
     return train, held
 
 
-def world_tokenizer(spec: WorldSpec):
+def world_tokenizer(spec: WorldSpec, questions: bool = False):
     """Word-level tokenizer: the format's specials (ids 0..7), then ``<eos>`` (text padding), then words."""
     from pararl.text_tokenizer import build_word_tokenizer
 
-    return build_word_tokenizer(spec.words(), WORLD_SPECIAL_TOKENS + (EOS,))
+    return build_word_tokenizer(spec.words(questions), WORLD_SPECIAL_TOKENS + (EOS,))
 
 
 def world_token_format(spec: WorldSpec, tokenizer) -> ParallelFormat:
@@ -100,7 +106,9 @@ def write_world(folder: str | Path, cfg: WorldConfig, progress: bool = False) ->
             rec = {"prompt": ex.prompt, "task": ex.task,
                    "input_image": _image_file(folder, spec, ex.input, codec) if ex.input is not None else None,
                    "output_image": _image_file(folder, spec, ex.output, codec),
-                   "output_text": spec.describe(ex.output)}
+                   "output_text": ex.answer or spec.describe(ex.output)}
+            if ex.answer is not None:
+                rec["answer"] = ex.answer
             lines.append(json.dumps(rec))
         paths[name].write_text("\n".join(lines) + "\n")
     bar.close()

@@ -21,13 +21,58 @@ EVAL_THREADS = 2
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
-def resolved_overrides(paths: dict) -> list[str]:
+def resolved_overrides(paths: dict, world_models: Sequence[str] = ()) -> list[str]:
+    """The run config's paths into the prepared cache; ``world_models``: reward models that read the
+    world's file (``shapeworld.rewards``)."""
     kw = paths["clip_kwargs"]
     label = paths["reward_label"]
     return [f"model={paths['model']}", f"data.train={paths['train']}", f"data.eval={paths['eval']}",
             f"data.cache_dir={paths['codes']}", f"reward.stats_file={paths['reward_stats']}",
             f"sampler.text_len={paths['text_len']}", f"reward.models.{label}.name=open_clip",
-            *(f"reward.models.{label}.kwargs.{k}={v}" for k, v in kw.items())]
+            *(f"reward.models.{label}.kwargs.{k}={v}" for k, v in kw.items()),
+            *(f"reward.models.{m}.kwargs.world={paths['world']}" for m in world_models)]
+
+
+def split_world(config: str | Path, overrides: Sequence[str], cache_dir: str | Path) -> tuple[Path, list[str], dict]:
+    """A config's ``world:`` section (and ``world.*`` overrides) are the world's settings, not the run's:
+    (the run config without them, the other overrides, the world settings). An empty section: the
+    default world, whose config file is used as it is."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(config)
+    world = OmegaConf.to_container(raw.pop("world", None) or OmegaConf.create({}))
+    rest = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.startswith("world."):
+            node = OmegaConf.create(world)
+            OmegaConf.update(node, key[6:], OmegaConf.create(f"v: {value}").v)
+            world = OmegaConf.to_container(node)
+        else:
+            rest.append(o)
+    if not world:
+        return Path(config), rest, {}
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    base = Path(cache_dir) / f"{Path(config).stem}.run.yaml"
+    base.write_text(OmegaConf.to_yaml(raw))
+    return base, rest, world
+
+
+def world_prepare_config(seed: int, world: dict):
+    """The preparation of the default world, with a config's world settings (UniGRPO's task shares)."""
+    from shapeworld.prepare import default_config
+
+    cfg = default_config(seed)
+    unknown = sorted(set(world) - {"task_shares", "train_size", "eval_size", "edit_share", "given"})
+    if unknown:
+        raise ConfigError(f"world settings {unknown} are unknown; known: task_shares, train_size, eval_size, edit_share, given")
+    shares = dict(world.get("task_shares") or {})
+    from shapeworld.questions import QUESTION_TASKS
+
+    bad = sorted(set(shares) - set(QUESTION_TASKS))
+    if bad or sum(shares.values()) > 1 or any(v < 0 for v in shares.values()):
+        raise ConfigError(f"world.task_shares {shares}: tasks among {', '.join(QUESTION_TASKS)}, shares >= 0 summing to at most 1")
+    return replace(cfg, world=replace(cfg.world, **{k: v for k, v in world.items() if k != "task_shares"}, task_shares=shares))
 
 
 def evaluate_folder(model: str | Path, cfg, spec, prompts: int, samples: int, seed: int) -> dict:
@@ -48,7 +93,8 @@ def evaluate_folder(model: str | Path, cfg, spec, prompts: int, samples: int, se
     return result.summary()
 
 
-ROWS = (("exact alignment", "aligned"), ("mean reward", "reward"), ("follows the prompt", "follows"))
+ROWS = (("exact alignment", "aligned"), ("mean reward", "reward"), ("follows the prompt", "follows"),
+        ("t2i follows", "t2i_follows"), ("understand correct", "understand_correct"), ("reason correct", "reason_correct"))
 
 
 def summary_table(before: dict, after: dict, cfg, out: dict, run_dir: Path) -> str:
@@ -79,6 +125,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     from shapeworld.dataset import WorldConfig
     from shapeworld.prepare import default_config, prepare_default
 
+    config, overrides, world = split_world(config, overrides, cache_dir)
     first = load_run_config(config, overrides)
     done = [name for name in ("results.json", "final-policy") if (Path(first.run_dir) / name).exists()]
     if done:  # refused before any work, and nothing of the finished run is touched
@@ -87,9 +134,12 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     check_run_dir(first)
     seed = first.seed
     # the statistics measured as `pararl reward-stats` would measure them on this run's config
-    prepare_cfg = replace(prepare_cfg or default_config(seed), stats_texts=first.reward.stats_texts)
-    paths = prepare_default(Path(cache_dir) / f"seed{seed}", seed=seed, cfg=prepare_cfg)  # one cache per seed
-    cfg = load_run_config(config, [*resolved_overrides(paths), *overrides])
+    base = world_prepare_config(seed, world) if world else default_config(seed)
+    prepare_cfg = replace(prepare_cfg or base, stats_texts=first.reward.stats_texts)
+    folder = f"seed{seed}" if not world else f"{Path(config).stem.removesuffix('.run')}-seed{seed}"
+    paths = prepare_default(Path(cache_dir) / folder, seed=seed, cfg=prepare_cfg)  # one cache per world and seed
+    world_models = [label for label, m in first.reward.models.items() if m.name.startswith("shapeworld.rewards:")]
+    cfg = load_run_config(config, [*resolved_overrides(paths, world_models), *overrides])
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = WorldConfig.from_dict(json.loads(Path(paths["world"]).read_text())).spec

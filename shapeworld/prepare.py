@@ -66,6 +66,12 @@ class PrepareConfig:
     threads: int = 2  # torch threads for every stage, whatever the machine's core count
 
 
+def writes_both(record) -> bool:
+    from pararl.tasks import TASKS
+
+    return TASKS[record.task].writes_image and TASKS[record.task].writes_text
+
+
 def stage_code(stage: str) -> str:
     """The code version of a stage (a hash of its source files)."""
     return code_version(STAGE_CODE[stage])
@@ -150,7 +156,9 @@ def _prepare(cache: Path, cfg: PrepareConfig, progress: bool, log) -> dict[str, 
     train_records = read_records(data / TRAIN_FILE)
     eval_records = read_records(data / EVAL_FILE)
 
-    tokenizer = world_tokenizer(spec)
+    tokenizer = world_tokenizer(spec, cfg.world.questions)
+    # the CLIP reward learns the pairs of image and reasoning text (a question's answer is no description)
+    paired_records = [r for r in train_records if writes_both(r)]
     codecs = Codecs(tokenizer, world_token_format(spec, tokenizer), spec.codec())
 
     def build_policy_stage(tmp: Path) -> dict:
@@ -177,17 +185,17 @@ def _prepare(cache: Path, cfg: PrepareConfig, progress: bool, log) -> dict[str, 
 
         code_cache = CodeCache(codes_dir, codecs.image_tokenizer)
         pairs = {}
-        for rec in train_records:  # distinct (image, text) pairs: a pair is never its own negative
+        for rec in paired_records:  # distinct (image, text) pairs: a pair is never its own negative
             pairs.setdefault(rec.output_text, rec.output_image)
         texts = sorted(pairs)
         images = codecs.image_tokenizer.decode(torch.stack([code_cache.codes(pairs[t]) for t in texts]))
         result = train_clip(tmp, images, texts, cfg.clip, progress)
         model = OpenClipReward(**result["kwargs"])
-        batches = reference_batches(train_records, code_cache, cfg.stats_batch, cfg.stats_texts, cfg.clip.seed)
-        stats = compute_stats(model, batches, total=len(train_records), desc="reward stats")
+        batches = reference_batches(paired_records, code_cache, cfg.stats_batch, cfg.stats_texts, cfg.clip.seed)
+        stats = compute_stats(model, batches, total=len(paired_records), desc="reward stats")
         save_stats(tmp / "reward_stats.json", {REWARD_LABEL: stats})
         rng = random.Random(cfg.clip.seed)
-        held = [r for r in eval_records if r.output_text]
+        held = [r for r in eval_records if r.output_text and writes_both(r)]
         held_codes = torch.stack([code_cache.codes(r.output_image) for r in held])
         negatives = [mismatched_description(spec, spec.parse_image(c).objects, rng) for c in held_codes]
         check = separation(model, codecs.image_tokenizer.decode(held_codes), [r.output_text for r in held], negatives)

@@ -239,12 +239,14 @@ class WorldSpec:
                 total += ((t[0].colour == i.colour) + (t[0].shape == i.shape)) / 2
         return total / len(cells)
 
-    def words(self) -> list[str]:
-        """Every word of descriptions and instructions (the text tokenizer's vocabulary)."""
+    def words(self, questions: bool = False) -> list[str]:
+        """Every word of descriptions and instructions (the text tokenizer's vocabulary); with
+        ``questions``, the question tasks' words too (a drawing-only world keeps its vocabulary)."""
+        from shapeworld.questions import QUESTION_WORDS
         from shapeworld.tasks import INSTRUCTION_WORDS
 
         return sorted({*self.colours, *self.shapes, *ROW_NAMES[self.cells[0]], *COL_NAMES[self.cells[1]], JOIN,
-                       *INSTRUCTION_WORDS})
+                       *INSTRUCTION_WORDS, *(QUESTION_WORDS if questions else ())})
 
 
 def default_spec() -> WorldSpec:

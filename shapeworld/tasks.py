@@ -42,10 +42,11 @@ class Partial:
 
 @dataclass(frozen=True)
 class Example:
-    task: str  # "generate" | "edit"
+    task: str  # "generate" | "edit", or a question task (shapeworld.questions)
     prompt: str
     input: Scene | None
-    output: Scene
+    output: Scene  # the scene the output image shows (questions: the scene asked about)
+    answer: str | None = None  # a question's answer: the output text, and the verifiable reward's reference
 
     @property
     def key(self) -> str:
@@ -116,7 +117,18 @@ def sample_edit(spec: WorldSpec, rng: random.Random, given: float) -> Example:
     return Example("edit", f"remove the shape at the {at}", scene, make_scene(rest))
 
 
-def sample_example(spec: WorldSpec, rng: random.Random, edit_share: float = 0.5, given: float = 0.5) -> Example:
+def sample_example(spec: WorldSpec, rng: random.Random, edit_share: float = 0.5, given: float = 0.5,
+                   task_shares: dict[str, float] | None = None) -> Example:
+    """``task_shares``: the shares of the question tasks (shapeworld.questions); the rest is drawing and
+    editing, split by ``edit_share``. Without them the draws are exactly those of a drawing-only world."""
+    if task_shares:
+        from shapeworld.questions import sample_question_task
+
+        u, acc = rng.random(), 0.0
+        for task, share in sorted(task_shares.items()):
+            acc += share
+            if u < acc:
+                return sample_question_task(spec, rng, task, given)
     if rng.random() < edit_share:
         return sample_edit(spec, rng, given)
     return sample_generation(spec, rng, given)
