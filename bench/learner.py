@@ -30,8 +30,9 @@ from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.trainer import Learner
 from pararl.formats import world_format
-from pararl.logprobs import TracePlan, sample_trace_plan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
 from pararl.models import LLaDAConfig, build_policy
+from pararl.plans import TracePlan, sample_trace_plan
 from pararl.types import GenerationRequest
 from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler

@@ -38,7 +38,8 @@ from learner.config import LearnerConfig
 from learner.trainer import Learner
 from pararl.bundle import load_bundle
 from pararl.data import CodeCache, read_records
-from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
+from pararl.plans import TracePlan
 from reward.config import RewardConfig, RewardModelConfig
 from reward.pool.client import RewardClient
 from reward.scorer import SemanticScorer

@@ -52,7 +52,8 @@ def quality(sampler, cfg, bundle, records, train_requests, spec, args) -> dict:
     from cluster.evaluate import evaluate
     from learner.mismatch import gap_metrics, gap_sums
     from pararl.data import CodeCache
-    from pararl.logprobs import TracePlan, trajectory_logprobs
+    from pararl.logprobs import trajectory_logprobs
+    from pararl.plans import TracePlan
     from reward.scorer import SemanticScorer
     from rollout.config import scoring_of
     from shapeworld.checks import world_checks

@@ -20,7 +20,8 @@ import torch
 from cluster.learner_group import LearnerActorBody
 from cluster.weight_sync import WeightSync, register_transport
 from pararl.errors import RunError
-from pararl.logprobs import Plan, TokenLogProbs
+from pararl.logprobs import TokenLogProbs
+from pararl.plans import Plan
 from pararl.types import GenerationRequest, Trajectories
 from rollout.config import SamplerConfig
 from rollout.worker import RolloutWorker

@@ -38,7 +38,8 @@ from pararl.bundle import load_codecs
 from pararl.config import require
 from pararl.data import CodeCache, PromptSource, check_images, read_records
 from pararl.errors import ConfigError, RunError
-from pararl.logprobs import Plan, TokenLogProbs
+from pararl.logprobs import TokenLogProbs
+from pararl.plans import Plan
 from pararl.progress import progress as progress_bar
 from pararl.seeds import PLAN_STRIDE, derive
 from pararl.snapshots import snapshot_grid

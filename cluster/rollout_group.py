@@ -28,8 +28,9 @@ from cluster.learner_group import learner_died
 from cluster.placement import Placement
 from cluster.weight_sync import WeightSync
 from pararl.errors import RunError
-from pararl.logprobs import Plan, TokenLogProbs
+from pararl.logprobs import TokenLogProbs
 from pararl.lora import AdapterConfig
+from pararl.plans import Plan
 from pararl.types import GenerationRequest, Trajectories, concat_trajectories
 from rollout.config import SamplerConfig
 from rollout.worker import RolloutWorker

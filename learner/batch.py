@@ -14,7 +14,8 @@ import torch
 
 from pararl.formats import OutputLayout
 from pararl.guidance import Scoring
-from pararl.logprobs import Plan, TokenLogProbs, update_plans
+from pararl.logprobs import TokenLogProbs
+from pararl.plans import Plan, update_plans
 from pararl.types import Trajectories
 
 ROW_FIELDS = ("tokens", "attention_mask", "step_map", "seeds", "advantages", "row_weight")
@@ -131,7 +132,7 @@ def iteration_plan(cfg, total_steps: int, seed: int, reward_steps: Sequence[int]
     default config, the likelihood is estimated at the same steps as the reward. ``sampled_as`` is the
     distribution the rollouts draw from; the plan scores under it when ``learner.scoring=sampled``.
     """
-    from pararl.logprobs import TracePlan, make_plan
+    from pararl.plans import TracePlan, make_plan
 
     scoring = None
     if cfg.scoring == "sampled":

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pararl.errors import ConfigError
-from pararl.logprobs import MASK_STRUCTURES
 from pararl.lora import AdapterConfig, check_adapter_config
+from pararl.plans import MASK_STRUCTURES
 from pararl.registry import Registry
 
 

@@ -28,10 +28,11 @@ from learner.mismatch import correction_weights, gap_metrics, gap_sums
 from learner.offload import move_optimizer_state
 from pararl.devices import resolve_dtype
 from pararl.formats import ParallelFormat
-from pararl.logprobs import Plan, TokenLogProbs, trajectory_logprobs, update_plans, window_index
+from pararl.logprobs import TokenLogProbs, trajectory_logprobs, window_index
 from pararl.lora import adapter_spec, adapters_off, add_adapters, is_adapter
 from pararl.models import load_policy
 from pararl.net import free_port
+from pararl.plans import Plan, update_plans
 
 
 @dataclass

@@ -14,8 +14,9 @@ import torch
 
 from pararl.bundle import load_bundle
 from pararl.devices import resolve_dtype
-from pararl.logprobs import Plan, TokenLogProbs, behaviour_logprobs, from_sampler
+from pararl.logprobs import TokenLogProbs, behaviour_logprobs, from_sampler
 from pararl.lora import AdapterConfig, add_adapters, has_adapters, is_adapter
+from pararl.plans import Plan
 from pararl.sync import collective
 from pararl.sync.buckets import named_weights, weights_hash
 from pararl.sync.wire import SyncError, TensorRun, decode_bucket

@@ -7,8 +7,9 @@ import torch
 
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
 from pararl.models import build_policy, load_policy
+from pararl.plans import TracePlan
 from pararl.types import GenerationRequest
 from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler

@@ -12,8 +12,9 @@ import torch
 from learner.sft import masked_loss
 from pararl.batching import build_batch
 from pararl.heads import FullHead, span_forward
-from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
 from pararl.models import build_policy
+from pararl.plans import TracePlan
 from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from tests.test_sampler import FMT, REQUESTS

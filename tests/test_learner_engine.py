@@ -10,7 +10,8 @@ from learner.engine import deepspeed_config
 from learner.offload import optimizer_tensors
 from learner.trainer import Learner
 from pararl.config import ConfigError, build_config
-from pararl.logprobs import RandomMaskPlan, TokenLogProbs
+from pararl.logprobs import TokenLogProbs
+from pararl.plans import RandomMaskPlan
 from tests.learner_tiny import FMT, learner_config, policy_folder, sampled_batch
 
 

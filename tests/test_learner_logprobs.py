@@ -2,13 +2,8 @@
 import pytest
 import torch
 
-from pararl.logprobs import (
-    RandomMaskPlan,
-    TracePlan,
-    make_plan,
-    sample_trace_plan,
-    trajectory_logprobs,
-)
+from pararl.logprobs import trajectory_logprobs
+from pararl.plans import RandomMaskPlan, TracePlan, make_plan, sample_trace_plan
 from pararl.types import GenerationRequest
 from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler

@@ -11,9 +11,10 @@ from learner.cli import export_main
 from learner.offload import optimizer_tensors
 from learner.trainer import Learner
 from pararl.config import ConfigError
-from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
 from pararl.lora import AdapterConfig, is_adapter
 from pararl.models import load_policy
+from pararl.plans import TracePlan
 from pararl.sync.buckets import weights_hash
 from pararl.sync.wire import encode_bucket
 from pararl.types import GenerationRequest

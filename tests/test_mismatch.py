@@ -8,7 +8,8 @@ import torch
 from learner.mismatch import correction_weights, gap_metrics, gap_sums
 from pararl.batching import build_batch
 from pararl.guidance import make_guidance
-from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
+from pararl.plans import TracePlan
 from rollout.config import SamplerConfig, resolve_sampler
 from rollout.sampler import ParallelSampler
 from tests.test_sampler import FMT, REQUESTS

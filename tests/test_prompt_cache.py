@@ -9,8 +9,9 @@ from learner.mismatch import gap_metrics, gap_sums
 from pararl.batching import build_batch
 from pararl.errors import ConfigError
 from pararl.heads import cached_span_forward, span_forward
-from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
 from pararl.models import build_policy
+from pararl.plans import TracePlan
 from rollout.config import SamplerConfig, check_sampler, scoring_of
 from rollout.sampler import ParallelSampler
 from tests.test_sampler import FMT, REQUESTS

@@ -10,8 +10,9 @@ from pararl.bundle import load_bundle, load_codecs
 from pararl.detect import detect
 from pararl.formats import DimooFormat, ParallelFormat
 from pararl.image_tokenizers import Magvit2Tokenizer, VQModelTokenizer
-from pararl.logprobs import TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
 from pararl.models import CheckpointError
+from pararl.plans import TracePlan
 from pararl.snapshots import snapshot_grid
 from pararl.types import GenerationRequest
 from reward.config import RewardConfig, RewardModelConfig

@@ -10,8 +10,9 @@ from learner.config import LearnerConfig, validate
 from learner.mismatch import gap_metrics, gap_sums
 from learner.trainer import Learner
 from pararl.errors import ConfigError
-from pararl.logprobs import TracePlan, from_sampler, trajectory_logprobs
+from pararl.logprobs import from_sampler, trajectory_logprobs
 from pararl.models import LLaDAConfig, build_policy
+from pararl.plans import TracePlan
 from pararl.types import GenerationRequest
 from rollout.config import SamplerConfig, scoring_of
 from rollout.sampler import ParallelSampler

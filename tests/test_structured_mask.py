@@ -9,8 +9,9 @@ import torch
 from learner.batch import iteration_plan
 from learner.trainer import Learner
 from pararl.config import ConfigError
-from pararl.logprobs import RandomMaskPlan, behaviour_logprobs, trajectory_logprobs, update_plans
+from pararl.logprobs import behaviour_logprobs, trajectory_logprobs
 from pararl.models import load_policy
+from pararl.plans import RandomMaskPlan, update_plans
 from tests.learner_tiny import FMT, learner_config, policy_folder, sampled_batch
 
 PLAN = RandomMaskPlan(seed=5, ratio_min=0.2, ratio_max=1.0, structure="stratified", updates=2)

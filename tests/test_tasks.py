@@ -9,7 +9,8 @@ import torch
 from pararl.batching import build_batch
 from pararl.errors import DataError
 from pararl.formats import mmada_a_format
-from pararl.logprobs import RandomMaskPlan, TracePlan, trajectory_logprobs
+from pararl.logprobs import trajectory_logprobs
+from pararl.plans import RandomMaskPlan, TracePlan
 from pararl.tasks import TASKS
 from pararl.types import GenerationRequest
 from rollout.config import SamplerConfig
