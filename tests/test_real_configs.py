@@ -54,3 +54,22 @@ def test_the_colocated_8b_config_is_the_cluster_one_on_one_node_of_8_gpus(preset
     assert "fp32 master + Adam" not in estimates[1].parts, "it is in host memory while the rank samples"
     doc = (ROOT / "docs" / "gpu-cluster.md").read_text()
     assert markdown_table(estimates) in doc, "docs/gpu-cluster.md: rerun python -m cluster.memory on the config"
+
+
+def test_the_unigrpo_configs_load_and_the_8b_one_fits_80gb_gpus(tmp_path):
+    cfg = load_run_config(ROOT / "configs" / "mmada-8b-unigrpo.yaml")
+    lc, r = cfg.learner, cfg.reward
+    assert (lc.logprob_estimator, lc.mask_structure, lc.updates_per_batch, lc.beta, lc.image_weight) == (
+        "random_mask", "stratified", 2, 0.04, 0.1)
+    assert set(r.tasks) == {"t2i", "understand", "reason"} and set(r.text_models) == {"answer", "format"}
+    assert required(cfg.cluster, r)["GPU"] == 26
+    out, span, vocab, codebook = preset_shapes("mmada-parallel-m", cfg.sampler.text_len)
+    estimates, _, _ = estimate_run(cfg, llada_8b_config(embedding_size=134656), out, span, text_vocab=vocab,
+                                   codebook=codebook)
+    assert all(e.total < 80e9 * 0.9 for e in estimates), [e.line() for e in estimates]
+    from shapeworld.default_run import split_world
+
+    path, rest, world = split_world(ROOT / "configs" / "unigrpo-world.yaml", ["seed=2"], tmp_path)
+    world_cfg = load_run_config(path, rest)
+    assert world == {"task_shares": {"t2i": 0.2, "understand": 0.2, "reason": 0.2}} and world_cfg.seed == 2
+    assert set(world_cfg.reward.tasks) == {"generate", "edit", "t2i", "understand", "reason"}

@@ -91,3 +91,18 @@ def test_doctor_says_a_colocated_8b_config_fits_one_node_of_8_gpus(ray_local, tm
               "--node-gpus", "8"])
     out = capsys.readouterr().out
     assert "PROBLEM  memory: one node of 8 GPUs of 48 GiB: does not fit" in out
+
+
+def test_doctor_checks_the_unigrpo_8b_config(ray_local, tmp_path, capsys):
+    from pararl.models import llada_8b_config
+
+    folder = tmp_path / "mmada-8b"
+    llada_8b_config(embedding_size=134656).save_pretrained(folder)
+    rc = run([str(CONFIGS / "mmada-8b-unigrpo.yaml"), f"model={folder}", "--gpu-memory-gb", "80"])
+    out = capsys.readouterr().out
+    assert rc == 2  # the weights are not there
+    assert "ok       config: " in out and "PROBLEM  model: weights: " in out
+    assert "ok       memory: rollout worker: " in out and "ok       memory: learner rank: " in out
+    rc = run([str(CONFIGS / "mmada-8b-unigrpo.yaml"), f"model={folder}", "reward.tasks.reason.clip=1.0"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "reward.tasks.reason.clip: 'clip' scores an image against a text, and a reason trajectory has no image" in out
