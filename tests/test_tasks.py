@@ -190,3 +190,28 @@ def test_records_name_their_task_and_bad_ones_are_refused(tmp_path):
         (tmp_path / "d.jsonl").write_text(__import__("json").dumps(row))
         with pytest.raises(DataError, match=message):
             read_records(tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("task,estimator", [("t2i", "trace"), ("reason", "random_mask")])
+def test_a_family_trains_on_the_learner(policy, tmp_path, task, estimator):
+    from learner.batch import TrainBatch
+    from learner.trainer import Learner
+    from pararl.logprobs import behaviour_logprobs
+    from pararl.models import build_policy
+    from tests.learner_tiny import learner_config
+    from tests.tiny import tiny_config
+
+    folder = tmp_path / "policy"
+    build_policy(tiny_config(FMT), seed=5).save_pretrained(folder)
+    tr = sample(policy, task)
+    plan = (TracePlan((0, 4), merge=4) if estimator == "trace"
+            else RandomMaskPlan(seed=1, ratio_min=0.3, ratio_max=0.9))
+    with torch.no_grad():
+        old = behaviour_logprobs(policy, FMT, tr, plan)
+    batch = TrainBatch.from_trajectories(tr, torch.tensor([1.0, -1.0, 0.5, -0.5]), plan, old)
+    learner = Learner(learner_config(logprob_estimator=estimator, coverage="all", merge_steps=4, micro_batch_size=2,
+                                     grad_accumulation=2, updates_per_batch=2), folder, FMT)
+    before = learner.weights_hash()
+    first, second = learner.train_batch(batch)["updates"]
+    assert first["tokens"] == float(old.mask.sum()) and abs(first["ratio_max"] - 1) < 1e-5
+    assert learner.weights_hash() != before and max(abs(second["ratio_min"] - 1), abs(second["ratio_max"] - 1)) > 1e-4
