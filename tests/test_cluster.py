@@ -92,8 +92,24 @@ def test_a_rollout_worker_killed_while_sampling_loses_nothing(ray_local, setup, 
         driver.shutdown()
 
 
-def test_stop_after_a_checkpoint_then_resume_continues_at_the_next_step(ray_local, setup, tmp_path, capsys):
-    first = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.checkpoint_every=1"])
+@pytest.fixture(scope="module")
+def stopped(ray_local, setup, tmp_path_factory):
+    """A run stopped after 2 steps with a checkpoint after each; a test resumes a copy of its folder."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    first = train(setup["config"], [f"run_dir={run}", "train.steps=2", "train.checkpoint_every=1"])
+    return first, run
+
+
+def copy_of(stopped, tmp_path) -> dict:
+    import shutil
+
+    first, run = stopped
+    shutil.copytree(run, tmp_path / "run")
+    return first
+
+
+def test_stop_after_a_checkpoint_then_resume_continues_at_the_next_step(ray_local, setup, stopped, tmp_path, capsys):
+    first = copy_of(stopped, tmp_path)
     assert first["state"].step == 2
     out = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=3", "train.resume=true"])
     assert out["state"].step == 3 and out["state"].policy_version == 3
@@ -336,15 +352,15 @@ def test_a_driver_killed_with_sigkill_leaves_no_ray_agent_behind_the_next_start(
     assert sorted(reap_orphaned_agents()) == sorted(left) and orphans() == []
 
 
-def test_resume_after_a_stop_between_checkpoints_logs_no_step_twice(ray_local, setup, tmp_path):
+def test_resume_after_a_stop_between_checkpoints_logs_no_step_twice(ray_local, setup, stopped, tmp_path):
     """Steps 0 and 1 are logged; the checkpoint after step 1 is lost (the crash the learner can have while
     writing it), so resume repeats step 1 from the checkpoint after step 0: MLflow keeps one point per step."""
     import shutil
 
     from learner.checkpoint import LATEST, latest_checkpoint
 
-    first = train(setup["config"], [f"run_dir={tmp_path / 'run'}", "train.steps=2", "train.checkpoint_every=1"])
-    folder = Path(first["run_dir"]) / "checkpoints"
+    first = copy_of(stopped, tmp_path)
+    folder = tmp_path / "run" / "checkpoints"
     lost = latest_checkpoint(folder)
     kept = sorted(p for p in folder.glob("step-*") if p != lost)[-1]
     shutil.rmtree(lost)
