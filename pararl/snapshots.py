@@ -54,18 +54,21 @@ def snapshot_grid(
     cell_h = 2 * CELL + TEXT_LINES * line_h + 3 * pad + line_h
     grid = Image.new("RGB", (len(steps) * (CELL + pad) + pad, len(rows) * (cell_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
+    blank = Image.new("RGB", (CELL, CELL), "lightgrey")  # a task family that writes no image (pararl.tasks)
     for r_i, r in enumerate(rows):
         y0 = pad + r_i * (cell_h + pad)
-        x0_imgs = image_tokenizer.decode(fmt.span_codes(traj.snapshot_x0[r, :, rimg]).clamp(min=0))
-        shown = decode_partial(fmt, image_tokenizer, traj.snapshot_tokens[r, :, rimg])
+        if lay.image_len:
+            x0_imgs = image_tokenizer.decode(fmt.span_codes(traj.snapshot_x0[r, :, rimg]).clamp(min=0))
+            shown = decode_partial(fmt, image_tokenizer, traj.snapshot_tokens[r, :, rimg])
         for c, step in enumerate(steps):
             x = pad + c * (CELL + pad)
             label = f"step {step + 1}/{traj.steps}" + (f"  {titles[r_i]}" if titles else "")
             draw.text((x, y0), label[:22], fill="black")
-            grid.paste(to_pil(x0_imgs[c]), (x, y0 + line_h))
-            grid.paste(to_pil(shown[c]), (x, y0 + line_h + CELL + pad))
+            grid.paste(to_pil(x0_imgs[c]) if lay.image_len else blank, (x, y0 + line_h))
+            grid.paste(to_pil(shown[c]) if lay.image_len else blank, (x, y0 + line_h + CELL + pad))
             text = decode_text(traj.snapshot_tokens[r, c, rtxt])
-            lines = textwrap.wrap(text, width=21)[:TEXT_LINES] or ["(no text yet)"]
+            empty = "(no text yet)" if lay.text_len else "(image only)"
+            lines = textwrap.wrap(text, width=21)[:TEXT_LINES] or [empty]
             ty = y0 + line_h + 2 * CELL + 2 * pad
             for i, line in enumerate(lines):
                 draw.text((x, ty + i * line_h), line, fill="black")

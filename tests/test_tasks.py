@@ -9,6 +9,7 @@ import torch
 from pararl.batching import build_batch
 from pararl.errors import DataError
 from pararl.formats import mmada_a_format
+from pararl.image_tokenizers.palette import PaletteCodec
 from pararl.logprobs import trajectory_logprobs
 from pararl.plans import RandomMaskPlan, TracePlan
 from pararl.tasks import TASKS
@@ -215,3 +216,13 @@ def test_a_family_trains_on_the_learner(policy, tmp_path, task, estimator):
     first, second = learner.train_batch(batch)["updates"]
     assert first["tokens"] == float(old.mask.sum()) and abs(first["ratio_max"] - 1) < 1e-5
     assert learner.weights_hash() != before and max(abs(second["ratio_min"] - 1), abs(second["ratio_max"] - 1)) > 1e-4
+
+
+@pytest.mark.parametrize("task", ["t2i", "reason"])
+def test_a_familys_snapshots_draw_as_a_picture(policy, task):
+    from pararl.snapshots import snapshot_grid
+
+    tr = sample(policy, task, snapshots=(3, STEPS - 1))
+    grid = snapshot_grid(tr, FMT, PaletteCodec(grid=(4, 4), patch=2, codebook_size=CODEBOOK), lambda ids: " ".join(map(str, ids.tolist())),
+                         rows=(0, 1))
+    assert grid.width > 0 and grid.height > 0
