@@ -49,14 +49,18 @@ def import_object(path: str) -> Any:
         raise ConfigError(f"module {module_name!r} has no {attr!r}") from err
 
 
+def find(registry: Registry, name: str, form: str) -> Any:
+    """A registered entry, or the object ``module:Name`` names (``form`` says what users write there)."""
+    if name in registry:
+        return registry[name]
+    if ":" in name:
+        return import_object(name)
+    raise ConfigError(registry.unknown(name) + f", or use {form}")
+
+
 def build_reward_model(name: str, kwargs: dict[str, Any] | None = None) -> RewardModel:
     kwargs = dict(kwargs or {})
-    if name in REWARD_MODELS:
-        factory = REWARD_MODELS[name]
-    elif ":" in name:
-        factory = import_object(name)
-    else:
-        raise ConfigError(REWARD_MODELS.unknown(name) + ", or use module:Class")
+    factory = find(REWARD_MODELS, name, "module:Class")
     try:
         model = factory(**kwargs)
     except TypeError as err:

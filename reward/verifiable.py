@@ -20,7 +20,7 @@ import torch
 
 from pararl.errors import ConfigError, RunError
 from pararl.registry import Registry
-from reward.base import import_object
+from reward.base import find
 
 TextRewardFn = Callable[..., Sequence[float]]  # fn(texts, references, **kwargs) -> one float per text
 TEXT_REWARDS: Registry[TextRewardFn] = Registry("text reward")
@@ -43,12 +43,7 @@ def build_text_reward(name: str, kwargs: dict[str, Any] | None = None) -> TextRe
     """A registered name or ``module:function`` -> the bound reward; wrong arguments fail now, at
     config load, rather than on the first batch of a run."""
     kwargs = dict(kwargs or {})
-    if name in TEXT_REWARDS:
-        fn = TEXT_REWARDS[name]
-    elif ":" in name:
-        fn = import_object(name)
-    else:
-        raise ConfigError(TEXT_REWARDS.unknown(name) + ", or use module:function")
+    fn = find(TEXT_REWARDS, name, "module:function")
     if not callable(fn):
         raise ConfigError(f"text reward {name!r} is not callable: {fn!r}")
     try:
