@@ -1,0 +1,70 @@
+"""UniGRPO on the world: each task's held-out score before and after, per seed and over seeds.
+
+Reads the finished runs of ``make train ARGS="--config configs/unigrpo-world.yaml seed=N run_dir=..."``
+and evaluates each run's warm-up policy and its exported ParaRL policy on ALL the world's held-out
+prompts, ``--samples`` times each with the same seeds (a paired difference), with the run's own
+config: exact alignment and prompt following for drawing and editing, ``t2i_follows`` (the image obeys
+the prompt) for text-to-image, ``understand_correct`` and ``reason_correct`` (the answer is the
+reference) for the questions. The run's own summary used the first ``train.eval_prompts`` prompts;
+this is more samples per task, and so smaller standard errors, for seconds of sampling.
+Run (alone on the machine): ``.venv/bin/python bench/unigrpo.py runs/unigrpo-world runs/unigrpo-seed1 ...
+[--samples 4]``. Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASK_SCORES = ("aligned", "follows", "t2i_follows", "understand_correct", "reason_correct", "reward")
+
+
+def evaluate_run(run_dir: Path, samples: int) -> dict:
+    from cluster.run_config import load_run_config
+    from pararl.data import read_records
+    from shapeworld.dataset import WorldConfig
+    from shapeworld.default_run import evaluate_folder
+
+    cfg = load_run_config(run_dir / "config.yaml")
+    world = json.loads((Path(cfg.data.eval).parent / "world.json").read_text())
+    spec = WorldConfig.from_dict(world).spec
+    prompts = len(read_records(cfg.data.eval))
+    before = evaluate_folder(cfg.model, cfg, spec, prompts, samples, cfg.seed)
+    after = evaluate_folder(run_dir / "final-policy", cfg, spec, prompts, samples, cfg.seed)
+    return {"seed": cfg.seed, "run_dir": str(run_dir), "prompts": prompts, "samples": samples,
+            "before": before, "after": after}
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| score | " + " | ".join(f"seed {r['seed']}: before -> after" for r in runs) + " | mean change | std over seeds | change / std |",
+             "| --- |" + " --- |" * (len(runs) + 3)]
+    for key in TASK_SCORES:
+        if not all(key in r["before"] for r in runs):
+            continue
+        cells = [f"{r['before'][key]:.3f} -> {r['after'][key]:.3f} (± {r['after'].get(key + '_se', float('nan')):.3f})"
+                 for r in runs]
+        changes = [r["after"][key] - r["before"][key] for r in runs]
+        mean = statistics.mean(changes)
+        std = statistics.stdev(changes) if len(changes) > 1 else float("nan")
+        ratio = mean / std if std and std == std else float("nan")
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {mean:+.3f} | {std:.3f} | {ratio:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--samples", type=int, default=4)
+    args = parser.parse_args()
+    runs = [evaluate_run(r, args.samples) for r in args.runs]
+    print(table(runs))
+    print(json.dumps({"runs": runs}, default=str))
+
+
+if __name__ == "__main__":
+    main()
