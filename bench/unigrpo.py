@@ -41,7 +41,8 @@ def evaluate_run(run_dir: Path, samples: int) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| score | " + " | ".join(f"seed {r['seed']}: before -> after" for r in runs) + " | mean change | std over seeds | change / std |",
+    seeds = " | ".join(f"seed {r['seed']}: before -> after" for r in runs)
+    lines = [f"| score | {seeds} | mean change | std over seeds | change / std |",
              "| --- |" + " --- |" * (len(runs) + 3)]
     for key in TASK_SCORES:
         if not all(key in r["before"] for r in runs):
