@@ -25,11 +25,12 @@ def _history(run_dir, run_id: str, key: str) -> list[float]:
 
 
 def test_with_k_2_rollouts_run_two_versions_ahead_and_no_trained_trajectory_is_older(ray_local, setup, tmp_path):
+    """k = 2 against k = 1, the latter asked for by its older name (cluster.mode=off_policy): each step is
+    sampled while the one before is learned. The synchronous loop's staleness 0 is tests/test_cluster.py's."""
     runs = {}
-    for k in (0, 2):
+    for k, option in ((1, "cluster.mode=off_policy"), (2, "cluster.max_staleness=2")):
         run_dir = tmp_path / f"k{k}"
-        out = train(setup["config"], [f"run_dir={run_dir}", f"cluster.max_staleness={k}", "train.steps=5",
-                                      "train.checkpoint_every=2"])
+        out = train(setup["config"], [f"run_dir={run_dir}", option, "train.steps=5", "train.checkpoint_every=2"])
         runs[k] = (run_dir, out)
         assert out["state"].policy_version == 5
     run_dir, out = runs[2]
@@ -39,11 +40,13 @@ def test_with_k_2_rollouts_run_two_versions_ahead_and_no_trained_trajectory_is_o
     assert staleness == [0, 1, 2, 2, 2] and max(staleness) <= 2
     assert _history(run_dir, out["run_id"], "train.stale_dropped") == [0] * 5
     assert all(r == r for r in _history(run_dir, out["run_id"], "learner.ratio_mean"))
-    synced_dir, synced = runs[0]
-    assert _history(synced_dir, synced["run_id"], "rollout.staleness_max") == [0] * 5
-    assert _history(synced_dir, synced["run_id"], "reward.mean")[0] == _history(run_dir, out["run_id"], "reward.mean")[0]
-    assert _history(synced_dir, synced["run_id"], "learner.kl")[1:] != _history(run_dir, out["run_id"], "learner.kl")[1:], \
-        "running ahead trains on other trajectories than the synchronous run"
+    one_dir, one = runs[1]
+    assert _history(one_dir, one["run_id"], "rollout.trajectory_version") == [0, 0, 1, 2, 3]  # step k+1 sampled while k learned
+    assert _history(one_dir, one["run_id"], "rollout.staleness_max") == [0, 1, 1, 1, 1]
+    assert all(r == r for r in _history(one_dir, one["run_id"], "learner.ratio_mean"))
+    assert _history(one_dir, one["run_id"], "reward.mean")[0] == _history(run_dir, out["run_id"], "reward.mean")[0]
+    assert _history(one_dir, one["run_id"], "learner.kl")[1:] != _history(run_dir, out["run_id"], "learner.kl")[1:], \
+        "running further ahead trains on other trajectories"
     # the checkpoint after step 4 was written while the rollout of step 4 was queued: resume draws its prompts again
     state = json.loads((run_dir / "checkpoints" / checkpoint_name(4) / "run_state.json").read_text())
     assert state["step"] == 4 and state["data_position"] == 4 * setup["raw"]["data"]["prompts_per_step"]
