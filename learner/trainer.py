@@ -4,7 +4,8 @@ A rank receives its shard of the iteration's batch (trajectories, advantages, th
 behaviour log-probs) and takes ``updates_per_batch`` passes over it, each pass split into optimizer
 steps of ``micro_batch_size * grad_accumulation`` trajectories. pi_old stays the behaviour
 log-probs for every pass (the ratio is 1 only in the first), and the reference log-probs are
-computed once per batch, since the reference never changes. Loss denominators are counted over the
+computed once per batch, since the reference never changes (once per mask where UniGRPO's
+structured masking gives each pass its own: ``UpdateTargets``). Loss denominators are counted over the
 whole optimizer step on all ranks (``learner.loss``), so N ranks on N shards take the same step as
 one rank on the whole batch.
 
