@@ -24,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cluster.colocated import ColocatedActor
 from cluster.config import sync_bucket_bytes
+from cluster.evaluate import facts_for
 from cluster.learner_group import LearnerActor, LearnerGroup
 from cluster.placement import place, start_ray
 from cluster.rollout_group import RolloutGroup, SubmittedRollout
@@ -169,7 +170,7 @@ class Driver:
                               self.sampled_as)
         position = self.prompts.position
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
-        prompts = [self.prompts.facts(position + i, self.codecs.fmt) for i in range(len(requests))]
+        prompts = [facts_for(self.prompts.record(position + i), r, self.codecs) for i, r in enumerate(requests)]
         submitted = self.rollouts.submit(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)
         return QueuedRollout(step, submitted, plan, position, prompts)
 

@@ -18,7 +18,7 @@ from PIL import Image
 from pararl.errors import ConfigError, DataError
 from pararl.image_tokenizers import ImageTokenizer
 from pararl.seeds import EPOCH_STRIDE, derive
-from pararl.tasks import TASKS, task_of
+from pararl.tasks import TASKS
 
 
 @dataclass
@@ -178,15 +178,6 @@ class PromptSource:
         rec = self.record(position)
         codes = self.cache.codes(rec.input_image) if rec.input_image else None
         return GenerationRequest(self.encode_text(rec.prompt), codes, seed=derive(self.seed, position), task=rec.task)
-
-    def facts(self, position: int, fmt):
-        """What the rewards of the request at ``position`` read besides its trajectories."""
-        from pararl.types import PromptFacts
-
-        rec = self.record(position)
-        task_of(rec.task, bool(rec.input_image))
-        ids = fmt.span_ids(self.cache.codes(rec.input_image)) if rec.input_image else None
-        return PromptFacts(rec.task, rec.prompt, rec.answer, ids)
 
     def next_batch(self, size: int) -> list:
         batch = [self.request(self.position + i) for i in range(size)]
