@@ -48,19 +48,26 @@ A_FMT = DimooFormat(name="bench-a", mask_id=1, pad_id=0, uncond_id=2, newline_id
 
 
 def median_time(fn, repeats: int) -> float:
+    """Median wall seconds after a warm-up; on a GPU each call is waited for (kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def bench_model(name: str, arch: dict, fmt, cfg: SamplerConfig, repeats: int) -> dict:
-    config = LLaDAConfig(vocab_size=fmt.vocab_size, embedding_size=fmt.vocab_size, mask_token_id=fmt.mask_id,
-                         rope_theta=10000.0, **arch)
-    model = build_policy(config, seed=0)
+def bench_model(name: str, arch: dict, fmt, cfg: SamplerConfig, repeats: int, model=None) -> dict:
+    """``model`` (optional): a policy already built, on its device and in its dtype (``arch`` is then unused)."""
+    if model is None:
+        config = LLaDAConfig(vocab_size=fmt.vocab_size, embedding_size=fmt.vocab_size, mask_token_id=fmt.mask_id,
+                             rope_theta=10000.0, **arch)
+        model = build_policy(config, seed=0)
+    device = next(model.parameters()).device
     params = sum(p.numel() for p in model.parameters())
     edit = torch.arange(fmt.image_tokens) % fmt.codebook_size if isinstance(fmt, DimooFormat) else None
     requests = [GenerationRequest(list(range(20, 20 + 6 + 2 * i)), edit, seed=i) for i in range(PROMPTS)]
@@ -69,9 +76,9 @@ def bench_model(name: str, arch: dict, fmt, cfg: SamplerConfig, repeats: int) ->
 
     batch = build_batch(fmt, requests, cfg.text_len, released_rows=bool(g.after_text))
     rep = lambda t: t.repeat_interleave(GROUP, 0)  # noqa: E731
-    rows = torch.cat([rep(batch.input_ids)] + [rep(batch.uncond_ids)] * g.with_cond)
-    mask = rep(batch.attention_mask).repeat(1 + g.with_cond, 1)
-    extra = torch.cat([rep((batch.uncond_ids, batch.uncond_image_ids)[i]) for i in g.after_text]) if g.after_text else None
+    rows = torch.cat([rep(batch.input_ids)] + [rep(batch.uncond_ids)] * g.with_cond).to(device)
+    mask = rep(batch.attention_mask).repeat(1 + g.with_cond, 1).to(device)
+    extra = torch.cat([rep((batch.uncond_ids, batch.uncond_image_ids)[i]) for i in g.after_text]).to(device) if g.after_text else None
 
     lay = batch.layout
 
@@ -80,7 +87,7 @@ def bench_model(name: str, arch: dict, fmt, cfg: SamplerConfig, repeats: int) ->
         for s in range(cfg.steps):
             span_forward(model, fmt, lay, rows, mask)
             if extra is not None and plan.image_update[s]:
-                span_forward(model, fmt, lay, extra, rep(batch.attention_mask).repeat(len(g.after_text), 1), ("image",))
+                span_forward(model, fmt, lay, extra, rep(batch.attention_mask).repeat(len(g.after_text), 1).to(device), ("image",))
 
     floor = median_time(forwards, repeats)
     batched = median_time(lambda: sampler.sample(requests, group_size=GROUP), repeats)
