@@ -10,7 +10,7 @@ import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from cluster.config import ClusterConfig, check_cluster_config
 from learner.config import LearnerConfig
@@ -19,6 +19,7 @@ from pararl.config import ModelFormatConfig, build_config
 from pararl.errors import ConfigError
 from pararl.files import atomic_write
 from reward.config import RewardConfig, check_reward_config
+from reward.judges import check_judge_name
 from reward.semantic import run_steps
 from rollout.config import SamplerConfig, resolve_sampler
 
@@ -51,6 +52,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """``pararl eval``: how held-out prompts are sampled and who judges them."""
+
+    samples: int = 1  # samples per prompt (K), each with its own fixed seed
+    prompts: Optional[int] = None  # the first N held-out records (None: all)
+    snapshots: int = 4  # evenly spaced snapshot steps pictured per sample in the report
+    batch_prompts: int = 16  # prompts per sampler call
+    seed: int = 1234  # the per-prompt seeds: the same for every model, so differences are paired
+    # judge name -> its settings, e.g. vlm: {base_url: http://127.0.0.1:8000/v1, model: Qwen2.5-VL-7B-Instruct}
+    # (clip defaults to the run's CLIP reward model)
+    judges: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     """A whole ParaRL run: what ``pararl train / eval / reward-stats`` read."""
 
@@ -66,6 +81,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 def _derived_paths(cfg: RunConfig) -> dict[str, tuple[object, str, str]]:
@@ -109,6 +125,8 @@ def validate_run(cfg: RunConfig) -> RunConfig:
     if cfg.reward.models:  # a config that names no reward model is refused where a reward is built
         check_reward_config(cfg.reward)
     _check_counts(cfg)
+    for name in cfg.evaluation.judges:
+        check_judge_name(name)
     if cfg.cluster.colocate and cfg.learner.zero_stage == 3:
         raise ConfigError("cluster.colocate=true samples from the learner's own parameters, which ZeRO-3 partitions "
                           "across the ranks: use learner.zero_stage 0-2 (ZeRO-2 partitions the optimizer state and "
@@ -125,8 +143,11 @@ def validate_run(cfg: RunConfig) -> RunConfig:
 
 
 def _check_counts(cfg: RunConfig) -> None:
+    ev = cfg.evaluation
     positive = {"data.prompts_per_step": cfg.data.prompts_per_step, "data.group_size": cfg.data.group_size,
-                "train.eval_prompts": cfg.train.eval_prompts}
+                "train.eval_prompts": cfg.train.eval_prompts, "evaluation.samples": ev.samples,
+                "evaluation.snapshots": ev.snapshots, "evaluation.batch_prompts": ev.batch_prompts,
+                "evaluation.prompts": 1 if ev.prompts is None else ev.prompts}
     at_least_zero = {"train.steps": cfg.train.steps, "train.checkpoint_every": cfg.train.checkpoint_every,
                      "train.eval_every": cfg.train.eval_every, "train.max_idle_steps": cfg.train.max_idle_steps,
                      "tracking.snapshot_every": cfg.tracking.snapshot_every,

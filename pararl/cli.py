@@ -51,6 +51,12 @@ def _default_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from cluster.eval_command import eval_main
+
+    return eval_main(args)
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from cluster.doctor import doctor_main
 
@@ -93,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("overrides", nargs="*", help="run config overrides as dotted key=value")
     dr.set_defaults(run=_default_run)
 
+    ev = sub.add_parser("eval", help="sample held-out prompts with one or two models, judge them (ParaBench's six "
+                                     "scores), compare paired, write eval.json and report.html")
+    ev.add_argument("config", help="run config (YAML): the sampler, model format, reward models, evaluation: section")
+    ev.add_argument("--model", required=True, help="model folder to evaluate")
+    ev.add_argument("--baseline", help="model folder to compare with, sample by sample on the same seeds")
+    ev.add_argument("--data", help="held-out records (JSONL; default: the config's data.eval)")
+    ev.add_argument("--samples", type=int, help="samples per prompt (default: evaluation.samples)")
+    ev.add_argument("--judge", action="append", default=[], help="a judge by name (clip, vlm, world) or module:Class; "
+                    "repeat for several (default: clip); its settings under evaluation.judges.NAME")
+    ev.add_argument("--out", help="output folder (default: <run_dir>/eval); run again with it to resume")
+    ev.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
+    ev.set_defaults(run=_eval)
+
     from cluster.doctor import add_doctor_arguments  # argparse only: cheap
 
     d = sub.add_parser("doctor", help="check a run config against the model folder, reward, stats and the Ray cluster "
@@ -103,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after the options (`pararl eval CONFIG --model A key=value`): argparse leaves them over
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # library code logs; the command shows warnings (a step that trained nothing, tracking that went away)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -72,6 +72,11 @@ class OpenClipReward:
         txt = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
         return as_scores(_cosine(img, txt), len(texts), self.identity)
 
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (an edit's input against its output: the judges' image consistency)."""
+        return self.model.encode_image(prepare_images(images.to(self.device), self.size, self.mean, self.std)).float().cpu()
+
 
 @register_reward_model("hf_clip")
 class HFClipReward:
@@ -114,6 +119,11 @@ class HFClipReward:
         img = getattr(img, "pooler_output", img)
         txt = getattr(txt, "pooler_output", txt)
         return as_scores(_cosine(img, txt), len(texts), self.identity)
+
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        img = self.model.get_image_features(pixel_values=prepare_images(images.to(self.device), self.size, CLIP_MEAN, CLIP_STD))
+        return getattr(img, "pooler_output", img).float().cpu()
 
 
 @register_reward_model("function")
