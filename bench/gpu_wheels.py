@@ -53,20 +53,26 @@ def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], check=True)
+def pip(*args: str, env: dict[str, str] | None = None) -> None:
+    import os
+
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args], check=True,
+                   env={**os.environ, **(env or {})})
 
 
 def resolve(local: Path) -> list[str]:
     """``name==version`` of every package the check needs that the image lacks (deepspeed ships only a
-    source archive: its wheel is built here first, pure Python, its ops left to be compiled where they run)."""
-    pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(local), WANT[1])
+    source archive: its wheel is built here first, pure Python, its ops left to be compiled where they run).
+    The CUDA libraries the resolver picks for torch are left out: the image's torch brings its own."""
+    # no cache: the wheel `make venv` built here carries a compiled op for this machine's Python
+    pip("wheel", "--quiet", "--no-cache-dir", "--no-deps", "--no-build-isolation", "-w", str(local), WANT[1],
+        env={"DS_BUILD_OPS": "0", "DS_BUILD_SHM_COMM": "0"})
     report = local / "report.json"
     pip("install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report), "--target", str(local / "t"),
         "--find-links", str(local), *PLATFORM, *WANT)
     items = json.loads(report.read_text())["install"]
     return sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in items
-                  if norm(i["metadata"]["name"]) not in PRESENT)
+                  if norm(i["metadata"]["name"]) not in PRESENT and not norm(i["metadata"]["name"]).startswith("nvidia-"))
 
 
 def loads(files: list[Path]) -> list[list[tuple[Path, int, int]]]:
@@ -113,8 +119,9 @@ def main() -> int:
     print(f"{OUT}: {total / 2**20:.1f} MiB in {len(plan)} load(s) of at most {LOAD / 2**20:.0f} MiB")
     for i in range(1, len(plan)):
         print(f"device call {i}: carry ['.gpu-wheels/{i}'], command: mkdir -p /tmp/w && cp .gpu-wheels/{i}/* /tmp/w/")
-    print(f"device call {len(plan)} (at once, while the machine is warm): carry ['.gpu-wheels/{len(plan)}'], command: "
-          f"cp .gpu-wheels/{len(plan)}/* /tmp/w/ 2>/dev/null; mkdir -p /tmp/w; cp .gpu-wheels/{len(plan)}/* /tmp/w/; "
+    last = len(plan)
+    print(f"device call {last}{' (at once: the machine keeps /tmp/w only while it is warm)' if last > 1 else ''}: carry "
+          f"['.gpu-wheels/{last}'], command: mkdir -p /tmp/w && cp .gpu-wheels/{last}/* /tmp/w/ && "
           "PARARL_WHEELS=/tmp/w timeout 540 python3 bench/gpu_check.py")
     return 0
 

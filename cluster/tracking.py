@@ -22,6 +22,30 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
 
 
+_EMPTY_STORE: dict[str, bytes] = {}  # MLflow version -> an empty sqlite store, its schema migrated
+
+
+def start_sqlite_store(uri: str) -> None:
+    """A new sqlite store begins as a copy of an empty one migrated once per process: MLflow's schema
+    migrations take seconds for every new store, and every run folder (and eval) makes one."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists():
+        return
+    import tempfile
+
+    import mlflow
+
+    if mlflow.__version__ not in _EMPTY_STORE:
+        with tempfile.TemporaryDirectory() as folder:
+            empty = Path(folder) / "empty.db"
+            mlflow.MlflowClient(f"sqlite:///{empty}").search_experiments()  # creates and migrates the schema
+            _EMPTY_STORE[mlflow.__version__] = empty.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_EMPTY_STORE[mlflow.__version__])
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in d.items():
@@ -47,6 +71,7 @@ class Tracker:
             # A client bound to this URI and run, not MLflow's process-global "active run": several
             # drivers in one process (tests, notebooks) never log into each other's runs.
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            start_sqlite_store(uri)
             self.client = MlflowClient(uri)
             if run_id is None:
                 exp = self.client.get_experiment_by_name(experiment)

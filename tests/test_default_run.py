@@ -61,19 +61,27 @@ def test_the_readme_commands_work_on_the_finished_run(finished, capsys, monkeypa
     assert main(["reward-stats", config, f"reward.stats_file={tmp / 'stats.json'}"]) == 0
     ours, prepared = load_stats(tmp / "stats.json")["clip"], load_stats(results["prepare"]["reward_stats"])["clip"]
     assert ours.count == prepared.count and abs(ours.mean - prepared.mean) < 1e-5 and abs(ours.std - prepared.std) < 1e-5
-    # bench/e2e.py on the finished run: two modes (running ahead, colocated; the synchronous loop is
-    # the run's own), each into its own fresh folder (the run's checkpoints are another run's), and
-    # its closing JSON line
+    # pararl eval: the trained policy against the warm-up, judged by the CLIP and by the world's checks
+    world = Path(results["prepare"]["eval"]).parent / "world.json"
+    assert main(["eval", config, "--model", str(run / "final-policy"), "--baseline", results["prepare"]["model"],
+                 "--judge", "clip", "--judge", "world", f"evaluation.judges.world.world={world}", "evaluation.prompts=4",
+                 "--out", str(tmp / "eval")]) == 0, capsys.readouterr().err
+    scores = json.loads((tmp / "eval" / "eval.json").read_text())["scores"]
+    assert {"clip/output_alignment", "world/output_alignment", "world/image_alignment"} <= set(scores)
+    assert scores["world/output_alignment"]["difference"]["n"] == 4
+    # bench/e2e.py on the finished run: one mode (running ahead: the k >= 1 critical path; the
+    # synchronous loop is the run's own, colocated runs are tests/test_colocated.py's), into its own
+    # fresh folder (the run's checkpoints are another run's), and its closing JSON line
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
     e2e = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(e2e)
     monkeypatch.setenv("PARARL_E2E_STEPS", "3")
-    monkeypatch.setenv("PARARL_E2E_MODES", "k1,colocated1")
+    monkeypatch.setenv("PARARL_E2E_MODES", "k1")
     monkeypatch.setattr("sys.argv", ["e2e.py", config])
     capsys.readouterr()
     e2e.main()
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [m["mode"] for m in last["modes"]] == ["k1", "colocated1"]
-    assert [m["steps_timed"] for m in last["modes"]] == [1, 2] and [m["staleness_max"] for m in last["modes"]] == [1, 0]
+    assert [m["mode"] for m in last["modes"]] == ["k1"]
+    assert [m["steps_timed"] for m in last["modes"]] == [1] and [m["staleness_max"] for m in last["modes"]] == [1]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints

@@ -120,16 +120,16 @@ def test_a_worker_node_killed_mid_run_loses_no_trajectory(cluster, config, tmp_p
     """w1 holds a rollout worker (no other node has room for it: it is dropped) and a reward replica
     (the head's replica answers meanwhile; Serve replaces the lost one on the head)."""
     run_dir = tmp_path / "run"
-    code, out = _run_losing(cluster, config, run_dir, "w1", 1, "train.checkpoint_every=0", "train.steps=12")
+    code, out = _run_losing(cluster, config, run_dir, "w1", 1, "train.checkpoint_every=0", "train.steps=6")
     assert code == 0, out
     seen = {k: _metrics(run_dir, k) for k in ("time.step", "reward.retries", "reward.replica_losses", "rollout.workers")}
-    assert "finished at step 12 (policy version 12)" in out, ("every step trained", seen, out[-3000:])
-    assert _metrics(run_dir, "rollout.trajectories") == [16.0] * 12, "every step sampled all its trajectories"
+    assert "finished at step 6 (policy version 6)" in out, ("every step trained", seen, out[-3000:])
+    assert _metrics(run_dir, "rollout.trajectories") == [16.0] * 6, "every step sampled all its trajectories"
     assert max(_metrics(run_dir, "rollout.workers_lost")) == 1 and _metrics(run_dir, "rollout.workers")[-1] == 1
     assert _metrics(run_dir, "cluster.nodes_lost")[-1] == 1, "the lost node is counted"
-    assert _metrics(run_dir, "reward.dropped") == [0.0] * 12, "w1's reward replica took no trajectory with it"
+    assert _metrics(run_dir, "reward.dropped") == [0.0] * 6, "w1's reward replica took no trajectory with it"
     # Serve replaces w1's replica on the head once its health check marks it dead (tens of seconds): a
-    # slow machine sees the replacement answer, a fast one may finish the 12 steps first. Either way
+    # slow machine sees the replacement answer, a fast one may finish the 6 steps first. Either way
     # the head's replica answered every request (no retry was needed, none dropped).
     assert seen["reward.replica_losses"][-1] <= 1, ("at most w1's one replica was replaced", seen)
     cluster.wait_nodes(3)
@@ -145,7 +145,9 @@ def test_a_learner_node_killed_stops_the_run_with_one_line_and_resume_continues(
     assert saved is not None
     verify(saved)  # every file of it as written
     done = json.loads((saved / "run_state.json").read_text())["step"]
-    assert done >= 2
+    # killed once step 2 was logged: its checkpoint (written after the log) may have been cut short, and
+    # then step 1's is the last complete one (a cut-short one is never taken for complete: verify above)
+    assert done >= 1
     cluster.wait_nodes(3)
     proc = _train(cluster, config, run_dir, *LONGER, "train.checkpoint_every=1", "train.resume=true")
     out = _finish(proc)
