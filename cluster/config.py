@@ -104,6 +104,11 @@ def check_cluster_config(cfg: ClusterConfig) -> None:
     for name in ("rollout_cpus", "learner_cpus", "rollout_gpus", "learner_gpus"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"cluster.{name} must be >= 0")
+    shared = 0 < cfg.rollout_gpus < 1 or 0 < cfg.learner_gpus < 1
+    if cfg.sync_transport == "collective" and cfg.rollout_gpus > 0 and shared and not cfg.colocate:
+        raise ConfigError(f"cluster.sync_transport=collective with rollout_gpus={cfg.rollout_gpus} and learner_gpus="
+                          f"{cfg.learner_gpus}: fractions let a rollout worker and a learner rank share a GPU, and NCCL "
+                          "refuses two ranks of one group on the same device; use sync_transport=object_store, or whole GPUs")
 
 
 
