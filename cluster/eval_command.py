@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from cluster.evaluate import family_chunks, mean_se, requests_for
 from cluster.run_config import RunConfig, load_run_config
-from pararl.bundle import load_bundle, load_codecs
+from pararl.bundle import load_codecs
 from pararl.data import CodeCache, Record, load_image, read_records
 from pararl.errors import CheckpointError, ConfigError
 from pararl.files import atomic_write
@@ -29,7 +28,6 @@ from pararl.progress import progress
 from pararl.snapshots import snapshot_grid, to_pil
 from pararl.tasks import TASKS
 from reward.judges import SCORES, Judgment, Sample, build_judge, check_judge_name
-from rollout.sampler import ParallelSampler
 
 log = logging.getLogger(__name__)
 TAGS = ("model", "baseline")
@@ -73,8 +71,6 @@ def judge_kwargs(cfg: RunConfig, name: str) -> dict[str, Any]:
             raise ConfigError("judge clip: the config has no open_clip / hf_clip reward model; name one in "
                               "evaluation.judges.clip (reward_model: open_clip, plus its settings)")
         kwargs = {"reward_model": clip.name, **dict(clip.kwargs)}
-    if name == "vlm":
-        kwargs.setdefault("cache_dir", None)
     return kwargs
 
 
@@ -84,33 +80,41 @@ def sample_key(i: int, k: int) -> str:
 
 def sample_model(job: EvalJob, tag: str, show: bool = True) -> None:
     """Sample every record ``samples`` times with fixed seeds, writing each finished batch's outputs."""
+    from cluster.eval_sampling import sampling
+
     cfg, folder = job.cfg, job.out / "samples" / tag
     k_samples = cfg.evaluation.samples
     todo_records = [i for i in range(len(job.records))
                     if not all((folder / f"{sample_key(i, k)}.json").is_file() for k in range(k_samples))]
     if not todo_records:
         return
-    bundle = load_bundle(job.models[tag], named=cfg.model_format.named())
-    cache = CodeCache(job.out / "codes", bundle.image_tokenizer)
-    requests = requests_for(job.records, bundle, cache, cfg.evaluation.seed)
-    sampler = ParallelSampler(bundle.policy, bundle.fmt, cfg.sampler)
+    codecs = load_codecs(job.models[tag], cfg.model_format.named())
+    requests = requests_for(job.records, codecs, CodeCache(job.out / "codes", codecs.image_tokenizer), cfg.evaluation.seed)
     n = max(1, min(cfg.evaluation.snapshots, cfg.sampler.steps))
     steps = sorted({round(x) for x in np.linspace(0, cfg.sampler.steps - 1, n)})
     folder.mkdir(parents=True, exist_ok=True)
     chunks = [c for c in family_chunks(job.records, requests, cfg.evaluation.batch_prompts) if set(c) & set(todo_records)]
-    for chunk in progress(chunks, desc=f"sample {tag}", enabled=show, unit="batch"):
-        with torch.inference_mode():
-            traj = sampler.sample([requests[i] for i in chunk], group_size=k_samples, snapshot_steps=steps)
-        images = bundle.decode_images(traj.image_tokens) if traj.layout.image_len else None
-        for j, i in enumerate(chunk):
-            for k in range(k_samples):
-                row, key = j * k_samples + k, sample_key(i, k)
-                if images is not None:
-                    to_pil(images[row], size=images.shape[-1]).save(folder / f"{key}.png")
-                snapshot_grid(traj, bundle.fmt, bundle.image_tokenizer, bundle.decode_text, rows=(row,)).save(
-                    folder / f"{key}-snapshots.png")
-                atomic_write(folder / f"{key}.json", json.dumps({"record": i, "sample": k, "text": bundle.decode_text(
-                    traj.text_tokens[row]), "image": images is not None}))
+    where = sampling(job.models[tag], cfg)
+    try:
+        batches = where.run([(c, [requests[i] for i in c]) for c in chunks], k_samples, steps)
+        for chunk, traj in progress(batches, desc=f"sample {tag}", enabled=show, unit="batch", total=len(chunks)):
+            write_batch(folder, codecs, chunk, traj, k_samples)
+    finally:
+        where.close()
+
+
+def write_batch(folder: Path, codecs, chunk: Sequence[int], traj, k_samples: int) -> None:
+    """A batch's samples: output image, snapshot grid, then the JSON that marks each done."""
+    images = codecs.decode_images(traj.image_tokens) if traj.layout.image_len else None
+    for j, i in enumerate(chunk):
+        for k in range(k_samples):
+            row, key = j * k_samples + k, sample_key(i, k)
+            if images is not None:
+                to_pil(images[row], size=images.shape[-1]).save(folder / f"{key}.png")
+            snapshot_grid(traj, codecs.fmt, codecs.image_tokenizer, codecs.decode_text, rows=(row,)).save(
+                folder / f"{key}-snapshots.png")
+            atomic_write(folder / f"{key}.json", json.dumps({"record": i, "sample": k, "text": codecs.decode_text(
+                traj.text_tokens[row]), "image": images is not None}))
 
 
 def load_sample(job: EvalJob, tag: str, i: int, k: int, size: tuple[int, int]) -> Sample:
@@ -130,7 +134,7 @@ def judge_model(job: EvalJob, tag: str, name: str, show: bool = True, batch: int
     todo = [(i, k) for i, k in keys if not (folder / f"{sample_key(i, k)}.json").is_file()]
     if todo:
         kwargs = judge_kwargs(job.cfg, name)
-        if name == "vlm" and kwargs.get("cache_dir") is None:
+        if name == "vlm" and kwargs.get("cache_dir") is None:  # the request cache travels with the eval folder
             kwargs["cache_dir"] = str(job.out / "judge-cache")
         judge = build_judge(name, kwargs)
         size = load_codecs(job.models[tag], job.cfg.model_format.named()).image_tokenizer.image_size

@@ -59,6 +59,7 @@ class EvaluationConfig:
     prompts: Optional[int] = None  # the first N held-out records (None: all)
     snapshots: int = 4  # evenly spaced snapshot steps pictured per sample in the report
     batch_prompts: int = 16  # prompts per sampler call
+    workers: int = 0  # 0: sample in-process; N: on N rollout workers of a local or joined Ray (cluster.rollout_*)
     seed: int = 1234  # the per-prompt seeds: the same for every model, so differences are paired
     # judge name -> its settings, e.g. vlm: {base_url: http://127.0.0.1:8000/v1, model: Qwen2.5-VL-7B-Instruct}
     # (clip defaults to the run's CLIP reward model)
@@ -151,7 +152,7 @@ def _check_counts(cfg: RunConfig) -> None:
     at_least_zero = {"train.steps": cfg.train.steps, "train.checkpoint_every": cfg.train.checkpoint_every,
                      "train.eval_every": cfg.train.eval_every, "train.max_idle_steps": cfg.train.max_idle_steps,
                      "tracking.snapshot_every": cfg.tracking.snapshot_every,
-                     "tracking.snapshot_trajectories": cfg.tracking.snapshot_trajectories}
+                     "tracking.snapshot_trajectories": cfg.tracking.snapshot_trajectories, "evaluation.workers": ev.workers}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")

@@ -42,8 +42,10 @@ def start_sqlite_store(uri: str) -> None:
             empty = Path(folder) / "empty.db"
             mlflow.MlflowClient(f"sqlite:///{empty}").search_experiments()  # creates and migrates the schema
             _EMPTY_STORE[mlflow.__version__] = empty.read_bytes()
+    from pararl.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_EMPTY_STORE[mlflow.__version__])
+    atomic_write(path, _EMPTY_STORE[mlflow.__version__])  # a reader never sees half a store
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

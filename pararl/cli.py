@@ -57,6 +57,15 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_main(args)
 
 
+def _convert_data(args: argparse.Namespace) -> int:
+    from pararl.data_convert import convert
+
+    path = convert(args.source, args.out, prompt=args.prompt_field, image=args.image_field, answer=args.answer_field,
+                   task=args.task, task_field=args.task_field, size=tuple(args.size) if args.size else None)
+    print(f"records: {path}")
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from cluster.doctor import doctor_main
 
@@ -111,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="output folder (default: <run_dir>/eval); run again with it to resume")
     ev.add_argument("overrides", nargs="*", help="config overrides as dotted key=value")
     ev.set_defaults(run=_eval)
+
+    cd = sub.add_parser("convert-data", help="a Hugging Face dataset (a save_to_disk folder or Parquet files) as our "
+                                             "JSONL records, input images as PNGs")
+    cd.add_argument("source", help="a save_to_disk folder, a folder of .parquet / .arrow files, or one such file")
+    cd.add_argument("--out", required=True, help="folder for records.jsonl and images/")
+    cd.add_argument("--prompt-field", default="prompt", help="the column holding the instruction (default: prompt)")
+    cd.add_argument("--image-field", help="the column holding the input image (datasets' Image, bytes or a path)")
+    cd.add_argument("--answer-field", help="the column holding a reference answer (understand / reason tasks)")
+    cd.add_argument("--task", help="every record's task (default: edit with an input image, else generate)")
+    cd.add_argument("--task-field", help="the column naming each record's task")
+    cd.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize input images to the image tokenizer's size")
+    cd.set_defaults(run=_convert_data)
 
     from cluster.doctor import add_doctor_arguments  # argparse only: cheap
 

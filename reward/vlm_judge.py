@@ -144,7 +144,11 @@ class VLMJudge:
             request = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())["choices"][0]["message"]["content"] or ""
+                    raw = response.read()
+                try:
+                    return json.loads(raw)["choices"][0]["message"]["content"] or ""
+                except (ValueError, KeyError, IndexError, TypeError) as err:  # not a chat-completions answer
+                    raise Malformed(f"the endpoint's answer is not a chat completion ({type(err).__name__})") from None
             except urllib.error.HTTPError as err:
                 if err.code not in RETRY_STATUS:  # a wrong key, model or URL: every request would fail the same
                     raise RuntimeError(f"vlm judge {self.model} at {self.url}: HTTP {err.code}") from None

@@ -3,6 +3,8 @@ paired comparison, the outputs (eval.json, report, MLflow), resume, and bad inpu
 import json
 import logging
 import math
+import re
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +24,8 @@ GOOD = json.dumps({s: 7 for s in SCORES})
 
 class ChatServer:
     """A chat-completions endpoint on 127.0.0.1 answering from a script: each entry is an answer text, an
-    HTTP status (int), or ('sleep', seconds, answer); when the script runs out, it answers GOOD."""
+    HTTP status (int), a raw body (bytes) or ('sleep', seconds, answer); when the script runs out, it
+    answers GOOD."""
 
     def __init__(self, script=(), delay: float = 0.0) -> None:
         self.script, self.delay = list(script), delay
@@ -52,7 +55,8 @@ class ChatServer:
                         self.send_header("Retry-After", "0")
                         self.end_headers()
                         return
-                    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": step}}]}).encode()
+                    data = step if isinstance(step, bytes) else json.dumps(
+                        {"choices": [{"message": {"role": "assistant", "content": step}}]}).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
@@ -127,6 +131,8 @@ def test_vlm_judge_concurrency_limit_and_fatal_errors(vlm):
     with pytest.raises(RuntimeError, match="HTTP 401") as err:
         judge.judge(samples(1))
     assert SECRET not in str(err.value)
+    server, judge = vlm([b"<html>bad gateway</html>", GOOD])  # a 200 that is not a chat completion: asked again
+    assert judge.judge(samples(1))[0]["text_quality"] == 7.0 and len(server.requests) == 2
 
 
 def test_parse_scores_is_strict():
@@ -211,7 +217,7 @@ def test_eval_compares_two_models_writes_report_and_resumes(tmp_path, capsys):
     assert len(samples) == 12 and len(list((out / "samples" / "baseline").glob("*.png"))) == 12 * 2  # image + snapshots
     page = (out / "report.html").read_text()
     assert page.count("<img ") == 4 * 12  # per sample and model: output image and snapshots
-    for src in __import__("re").findall(r'src="([^"]+)"', page):
+    for src in re.findall(r'src="([^"]+)"', page):
         assert (out / src).is_file()
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     (mlrun,) = client.search_runs([client.get_experiment_by_name("pararl-eval").experiment_id])
@@ -238,3 +244,46 @@ def test_same_model_and_seeds_differ_by_zero(tmp_path, capsys):
                  str(tmp_path / "train.jsonl"), "--out", str(out), "evaluation.prompts=3"]) == 0
     d = json.loads((out / "eval.json").read_text())["scores"]["clip/output_alignment"]["difference"]
     assert d["n"] == 3 and d["mean"] == 0.0 and d["lo"] == d["hi"] == 0.0
+
+
+def test_eval_with_the_vlm_judge_keeps_the_key_out_of_every_output(tmp_path, monkeypatch, capsys):
+    from tests.tiny_run import tiny_run
+
+    monkeypatch.setenv("PARARL_TEST_KEY", SECRET)
+    server = ChatServer()
+    try:
+        run = tiny_run(tmp_path)
+        out = tmp_path / "eval"
+        args = ["eval", str(run["config"]), "--model", str(run["folder"]), "--data", str(tmp_path / "train.jsonl"),
+                "--judge", "vlm", "--out", str(out), f"evaluation.judges.vlm.base_url={server.url}",
+                "evaluation.judges.vlm.model=tiny-vl", "evaluation.judges.vlm.api_key_env=PARARL_TEST_KEY",
+                "evaluation.prompts=3"]
+        assert main(args) == 0
+        assert len(server.requests) == 3 and all(a == f"Bearer {SECRET}" for a in server.auth)
+        scores = json.loads((out / "eval.json").read_text())["scores"]
+        assert scores["vlm/text_quality"]["model"] == {"mean": 7.0, "se": 0.0, "n": 3, "missing": 0}
+        printed = capsys.readouterr()
+        for f in out.rglob("*"):
+            if f.is_file() and f.suffix in (".json", ".html", ".yaml", ".db", ".txt"):
+                assert SECRET.encode() not in f.read_bytes(), f
+        assert SECRET not in printed.out + printed.err
+        shutil.rmtree(out / "judgments")  # judged again from scratch: every answer comes from the disk cache
+        assert main(args) == 0 and len(server.requests) == 3
+    finally:
+        server.close()
+
+
+def test_eval_on_ray_rollout_workers_samples_what_in_process_does(ray_local, tmp_path, capsys):
+    """Three batches over two rollout workers of the running Ray: the same samples as in-process
+    (a batch's seeds are its own, whichever worker samples it)."""
+    from tests.tiny_run import tiny_run
+
+    run = tiny_run(tmp_path)
+    common = ["eval", str(run["config"]), "--model", str(run["folder"]), "--data", str(tmp_path / "train.jsonl"),
+              "evaluation.batch_prompts=2", "--samples", "2"]
+    assert main([*common, "--out", str(tmp_path / "ray"), "evaluation.workers=2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "local")]) == 0
+    texts = {where: [json.loads(f.read_text())["text"] for f in sorted((tmp_path / where / "samples" / "model").glob("*.json"))]
+             for where in ("ray", "local")}
+    assert len(texts["ray"]) == 12 and texts["ray"] == texts["local"]
+    assert (tmp_path / "ray" / "eval.json").read_text() == (tmp_path / "local" / "eval.json").read_text()
