@@ -239,7 +239,7 @@ def memory_part(c: Check) -> dict:
                        text_vocab=config.vocab_size, codebook=fmt.codebook_size)
     windows = len(batch.plan.steps)
     roll = rollout_worker(shapes, len(batch), forward_rows(sampler_config(c.size)), windows, wbytes=2 if c.gpu else 4)
-    lc = c.learner_config or LearnerConfig(zero_stage=0, precision="bf16" if c.gpu else "fp32", micro_batch_size=len(batch) // 4,
+    lc = c.learner_config or LearnerConfig(zero_stage=0, precision="bf16" if c.gpu else "fp32", micro_batch_size=max(1, len(batch) // 4),
                                            beta=0.0)
     learn = learner_rank(shapes, lc, 1, windows)
     out = {}

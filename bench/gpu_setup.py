@@ -34,7 +34,7 @@ class Size:
 
 GPU = Size(d_model=2048, n_heads=16, n_layers=10, mlp=5632, grid=32, text_len=256, steps=16, prompts=4, group=4,
            repeats=3, e2e_steps=5)
-DRY = Size(d_model=16, n_heads=2, n_layers=1, mlp=32, grid=4, text_len=8, steps=4, prompts=2, group=2, repeats=1,
+DRY = Size(d_model=16, n_heads=2, n_layers=1, mlp=32, grid=4, text_len=8, steps=4, prompts=1, group=2, repeats=1,
            e2e_steps=2)
 TINY = DRY  # the parity part's model: small enough for the CPU at full vocabulary
 
