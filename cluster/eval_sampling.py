@@ -18,12 +18,20 @@ Batch = tuple[list[int], list[GenerationRequest]]  # record indices, their reque
 
 
 class LocalSampling:
-    def __init__(self, folder: str, cfg: RunConfig) -> None:
-        from pararl.bundle import load_bundle
+    """The held-out batches sampled in this process, in order: ``pararl eval`` and the default run's
+    before/after evaluation (``cluster.evaluate``) both sample through here."""
+
+    def __init__(self, policy: torch.nn.Module, fmt, sampler_cfg) -> None:
         from rollout.sampler import ParallelSampler
 
+        self.sampler = ParallelSampler(policy, fmt, sampler_cfg)
+
+    @classmethod
+    def from_folder(cls, folder: str, cfg: RunConfig) -> "LocalSampling":
+        from pararl.bundle import load_bundle
+
         bundle = load_bundle(folder, named=cfg.model_format.named())
-        self.sampler = ParallelSampler(bundle.policy, bundle.fmt, cfg.sampler)
+        return cls(bundle.policy, bundle.fmt, cfg.sampler)
 
     def run(self, batches: Sequence[Batch], group: int, steps: Sequence[int]) -> Iterator[tuple[list[int], Trajectories]]:
         for chunk, requests in batches:
@@ -81,4 +89,4 @@ class RaySampling:
 
 def sampling(folder: str, cfg: RunConfig) -> LocalSampling | RaySampling:
     workers = cfg.evaluation.workers
-    return RaySampling(folder, cfg, workers) if workers > 0 else LocalSampling(folder, cfg)
+    return RaySampling(folder, cfg, workers) if workers > 0 else LocalSampling.from_folder(folder, cfg)

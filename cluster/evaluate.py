@@ -27,7 +27,6 @@ from reward.pool.client import RewardClient
 from reward.scorer import SemanticScorer
 from reward.semantic import choose_steps
 from rollout.config import SamplerConfig
-from rollout.sampler import ParallelSampler
 
 # (trajectories of a batch, their records, their requests) -> per-trajectory values of each named check
 Checks = Callable[[Trajectories, Sequence[Record], Sequence[GenerationRequest]], dict[str, list[float]]]
@@ -92,14 +91,15 @@ def evaluate(policy: torch.nn.Module, codecs: Codecs, sampler_cfg: SamplerConfig
     if isinstance(reward, SemanticScorer):
         reward = RewardClient(reward_cfg or reward.cfg, scorer=reward)
     cfg = reward.cfg
+    from cluster.eval_sampling import LocalSampling
+
     steps = choose_steps(sampler_cfg.steps, cfg.sampled_steps, True, "uniform", random.Random(0), cfg.first_step)
-    sampler = ParallelSampler(policy, codecs.fmt, sampler_cfg)
     requests = requests_for(records, codecs, cache, seed)
     start = time.perf_counter()
     per: dict[str, list[float]] = {"reward": []}
-    for chunk in progress_bar(family_chunks(records, requests, batch_prompts), desc="evaluate", enabled=progress,
-                              unit="batch"):
-        traj = sampler.sample([requests[i] for i in chunk], group_size=samples, snapshot_steps=steps)
+    chunks = family_chunks(records, requests, batch_prompts)
+    batches = LocalSampling(policy, codecs.fmt, sampler_cfg).run([(c, [requests[i] for i in c]) for c in chunks], samples, steps)
+    for chunk, traj in progress_bar(batches, desc="evaluate", enabled=progress, unit="batch", total=len(chunks)):
         scored = reward.score(traj, [facts_for(records[i], requests[i], codecs) for i in chunk])
         per["reward"] += [float(v) for v, k in zip(scored.rewards.tolist(), scored.kept.tolist()) if k]
         if checks is not None:
