@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cluster.eval_report import score_cells, write_report
 from cluster.evaluate import family_chunks, mean_se, requests_for
 from cluster.run_config import RunConfig, load_run_config
 from pararl.bundle import load_codecs
@@ -190,10 +191,8 @@ def summarise(judgments: dict[str, dict[str, dict[str, Judgment]]]) -> dict[str,
 def table(scores: dict[str, Any]) -> str:
     lines = [f"{'score':<34}{'model':>20}{'baseline':>20}{'difference [95% CI]':>32}"]
     for key, row in scores.items():
-        cells = [f"{row[t]['mean']:.4f} ± {row[t]['se']:.4f}" if t in row else "" for t in TAGS]
-        d = row.get("difference")
-        diff = f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d else ""
-        lines.append(f"{key:<34}{cells[0]:>20}{cells[1]:>20}{diff:>32}")
+        model, baseline, diff = score_cells(row)
+        lines.append(f"{key:<34}{model:>20}{baseline:>20}{diff:>32}")
     return "\n".join(lines)
 
 
@@ -248,8 +247,6 @@ def run_eval(job: EvalJob, show: bool = True) -> dict[str, Any]:
               "samples": job.cfg.evaluation.samples, "seed": job.cfg.evaluation.seed, "judges": job.judges,
               "scores": scores}
     eval_json = atomic_write(job.out / "eval.json", json.dumps(result, indent=1))
-    from cluster.eval_report import write_report
-
     report = write_report(job.out, job.records, job.cfg.evaluation.samples, job.models, judgments, scores, copy_inputs(job))
     track(job, result, [eval_json, report])
     print(table(scores))

@@ -56,13 +56,20 @@ def _cell(out: Path, tag: str, key: str, judgments: dict[str, dict[str, dict]], 
             f"<details><summary>snapshots</summary>{_img(folder / f'{key}-snapshots.png', root, 'snap')}</details></td>")
 
 
+def score_cells(row: dict[str, Any], with_n: bool = False) -> tuple[str, str, str]:
+    """One score's cells: each model's mean ± standard error, and the paired difference [95% interval];
+    the printed table and the report's summary both show these."""
+    cells = [f"{row[t]['mean']:.4f} ± {row[t]['se']:.4f}" + (f" (n {row[t]['n']})" if with_n else "") if t in row else ""
+             for t in ("model", "baseline")]
+    d = row.get("difference")
+    return cells[0], cells[1], f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d else ""
+
+
 def _summary(scores: dict[str, Any]) -> str:
     rows = []
     for key, row in scores.items():
-        cells = [f"{row[t]['mean']:.4f} ± {row[t]['se']:.4f} (n {row[t]['n']})" if t in row else "" for t in ("model", "baseline")]
-        d = row.get("difference")
-        diff = f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d else ""
-        rows.append(f"<tr><th>{html.escape(key)}</th><td>{cells[0]}</td><td>{cells[1]}</td><td>{diff}</td></tr>")
+        model, baseline, diff = score_cells(row, with_n=True)
+        rows.append(f"<tr><th>{html.escape(key)}</th><td>{model}</td><td>{baseline}</td><td>{diff}</td></tr>")
     return ("<table class='summary'><tr><th>score</th><th>model</th><th>baseline</th><th>difference [95% CI]</th></tr>"
             + "".join(rows) + "</table>")
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cluster.eval_sampling import LocalSampling
 from pararl.bundle import Codecs
 from pararl.data import CodeCache, Record
 from pararl.progress import progress as progress_bar
@@ -91,8 +92,6 @@ def evaluate(policy: torch.nn.Module, codecs: Codecs, sampler_cfg: SamplerConfig
     if isinstance(reward, SemanticScorer):
         reward = RewardClient(reward_cfg or reward.cfg, scorer=reward)
     cfg = reward.cfg
-    from cluster.eval_sampling import LocalSampling
-
     steps = choose_steps(sampler_cfg.steps, cfg.sampled_steps, True, "uniform", random.Random(0), cfg.first_step)
     requests = requests_for(records, codecs, cache, seed)
     start = time.perf_counter()

@@ -84,10 +84,15 @@ def parse_scores(content: str, names: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def pixels(image: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] in [0, 1] -> the 8-bit pixels the judge is shown (and the cache key is made of)."""
+    return (image.clamp(0, 1) * 255).round().byte().cpu()
+
+
 def png_url(image: torch.Tensor) -> str:
     from PIL import Image
 
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    array = pixels(image).permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -97,7 +102,7 @@ def sample_digest(sample: Sample) -> str:
     """What the judgment depends on in the sample: its texts and the images' pixels."""
     h = hashlib.sha256(json.dumps([sample.task, sample.prompt, sample.text]).encode())
     for image in (sample.input_image, sample.image):
-        h.update(b"-" if image is None else (image.clamp(0, 1) * 255).round().byte().cpu().numpy().tobytes())
+        h.update(b"-" if image is None else pixels(image).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ from pararl.data import Record
 from pararl.tasks import TASKS
 from pararl.types import GenerationRequest, Trajectories
 from reward.verifiable import answers_match, extract_answer
-from shapeworld.scene import WorldSpec
+from shapeworld.scene import ImageParse, WorldSpec
 from shapeworld.tasks import PromptError, follows
 
 
@@ -38,15 +38,22 @@ def check_outputs(spec: WorldSpec, codecs: Codecs, traj: Trajectories, records: 
         if kind.writes_text:
             out.setdefault("aligned", []).append(float(spec.aligned(text, codes[row])))
             out.setdefault("agreement", []).append(spec.agreement(text, codes[row]))
-        parsed = spec.parse_image(codes[row])
         inp = input_codes[int(traj.prompt_index[row])]
-        try:
-            ok = not parsed.garbled and follows(spec, rec.prompt, spec.parse_image(inp).objects if inp is not None else None,
-                                                parsed.objects)
-        except PromptError:
-            ok = False
+        ok = image_follows(spec, rec.prompt, spec.parse_image(inp) if inp is not None else None, spec.parse_image(codes[row]))
         out.setdefault("follows" if kind.writes_text else "t2i_follows", []).append(float(ok))
     return out
+
+
+def image_follows(spec: WorldSpec, prompt: str, before: ImageParse | None, after: ImageParse) -> bool:
+    """Whether an output image obeys the prompt, given the input image's parse when editing: never with
+    a garbled cell, and a prompt that is not an instruction of this world is not followed. The one
+    definition the checks, the t2i reward and the eval judge share."""
+    if after.garbled:
+        return False
+    try:
+        return follows(spec, prompt, before.objects if before is not None else None, after.objects)
+    except PromptError:
+        return False
 
 
 def world_checks(spec: WorldSpec, codecs: Codecs) -> Callable[..., dict[str, list[float]]]:

@@ -6,12 +6,12 @@ names exactly the objects the image shows, image alignment is 1 where the image 
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from reward.judges import Judgment, Sample
-from shapeworld.dataset import load_world_config
-from shapeworld.tasks import PromptError, follows
+from shapeworld.checks import image_follows
+from shapeworld.rewards import world_spec
+from shapeworld.scene import ImageParse
 
 
 class WorldJudge:
@@ -19,18 +19,12 @@ class WorldJudge:
     gives = ("output_alignment", "image_alignment")
 
     def __init__(self, world: str) -> None:
-        self.spec = load_world_config(Path(world).parent if Path(world).is_file() else world).spec
+        self.spec = world_spec(world)
         self.codec = self.spec.codec()
         self.identity = f"world-judge({self.spec.to_dict()})"
 
-    def _follows(self, sample: Sample, objects) -> float:
-        before = None
-        if sample.input_image is not None:
-            before = self.spec.parse_image(self.codec.encode(sample.input_image[None])[0]).objects
-        try:
-            return float(follows(self.spec, sample.prompt, before, objects))
-        except PromptError:
-            return 0.0
+    def _parse(self, image) -> ImageParse:
+        return self.spec.parse_image(self.codec.encode(image[None])[0])
 
     def judge(self, samples: Sequence[Sample]) -> list[Judgment]:
         out: list[Judgment] = []
@@ -39,7 +33,7 @@ class WorldJudge:
                 out.append({})
                 continue
             codes = self.codec.encode(s.image[None])[0]
-            parsed = self.spec.parse_image(codes)
+            before = self._parse(s.input_image) if s.input_image is not None else None
             out.append({"output_alignment": float(self.spec.aligned(s.text, codes)),
-                        "image_alignment": 0.0 if parsed.garbled else self._follows(s, parsed.objects)})
+                        "image_alignment": float(image_follows(self.spec, s.prompt, before, self.spec.parse_image(codes)))})
         return out

@@ -12,15 +12,21 @@ from typing import Sequence
 
 import torch
 
+from shapeworld.checks import image_follows
 from shapeworld.dataset import load_world_config
-from shapeworld.tasks import PromptError, follows
+from shapeworld.scene import WorldSpec
+
+
+def world_spec(world: str | Path) -> WorldSpec:
+    """The world a folder holds, named by the folder or by its world.json."""
+    return load_world_config(Path(world).parent if Path(world).is_file() else world).spec
 
 
 class FollowsReward:
     """1 where the image shows no garbled cell and a valid result of the prompt, else 0."""
 
     def __init__(self, world: str) -> None:
-        self.spec = load_world_config(Path(world).parent if Path(world).is_file() else world).spec
+        self.spec = world_spec(world)
         self.codec = self.spec.codec()
         self.identity = f"world-follows({self.spec.to_dict()})"
 
@@ -28,9 +34,5 @@ class FollowsReward:
         codes = self.codec.encode(images)
         out = []
         for c, prompt in zip(codes, texts):
-            parsed = self.spec.parse_image(c)
-            try:
-                out.append(float(not parsed.garbled and follows(self.spec, prompt, None, parsed.objects)))
-            except PromptError:
-                out.append(0.0)
+            out.append(float(image_follows(self.spec, prompt, None, self.spec.parse_image(c))))
         return torch.tensor(out)
