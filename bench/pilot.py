@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from cluster.evaluate import evaluate, requests_for
+from cluster.evaluate import batch_samples, evaluate, requests_for
 from learner.advantages import compute_advantages
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
@@ -41,13 +41,14 @@ from pararl.data import CodeCache, read_records
 from pararl.logprobs import trajectory_logprobs
 from pararl.plans import TracePlan
 from reward.config import RewardConfig, RewardModelConfig
+from reward.judges import RewardJudge
 from reward.pool.client import RewardClient
 from reward.scorer import SemanticScorer
 from reward.semantic import choose_steps
 from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from shapeworld import load_world_config
-from shapeworld.checks import check_outputs, world_checks
+from shapeworld.judge import WorldJudge, world_figures
 from shapeworld.prepare import default_config, prepare_default
 
 
@@ -73,16 +74,18 @@ def run_seed(args, seed: int) -> dict:
     scfg = SamplerConfig(steps=args.sampler_steps, text_len=paths["text_len"], text_temperature=args.text_temperature,
                          image_temperature=args.image_temperature, image_noise=args.image_noise, cfg_image=0.0, cfg_text=0.0)
 
-    def held_out(tag: str):
+    world = WorldJudge(spec)
+
+    def held_out(tag: str) -> dict:
         t = time.perf_counter()
-        res = evaluate(bundle.policy, bundle, scfg, client, eval_records, cache, samples=args.eval_samples,
-                       batch_prompts=args.eval_batch, seed=10_000 + seed, progress=False, checks=world_checks(spec, bundle))
-        c = res.checks
+        res = evaluate(bundle.policy, bundle, scfg, eval_records, cache, [RewardJudge(client, scfg.steps), world],
+                       samples=args.eval_samples, batch_prompts=args.eval_batch, seed=10_000 + seed, progress=False)
+        c = world_figures(res.tasks, res.judgments)
         timings[f"eval_{tag}"] = time.perf_counter() - t
-        print(f"[seed {seed}] {tag}: reward {res.reward:.4f} ± {res.reward_se:.4f}  aligned {c['aligned']:.3f} ± "
+        print(f"[seed {seed}] {tag}: reward {c['reward']:.4f} ± {c['reward_se']:.4f}  aligned {c['aligned']:.3f} ± "
               f"{c['aligned_se']:.3f}  agreement {c['agreement']:.3f}  follows {c['follows']:.3f}  ({res.n} samples, "
               f"{res.seconds:.1f}s)", flush=True)
-        return res
+        return c
 
     before = held_out("before")
     lcfg = LearnerConfig(lr=args.lr, beta=args.beta, kl_estimator="k3", kl_reference="reference", zero_stage=args.zero_stage,
@@ -115,12 +118,13 @@ def run_seed(args, seed: int) -> dict:
         metrics = learner.train_batch(TrainBatch.from_trajectories(traj, adv.values, plan, old))
         bundle.policy.load_state_dict(learner.module.state_dict())
         t4 = time.perf_counter()
-        checks = check_outputs(spec, bundle, traj, [train_records[i] for i in idx], [r.input_codes for r in reqs])
+        drawn = batch_samples(bundle, [train_records[i] for i in idx], reqs, list(range(len(idx))), traj)
+        checks = world_figures([s.task for s in drawn], {"world": world.judge(drawn)})
         m = scored.metrics()
         label = paths["reward_label"]
         row = {"it": it, "reward": m["reward/mean"], "clip0": m[f"reward/{label}/clipped_at_0"],
                "clip1": m[f"reward/{label}/clipped_at_1"], "const_groups": adv.constant_groups / adv.groups,
-               "aligned": sum(checks["aligned"]) / len(traj), "follows": sum(checks["follows"]) / len(traj),
+               "aligned": checks["aligned"], "follows": checks["follows"],
                "kl": metrics["kl"], "clipfrac": metrics.get("clip_fraction", float("nan")),
                "t_sample": t1 - t0, "t_reward": t2 - t1, "t_logp": t3 - t2, "t_learn": t4 - t3}
         log.append(row)
@@ -131,7 +135,7 @@ def run_seed(args, seed: int) -> dict:
                   f"logp {row['t_logp']:.2f}s learn {row['t_learn']:.2f}s", flush=True)
     timings["rl"] = time.perf_counter() - t_rl
     after = held_out("after")
-    return {"seed": seed, "before": before.summary(), "after": after.summary(), "timings": timings,
+    return {"seed": seed, "before": before, "after": after, "timings": timings,
             "prepare_built": paths["built"], "stages_seconds": {k: v.get("seconds") for k, v in paths["stages"].items()},
             "clip_check": paths["stages"]["clip"].get("heldout_one_attribute_changed"),
             "reward_stats": paths["stages"]["clip"].get("stats"),

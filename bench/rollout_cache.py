@@ -54,21 +54,26 @@ def quality(sampler, cfg, bundle, records, train_requests, spec, args) -> dict:
     from pararl.data import CodeCache
     from pararl.logprobs import trajectory_logprobs
     from pararl.plans import TracePlan
+    from reward.judges import RewardJudge
+    from reward.pool.client import RewardClient
     from reward.scorer import SemanticScorer
     from rollout.config import scoring_of
-    from shapeworld.checks import world_checks
+    from shapeworld.judge import WorldJudge, world_figures
 
     scfg = sampler.cfg
     traj = sampler.sample(train_requests, group_size=cfg.data.group_size)
     with torch.no_grad():
         exact = trajectory_logprobs(bundle.policy, bundle.fmt, traj, TracePlan(tuple(range(scfg.steps)), scoring=scoring_of(scfg)))
     gap = gap_metrics(gap_sums(exact.logp, traj.sampled_logp, exact.mask, traj.layout, cap=2.0))
-    ev = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, cfg.reward), records,
-                  CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=args.samples, seed=cfg.seed,
-                  progress=False, checks=world_checks(spec, bundle))
-    return {"r": scfg.prompt_cache_refresh, "aligned": ev.checks["aligned"], "reward": ev.reward,
+    reward = RewardJudge(RewardClient(cfg.reward, scorer=SemanticScorer(bundle, cfg.reward)), scfg.steps)
+    ev = evaluate(bundle.policy, bundle, scfg, records, CodeCache(cfg.data.cache_dir, bundle.image_tokenizer),
+                  [reward, WorldJudge(spec)], samples=args.samples, seed=cfg.seed, progress=False)
+    figures = world_figures(ev.tasks, ev.judgments)
+    aligned = [j["output_alignment"] for j in ev.judgments["world"] if "output_alignment" in j]
+    rewards = [j["reward"] for j in ev.judgments["reward"] if j["reward"] is not None]
+    return {"r": scfg.prompt_cache_refresh, "aligned": figures["aligned"], "reward": figures["reward"],
             "text_gap": gap["mismatch/text_gap"], "image_gap": gap["mismatch/image_gap"],
-            "per_sample": {"aligned": ev.per_sample["aligned"], "reward": ev.per_sample["reward"]}}
+            "per_sample": {"aligned": aligned, "reward": rewards}}
 
 
 def main() -> None:

@@ -25,17 +25,18 @@ TASK_SCORES = ("aligned", "follows", "t2i_follows", "understand_correct", "reaso
 
 
 def evaluate_run(run_dir: Path, samples: int) -> dict:
+    """Both policies on every held-out prompt, as the run's own evaluation does (``pararl eval``'s path),
+    into ``run_dir/eval-all``."""
     from cluster.run_config import load_run_config
     from pararl.data import read_records
-    from shapeworld.dataset import WorldConfig
-    from shapeworld.default_run import evaluate_folder
+    from shapeworld.default_run import eval_job, held_out
 
     cfg = load_run_config(run_dir / "config.yaml")
-    world = json.loads((Path(cfg.data.eval).parent / "world.json").read_text())
-    spec = WorldConfig.from_dict(world).spec
     prompts = len(read_records(cfg.data.eval))
-    before = evaluate_folder(cfg.model, cfg, spec, prompts, samples, cfg.seed)
-    after = evaluate_folder(run_dir / "final-policy", cfg, spec, prompts, samples, cfg.seed)
+    job = eval_job(cfg, str(Path(cfg.data.eval).parent / "world.json"), samples, prompts, run_dir / "eval-all")
+    before = held_out(job, "baseline")
+    job.models["model"] = str(run_dir / "final-policy")
+    after = held_out(job, "model")
     return {"seed": cfg.seed, "run_dir": str(run_dir), "prompts": prompts, "samples": samples,
             "before": before, "after": after}
 

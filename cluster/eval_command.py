@@ -9,17 +9,20 @@ At the end: ``eval.json``, ``report.html`` and an MLflow run.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from cluster.eval_report import score_cells, write_report
-from cluster.evaluate import family_chunks, mean_se, requests_for
+from cluster.evaluate import batch_samples, family_chunks, mean_se, requests_for, sample_key
 from cluster.run_config import RunConfig, load_run_config
 from pararl.bundle import load_codecs
 from pararl.data import CodeCache, Record, load_image, read_records
@@ -28,7 +31,9 @@ from pararl.files import atomic_write
 from pararl.progress import progress
 from pararl.snapshots import snapshot_grid, to_pil
 from pararl.tasks import TASKS
-from reward.judges import SCORES, Judgment, Sample, build_judge, check_judge_name
+from pararl.types import Trajectories
+from reward.judges import Judge, Judgment, RewardJudge, Sample, build_judge, check_judge_name, score_order
+from reward.messages import ScoreRequest
 
 log = logging.getLogger(__name__)
 TAGS = ("model", "baseline")
@@ -59,13 +64,42 @@ def prepare(config: str, model: str, baseline: str | None, data: str | None, jud
     names = list(judges) or ["clip"]
     for name in names:
         judge_kwargs(cfg, name)  # an unknown judge, or clip without a CLIP model, is refused here
-    return EvalJob(cfg, models, records, names, Path(out or Path(cfg.run_dir) / "eval"))
+    job = EvalJob(cfg, models, records, names, Path(out or Path(cfg.run_dir) / "eval"))
+    claim_folder(job)
+    return job
+
+
+def settings_of(job: EvalJob) -> dict[str, Any]:
+    """What the samples on disk depend on: the prompts, the seeds, the sampler, each model folder."""
+    records = hashlib.sha256(json.dumps([asdict(r) for r in job.records], sort_keys=True).encode()).hexdigest()[:16]
+    ev = job.cfg.evaluation
+    return {"records": records, "seed": ev.seed, "samples": ev.samples, "sampler": asdict(job.cfg.sampler),
+            "format": str(job.cfg.model_format.named()),
+            "models": {tag: str(Path(folder).resolve()) for tag, folder in job.models.items()}}
+
+
+def claim_folder(job: EvalJob) -> None:
+    """Resume only what these settings made: a folder holding another eval's samples (other prompts,
+    seeds, sampler settings or model under the same tag) is refused, never mixed in."""
+    path, ours = job.out / "settings.json", json.loads(json.dumps(settings_of(job), default=str))
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        differ = sorted(k for k in ours if k != "models" and theirs.get(k) != ours[k])
+        differ += [f"--{tag}" for tag, f in ours["models"].items() if theirs.get("models", {}).get(tag, f) != f]
+        if differ:
+            raise ConfigError(f"{job.out} holds an eval made with other settings ({', '.join(differ)}); "
+                              "give another --out, or remove the folder")
+        ours["models"] = {**theirs.get("models", {}), **ours["models"]}
+    atomic_write(path, json.dumps(ours, indent=1))
 
 
 def judge_kwargs(cfg: RunConfig, name: str) -> dict[str, Any]:
     """A judge's settings from ``evaluation.judges.NAME``; the clip judge defaults to the run's CLIP reward."""
     check_judge_name(name)
     kwargs = dict(cfg.evaluation.judges.get(name) or {})
+    if name == "reward":
+        RewardJudge.steps_for(cfg.reward, cfg.sampler.steps)  # a reward that cannot score these steps is refused here
+        return {}
     if name == "clip" and not kwargs:
         clip = next((m for m in cfg.reward.models.values() if m.name in CLIP_MODELS), None)
         if clip is None:
@@ -75,14 +109,23 @@ def judge_kwargs(cfg: RunConfig, name: str) -> dict[str, Any]:
     return kwargs
 
 
-def sample_key(i: int, k: int) -> str:
-    return f"{i:05d}-{k:02d}"
+def recorded_steps(cfg: RunConfig) -> tuple[list[int], list[int]]:
+    """(the steps pictured in the report, every step recorded): the pictured ones and the reward judge's,
+    recorded whichever judges run now, so a judge added on a later call needs no new samples."""
+    n = max(1, min(cfg.evaluation.snapshots, cfg.sampler.steps))
+    grid = sorted({round(x) for x in np.linspace(0, cfg.sampler.steps - 1, n)})
+    try:
+        reward = RewardJudge.steps_for(cfg.reward, cfg.sampler.steps)
+    except ConfigError:  # a reward config that cannot score these steps: the reward judge will say so
+        reward = []
+    return grid, sorted(set(grid) | set(reward))
 
 
 def sample_model(job: EvalJob, tag: str, show: bool = True) -> None:
     """Sample every record ``samples`` times with fixed seeds, writing each finished batch's outputs."""
     from cluster.eval_sampling import sampling
 
+    claim_folder(job)
     cfg, folder = job.cfg, job.out / "samples" / tag
     k_samples = cfg.evaluation.samples
     todo_records = [i for i in range(len(job.records))
@@ -91,31 +134,43 @@ def sample_model(job: EvalJob, tag: str, show: bool = True) -> None:
         return
     codecs = load_codecs(job.models[tag], cfg.model_format.named())
     requests = requests_for(job.records, codecs, CodeCache(job.out / "codes", codecs.image_tokenizer), cfg.evaluation.seed)
-    n = max(1, min(cfg.evaluation.snapshots, cfg.sampler.steps))
-    steps = sorted({round(x) for x in np.linspace(0, cfg.sampler.steps - 1, n)})
+    grid, steps = recorded_steps(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     chunks = [c for c in family_chunks(job.records, requests, cfg.evaluation.batch_prompts) if set(c) & set(todo_records)]
     where = sampling(job.models[tag], cfg)
     try:
         batches = where.run([(c, [requests[i] for i in c]) for c in chunks], k_samples, steps)
         for chunk, traj in progress(batches, desc=f"sample {tag}", enabled=show, unit="batch", total=len(chunks)):
-            write_batch(folder, codecs, chunk, traj, k_samples)
+            write_batch(folder, codecs, batch_samples(codecs, job.records, requests, chunk, traj, tag), traj, grid)
     finally:
         where.close()
 
 
-def write_batch(folder: Path, codecs, chunk: Sequence[int], traj, k_samples: int) -> None:
-    """A batch's samples: output image, snapshot grid, then the JSON that marks each done."""
-    images = codecs.decode_images(traj.image_tokens) if traj.layout.image_len else None
-    for j, i in enumerate(chunk):
-        for k in range(k_samples):
-            row, key = j * k_samples + k, sample_key(i, k)
-            if images is not None:
-                to_pil(images[row], size=images.shape[-1]).save(folder / f"{key}.png")
-            snapshot_grid(traj, codecs.fmt, codecs.image_tokenizer, codecs.decode_text, rows=(row,)).save(
-                folder / f"{key}-snapshots.png")
-            atomic_write(folder / f"{key}.json", json.dumps({"record": i, "sample": k, "text": codecs.decode_text(
-                traj.text_tokens[row]), "image": images is not None}))
+def at_steps(traj: Trajectories, steps: Sequence[int]) -> Trajectories:
+    """The trajectories with only the snapshots of ``steps``."""
+    have = traj.snapshot_steps.tolist()
+    idx = [have.index(t) for t in steps]
+    return replace(traj, snapshot_steps=traj.snapshot_steps[idx], snapshot_tokens=traj.snapshot_tokens[:, idx],
+                   snapshot_x0=traj.snapshot_x0[:, idx])
+
+
+def write_batch(folder: Path, codecs, samples: Sequence[Sample], traj: Trajectories, grid: Sequence[int]) -> None:
+    """Each sample's output image, snapshot grid and recorded snapshots, then the JSON that marks it done."""
+    pictured = at_steps(traj, grid)
+    for row, sample in enumerate(samples):
+        key = sample.key.split("/")[-1]
+        if sample.image is not None:
+            to_pil(sample.image, size=sample.image.shape[-1]).save(folder / f"{key}.png")
+        snapshot_grid(pictured, codecs.fmt, codecs.image_tokenizer, codecs.decode_text, rows=(row,)).save(
+            folder / f"{key}-snapshots.png")
+        if sample.request is not None:
+            req = sample.request
+            buffer = io.BytesIO()
+            torch.save({f.name: getattr(req, f.name) for f in fields(req)}, buffer)
+            atomic_write(folder / f"{key}-snapshots.pt", buffer.getvalue())
+        i, k = (int(x) for x in key.split("-"))
+        atomic_write(folder / f"{key}.json", json.dumps({"record": i, "sample": k, "text": sample.text,
+                                                         "image": sample.image is not None}))
 
 
 def load_sample(job: EvalJob, tag: str, i: int, k: int, size: tuple[int, int]) -> Sample:
@@ -124,7 +179,25 @@ def load_sample(job: EvalJob, tag: str, i: int, k: int, size: tuple[int, int]) -
     rec = job.records[i]
     image = load_image(folder / f"{key}.png", size) if meta["image"] else None
     source = load_image(rec.input_image, size) if rec.input_image else None
-    return Sample(f"{tag}/{key}", rec.task, rec.prompt, meta["text"], image, source, rec.answer)
+    snaps = folder / f"{key}-snapshots.pt"
+    request = ScoreRequest(**torch.load(snaps, weights_only=True)) if snaps.is_file() else None
+    return Sample(f"{tag}/{key}", rec.task, rec.prompt, meta["text"], image, source, rec.answer, request)
+
+
+def make_judge(job: EvalJob, tag: str, name: str) -> Judge:
+    """A judge as the config sets it; the reward judge scores with the run's reward config and the
+    model's codecs (a local scorer), the vlm judge's request cache travels with the eval folder."""
+    kwargs = judge_kwargs(job.cfg, name)
+    if name == "vlm" and kwargs.get("cache_dir") is None:
+        kwargs["cache_dir"] = str(job.out / "judge-cache")
+    if name == "reward":
+        from reward.pool.client import RewardClient
+        from reward.scorer import SemanticScorer
+
+        codecs = load_codecs(job.models[tag], job.cfg.model_format.named())
+        kwargs = {"client": RewardClient(job.cfg.reward, scorer=SemanticScorer(codecs, job.cfg.reward)),
+                  "steps": job.cfg.sampler.steps}
+    return build_judge(name, kwargs)
 
 
 def judge_model(job: EvalJob, tag: str, name: str, show: bool = True, batch: int = 32) -> dict[str, Judgment]:
@@ -134,10 +207,7 @@ def judge_model(job: EvalJob, tag: str, name: str, show: bool = True, batch: int
     keys = [(i, k) for i in range(len(job.records)) for k in range(job.cfg.evaluation.samples)]
     todo = [(i, k) for i, k in keys if not (folder / f"{sample_key(i, k)}.json").is_file()]
     if todo:
-        kwargs = judge_kwargs(job.cfg, name)
-        if name == "vlm" and kwargs.get("cache_dir") is None:  # the request cache travels with the eval folder
-            kwargs["cache_dir"] = str(job.out / "judge-cache")
-        judge = build_judge(name, kwargs)
+        judge = make_judge(job, tag, name)
         size = load_codecs(job.models[tag], job.cfg.model_format.named()).image_tokenizer.image_size
         for start in progress(range(0, len(todo), batch), desc=f"judge {name} {tag}", enabled=show, unit="batch"):
             part = todo[start : start + batch]
@@ -173,7 +243,8 @@ def summarise(judgments: dict[str, dict[str, dict[str, Judgment]]]) -> dict[str,
     """judge -> tag -> sample -> judgment  to  'judge/score' -> per model {mean, se, n, missing} and the paired diff."""
     scores: dict[str, Any] = {}
     for name, by_tag in judgments.items():
-        for score in SCORES:
+        given = {score for samples in by_tag.values() for v in samples.values() for score in v}
+        for score in score_order(sorted(given)):
             per = {tag: {key: v.get(score) for key, v in samples.items() if score in v} for tag, samples in by_tag.items()}
             if not any(per.values()):
                 continue

@@ -1,51 +1,46 @@
-"""Held-out evaluation of a policy: the reward with its standard error, plus a task's own checks.
+"""Held-out evaluation: sample held-out prompts with fixed seeds, hand the samples to judges.
 
-Every held-out request is sampled (``samples`` times, with fixed per-request seeds so two policies
-are compared on the same noise: the before/after difference is paired) and scored by the reward at
-fixed evenly spaced steps. A task can add checks of the final outputs (the generated world's exact
-alignment and prompt following: ``shapeworld.checks``); each is averaged with its standard error.
-All sampling is batched.
+Every request has its own seed (``requests_for``), so two policies are compared on the same noise
+and a before/after difference is paired sample by sample. A sampled batch becomes ``Sample``s
+(``batch_samples``): the final text, the output image as it is saved (8-bit), the input image, and
+the snapshots the reward reads. Judges (``reward.judges``: the run's reward, CLIP, a VLM, the
+world's exact checks) score them. ``pararl eval`` writes the samples to disk and judges them from
+there (``cluster.eval_command``); ``evaluate`` judges them in memory, for a policy that lives in this
+process (the benches). Both build samples here, so both judge the same thing.
 """
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from cluster.eval_sampling import LocalSampling
 from pararl.bundle import Codecs
-from pararl.data import CodeCache, Record
+from pararl.data import CodeCache, Record, load_image
 from pararl.progress import progress as progress_bar
 from pararl.seeds import derive
 from pararl.tasks import TASKS
 from pararl.types import GenerationRequest, PromptFacts, Trajectories
-from reward.config import RewardConfig
-from reward.pool.client import RewardClient
-from reward.scorer import SemanticScorer
-from reward.semantic import choose_steps
+from reward.judges import Judge, Judgment, Sample
+from reward.scorer import requests_from
 from rollout.config import SamplerConfig
-
-# (trajectories of a batch, their records, their requests) -> per-trajectory values of each named check
-Checks = Callable[[Trajectories, Sequence[Record], Sequence[GenerationRequest]], dict[str, list[float]]]
 
 
 @dataclass
 class EvalResult:
-    n: int
-    reward: float  # mean trajectory reward (R averaged over the evaluation's sampled steps)
-    reward_se: float
-    steps: list[int]
-    seconds: float
-    checks: dict[str, float] = field(default_factory=dict)  # each task check's mean, and its standard error as NAME_se
-    per_sample: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    """Per sample (record index, sample index): its task and every judge's judgment, in the same order."""
 
-    def summary(self) -> dict[str, Any]:
-        return {"n": self.n, "reward": self.reward, "reward_se": self.reward_se, **self.checks,
-                "steps": self.steps, "seconds": self.seconds}
+    keys: list[tuple[int, int]] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    judgments: dict[str, list[Judgment]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
 
 
 def requests_for(records: Sequence[Record], codecs: Codecs, cache: CodeCache, seed: int) -> list[GenerationRequest]:
@@ -79,35 +74,55 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-@torch.no_grad()
-def evaluate(policy: torch.nn.Module, codecs: Codecs, sampler_cfg: SamplerConfig, reward: RewardClient | SemanticScorer,
-             records: Sequence[Record], cache: CodeCache, reward_cfg: RewardConfig | None = None, samples: int = 1,
-             batch_prompts: int = 32, seed: int = 0, progress: bool = True, checks: Checks | None = None) -> EvalResult:
-    """Sample every record ``samples`` times in batches of ``batch_prompts`` prompts and score them.
+def sample_key(i: int, k: int) -> str:
+    return f"{i:05d}-{k:02d}"
 
-    ``reward`` is a ``RewardClient`` (the Serve pool or a local scorer) or a bare ``SemanticScorer``
-    (wrapped with ``reward_cfg``). The reward is taken at ``sampled_steps`` evenly spaced steps ending
-    at the last one, the same for every policy, so evaluations compare.
-    """
-    if isinstance(reward, SemanticScorer):
-        reward = RewardClient(reward_cfg or reward.cfg, scorer=reward)
-    cfg = reward.cfg
-    steps = choose_steps(sampler_cfg.steps, cfg.sampled_steps, True, "uniform", random.Random(0), cfg.first_step)
+
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Images as an 8-bit PNG holds them: what a judge reads from disk, so in memory it reads the same."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
+def batch_samples(codecs: Codecs, records: Sequence[Record], requests: Sequence[GenerationRequest], chunk: Sequence[int],
+                  traj: Trajectories, tag: str = "") -> list[Sample]:
+    """A sampled batch as judges read it, one sample per trajectory row (record ``chunk[prompt_index]``,
+    sample ``member``)."""
+    facts = [facts_for(records[i], requests[i], codecs) for i in chunk]
+    scored = requests_from(traj, facts) if len(traj.snapshot_steps) else [None] * len(traj)
+    images = as_saved(codecs.decode_images(traj.image_tokens)) if traj.layout.image_len else None
+    size = codecs.image_tokenizer.image_size
+    out = []
+    for row in range(len(traj)):
+        i, k = chunk[int(traj.prompt_index[row])], int(traj.member[row])
+        rec = records[i]
+        source = load_image(rec.input_image, size) if rec.input_image else None
+        out.append(Sample(f"{tag}/{sample_key(i, k)}", rec.task, rec.prompt, codecs.decode_text(traj.text_tokens[row]),
+                          None if images is None else images[row], source, rec.answer, scored[row]))
+    return out
+
+
+def judge_steps(judges: Sequence[Judge]) -> list[int]:
+    """The denoising steps the judges read snapshots at (the reward judge's)."""
+    return sorted({int(t) for j in judges for t in getattr(j, "steps", ())})
+
+
+@torch.no_grad()
+def evaluate(policy: torch.nn.Module, codecs: Codecs, sampler_cfg: SamplerConfig, records: Sequence[Record],
+             cache: CodeCache, judges: Sequence[Judge], samples: int = 1, batch_prompts: int = 32, seed: int = 0,
+             progress: bool = True) -> EvalResult:
+    """Sample every record ``samples`` times in batches of ``batch_prompts`` prompts of one task family, and
+    have every judge judge each batch."""
     requests = requests_for(records, codecs, cache, seed)
     start = time.perf_counter()
-    per: dict[str, list[float]] = {"reward": []}
     chunks = family_chunks(records, requests, batch_prompts)
-    batches = LocalSampling(policy, codecs.fmt, sampler_cfg).run([(c, [requests[i] for i in c]) for c in chunks], samples, steps)
+    result = EvalResult(judgments={j.name: [] for j in judges})
+    batches = LocalSampling(policy, codecs.fmt, sampler_cfg).run([(c, [requests[i] for i in c]) for c in chunks],
+                                                                samples, judge_steps(judges))
     for chunk, traj in progress_bar(batches, desc="evaluate", enabled=progress, unit="batch", total=len(chunks)):
-        scored = reward.score(traj, [facts_for(records[i], requests[i], codecs) for i in chunk])
-        per["reward"] += [float(v) for v, k in zip(scored.rewards.tolist(), scored.kept.tolist()) if k]
-        if checks is not None:
-            for key, values in checks(traj, [records[i] for i in chunk], [requests[i] for i in chunk]).items():
-                per.setdefault(key, []).extend(values)
-    reward_mean, reward_se = mean_se(per["reward"])
-    summary: dict[str, float] = {}
-    for key, values in per.items():
-        if key != "reward":
-            summary[key], summary[f"{key}_se"] = mean_se(values)
-    return EvalResult(n=len(records) * samples, reward=reward_mean, reward_se=reward_se, steps=steps,
-                      seconds=time.perf_counter() - start, checks=summary, per_sample=per)
+        batch = batch_samples(codecs, records, requests, chunk, traj)
+        result.keys += [(chunk[int(traj.prompt_index[r])], int(traj.member[r])) for r in range(len(traj))]
+        result.tasks += [s.task for s in batch]
+        for judge in judges:
+            result.judgments[judge.name] += judge.judge(batch)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -3,7 +3,8 @@
 A judge sees a finished sample (the prompt, the input image when editing, the output image and the
 reasoning text) and returns the ParaBench scores it can give; a score it cannot give is left out
 (``gives`` says which), and one it could give but did not (a refused or malformed answer) is None,
-so a missing judgment is never averaged in as a zero. Judges are found by name or ``module:Class``
+so a missing judgment is never averaged in as a zero. A judge may give scores of its own beside them
+(the training reward, the world's answer checks); ParaBench's come first in tables. Judges are found by name or ``module:Class``
 (``reward.base.find``); the generated world's exact checks register from their own package.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from pararl.errors import ConfigError
 from pararl.registry import Registry
 from reward.base import build_reward_model, find
+from reward.messages import ScoreRequest
 
 SCORES = ("text_quality", "text_alignment", "image_consistency", "image_alignment", "image_quality", "output_alignment")
 
@@ -31,6 +33,9 @@ class Sample:
     image: Optional[torch.Tensor]  # [3, H, W] in [0, 1]; None for a text-only task
     input_image: Optional[torch.Tensor] = None
     answer: Optional[str] = None
+    # the trajectory's snapshots as the reward reads them (token ids at the recorded steps), for judges
+    # that score along the trajectory rather than its end
+    request: Optional[ScoreRequest] = None
 
 
 Judgment = dict  # score name -> float, or None where the judge could give it but did not
@@ -62,10 +67,14 @@ def build_judge(name: str, kwargs: dict[str, Any] | None = None) -> Judge:
     check_judge_name(name)
     factory = find(JUDGES, LAZY.get(name, name), "module:Class")
     judge = factory(**(kwargs or {}))
-    unknown = set(judge.gives) - set(SCORES)
-    if unknown:
-        raise ConfigError(f"judge {name!r} gives scores that are not ParaBench's: {sorted(unknown)} (known: {', '.join(SCORES)})")
+    if not judge.gives or not all(isinstance(g, str) and g for g in judge.gives):
+        raise ConfigError(f"judge {name!r} must name the scores it gives (gives = {judge.gives!r})")
     return judge
+
+
+def score_order(names: Sequence[str]) -> list[str]:
+    """ParaBench's scores in their order, then any others a judge gave, sorted."""
+    return [s for s in SCORES if s in names] + sorted(set(names) - set(SCORES))
 
 
 def judge_names() -> list[str]:
@@ -104,3 +113,45 @@ class ClipJudge:
             for j, i in enumerate(edits):
                 out[i]["image_consistency"] = float(cos[j])
         return out
+
+
+@register_judge("reward")
+class RewardJudge:
+    """The run's own reward on held-out samples: ParaRL's trajectory reward (R_t standardised and
+    clipped, averaged over ``sampled_steps`` evenly spaced steps ending at the last), the number the
+    training curve shows. Reads each sample's recorded snapshots; the steps are the same for every
+    model, so evaluations compare. ``client``: the local scorer or the Serve pool (``RewardClient``)."""
+
+    name = "reward"
+    gives = ("reward",)
+
+    def __init__(self, client: Any, steps: int) -> None:
+        self.client = client
+        self.steps = self.steps_for(client.cfg, steps)
+        self.identity = f"reward-judge(steps={self.steps})"
+
+    @staticmethod
+    def steps_for(cfg: Any, steps: int) -> list[int]:
+        """The steps scored out of a trajectory of ``steps`` (a ``RewardConfig``'s ``sampled_steps`` from
+        ``first_step`` on); a ConfigError when they cannot be chosen."""
+        import random
+
+        from reward.semantic import choose_steps
+
+        return choose_steps(steps, cfg.sampled_steps, True, "uniform", random.Random(0), cfg.first_step)
+
+    def judge(self, samples: Sequence[Sample]) -> list[Judgment]:
+        requests = [self._at_steps(j, s) for j, s in enumerate(samples)]
+        if not requests:
+            return []
+        batch = self.client.score_built(requests)
+        return [{"reward": float(r) if bool(k) else None} for r, k in zip(batch.rewards.tolist(), batch.kept.tolist())]
+
+    def _at_steps(self, key: int, sample: Sample) -> ScoreRequest:
+        req = sample.request
+        if req is None or not set(self.steps) <= set(req.steps):
+            have = None if req is None else req.steps
+            raise ConfigError(f"judge reward: sample {sample.key} has no snapshots at steps {self.steps} (recorded: {have})")
+        rows = [req.steps.index(t) for t in self.steps]
+        return ScoreRequest(req.image_ids[rows], req.text_ids[rows], list(self.steps), key=key, task=req.task,
+                            prompt=req.prompt, reference=req.reference, input_ids=req.input_ids)

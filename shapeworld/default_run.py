@@ -4,7 +4,9 @@ Builds (or finds, in a cache folder) the generated world, the SFT warm-up policy
 reward trained on the world; fills the run config's paths from them; evaluates the warm-up on
 held-out prompts; runs ParaRL on a local Ray; exports the final policy, evaluates it the same way
 (same prompts, same seeds: a paired comparison); logs both evaluations to the run's MLflow and writes
-``results.json``.
+``results.json``. The evaluation is a ``pararl eval`` job (``cluster.eval_command``) with the run's
+reward and the world's exact checks as judges, so the run also leaves its paired table, eval.json
+and HTML report in ``<run_dir>/held-out``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from pararl.errors import ConfigError
 from pararl.files import atomic_write
 
 EVAL_THREADS = 2
+EVAL_BATCH = 32  # prompts per sampler call
+EVAL_JUDGES = ("reward", "world")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
@@ -75,22 +79,45 @@ def world_prepare_config(seed: int, world: dict):
     return replace(cfg, world=replace(cfg.world, **{k: v for k, v in world.items() if k != "task_shares"}, task_shares=shares))
 
 
-def evaluate_folder(model: str | Path, cfg, spec, prompts: int, samples: int, seed: int) -> dict:
-    from cluster.evaluate import evaluate
-    from pararl.bundle import load_bundle
-    from pararl.data import CodeCache, read_records
-    from reward.scorer import SemanticScorer
-    from shapeworld.checks import world_checks
+def eval_job(cfg, world: str, samples: int, prompts: int | None = None, folder: str | Path | None = None):
+    """The before/after evaluation as a ``pararl eval`` job (in the run folder's ``held-out/`` unless
+    ``folder``): the run's reward and the world's exact checks as judges, the run's seed for the
+    per-prompt seeds, the warm-up as baseline, the first ``prompts`` held-out prompts (the run's
+    ``train.eval_prompts`` unless given)."""
+    from cluster.eval_command import EvalJob
+    from pararl.data import read_records
+
+    prompts = cfg.train.eval_prompts if prompts is None else prompts
+    judges = {**cfg.evaluation.judges, "world": {"world": world}}
+    evaluation = replace(cfg.evaluation, samples=samples, prompts=prompts, seed=cfg.seed,
+                         batch_prompts=EVAL_BATCH, workers=0, judges=judges)
+    records = read_records(cfg.data.eval)[:prompts]
+    # the eval's MLflow run goes beside the training's (experiment <name>-eval)
+    uri = cfg.tracking.tracking_uri or f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
+    run = replace(cfg, evaluation=evaluation, tracking=replace(cfg.tracking, tracking_uri=uri))
+    return EvalJob(run, {"baseline": cfg.model}, records, list(EVAL_JUDGES), Path(folder or Path(cfg.run_dir) / "held-out"))
+
+
+def held_out(job, tag: str) -> dict:
+    """One model's figures (``shapeworld.judge.world_figures``), sampled and judged as ``pararl eval`` does
+    (what is on disk already is not done again)."""
+    import time
+
+    from cluster.eval_command import judge_model, sample_model
+    from cluster.evaluate import sample_key
+    from reward.judges import RewardJudge
+    from shapeworld.judge import world_figures
     from shapeworld.prepare import torch_threads
 
-    bundle = load_bundle(model)
-    records = read_records(cfg.data.eval)[:prompts]
-    scorer = SemanticScorer(bundle, cfg.reward)
+    start = time.perf_counter()
     with torch_threads(EVAL_THREADS):  # the same sums on any core count, like the preparation's
-        result = evaluate(bundle.policy, bundle, cfg.sampler, scorer, records,
-                          CodeCache(cfg.data.cache_dir, bundle.image_tokenizer), samples=samples, seed=seed,
-                          checks=world_checks(spec, bundle))
-    return result.summary()
+        sample_model(job, tag)
+        judged = {name: judge_model(job, tag, name) for name in job.judges}
+    keys = [(i, k) for i in range(len(job.records)) for k in range(job.cfg.evaluation.samples)]
+    figures = world_figures([job.records[i].task for i, _ in keys],
+                            {name: [by_key[sample_key(i, k)] for i, k in keys] for name, by_key in judged.items()})
+    steps = RewardJudge.steps_for(job.cfg.reward, job.cfg.sampler.steps)
+    return {**figures, "steps": steps, "seconds": time.perf_counter() - start}
 
 
 ROWS = (("exact alignment", "aligned"), ("mean reward", "reward"), ("follows the prompt", "follows"),
@@ -107,7 +134,7 @@ def summary_table(before: dict, after: dict, cfg, out: dict, run_dir: Path) -> s
             lines.append(f"{label:20} {b:>7.3f} ± {before.get(key + '_se', float('nan')):.3f} "
                          f"{a:>7.3f} ± {after.get(key + '_se', float('nan')):.3f} {a - b:>+8.3f}")
     db = run_dir.resolve() / "mlflow.db"
-    lines += [f"results:  {run_dir / 'results.json'}",
+    lines += [f"results:  {run_dir / 'results.json'}", f"report:   {run_dir / 'held-out' / 'report.html'}",
               f"MLflow:   .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}",
               f"          experiment {cfg.tracking.experiment!r}, run {out['run_id']}: per-step curves under Model "
               "metrics (reward.mean, eval.*), snapshot grids under Artifacts > snapshots/"]
@@ -117,12 +144,12 @@ def summary_table(before: dict, after: dict, cfg, out: dict, run_dir: Path) -> s
 def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = (), cache_dir: str = ".cache/pararl-default",
                 eval_samples: int = 2, prepare_cfg=None) -> dict:
 
+    from cluster.eval_command import run_eval
     from cluster.tracking import Tracker
     from cluster.train import check_run_dir, train
     from learner.export import export_policy
     from pararl.bundle import load_codecs
     from rollout.sample_command import save_sampler_settings
-    from shapeworld.dataset import WorldConfig
     from shapeworld.prepare import default_config, prepare_default
 
     config, overrides, world = split_world(config, overrides, cache_dir)
@@ -142,19 +169,21 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     cfg = load_run_config(config, [*resolved_overrides(paths, world_models), *overrides])
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = WorldConfig.from_dict(json.loads(Path(paths["world"]).read_text())).spec
     resolved = save_run_config(cfg, run_dir / "config.yaml")
 
     prompts = cfg.train.eval_prompts
     print(f"evaluating the warm-up policy on {prompts} held-out prompts x {eval_samples} samples")
-    before = evaluate_folder(cfg.model, cfg, spec, prompts, eval_samples, seed)
+    job = eval_job(cfg, paths["world"], eval_samples)
+    before = held_out(job, "baseline")
     out = train(resolved, [] if not cfg.train.resume else ["train.resume=true"])
     final = run_dir / "final-policy"
     export_policy(cfg.learner.checkpoint.folder, final)
     load_codecs(cfg.model).save(final)  # tokenizer, format, image tokenizer beside the exported weights
     save_sampler_settings(final, cfg.sampler)  # `pararl sample` on it samples as the run did
     print("evaluating the ParaRL policy on the same prompts and seeds")
-    after = evaluate_folder(final, cfg, spec, prompts, eval_samples, seed)
+    job.models["model"] = str(final)
+    after = held_out(job, "model")
+    run_eval(job)  # the paired table, eval.json, report.html and the eval's MLflow run
 
     tracker = Tracker(run_dir, cfg.tracking.experiment, cfg.name, cfg.tracking.tracking_uri, run_id=out["run_id"])
     tracker.log_metrics({f"eval/before/{k}": v for k, v in before.items() if isinstance(v, (int, float))}, step=0)

@@ -1,39 +1,80 @@
-"""The generated world's exact checks as a ``pararl eval`` judge (``--judge world``).
+"""The generated world's exact checks as a ``pararl eval`` judge (``--judge world``), and the default
+run's figures from the judgments.
 
 The world knows the truth, so on it a judge can be exact: output alignment is 1 where the final text
-names exactly the objects the image shows, image alignment is 1 where the image obeys the prompt
-(given the input scene when editing). It is the yardstick a CLIP judge is measured against.
+names exactly the objects the image shows (agreement: the share of objects it gets right), image
+alignment is 1 where the image obeys the prompt (given the input scene when editing; never with a
+garbled cell), and an answer task's answer is checked against the reference. It is the yardstick a
+CLIP judge is measured against.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+from pararl.tasks import TASKS
 from reward.judges import Judgment, Sample
+from reward.verifiable import answers_match, extract_answer
 from shapeworld.checks import image_follows
 from shapeworld.rewards import world_spec
-from shapeworld.scene import ImageParse
+from shapeworld.scene import WorldSpec
 
 
 class WorldJudge:
     name = "world"
-    gives = ("output_alignment", "image_alignment")
+    gives = ("output_alignment", "image_alignment", "agreement", "answer_correct")
 
-    def __init__(self, world: str) -> None:
-        self.spec = world_spec(world)
+    def __init__(self, world: "str | WorldSpec") -> None:
+        """``world``: the world's file (world.json), or its spec."""
+        self.spec = world if isinstance(world, WorldSpec) else world_spec(world)
         self.codec = self.spec.codec()
         self.identity = f"world-judge({self.spec.to_dict()})"
 
-    def _parse(self, image) -> ImageParse:
-        return self.spec.parse_image(self.codec.encode(image[None])[0])
-
     def judge(self, samples: Sequence[Sample]) -> list[Judgment]:
-        out: list[Judgment] = []
-        for s in samples:
-            if s.image is None:
-                out.append({})
-                continue
-            codes = self.codec.encode(s.image[None])[0]
-            before = self._parse(s.input_image) if s.input_image is not None else None
-            out.append({"output_alignment": float(self.spec.aligned(s.text, codes)),
-                        "image_alignment": float(image_follows(self.spec, s.prompt, before, self.spec.parse_image(codes)))})
+        return [self._one(s) for s in samples]
+
+    def _one(self, s: Sample) -> Judgment:
+        kind = TASKS[s.task]
+        if not kind.writes_image:
+            answer = extract_answer(s.text, think_end=None)
+            return {"answer_correct": float(answer is not None and answers_match(answer, s.answer))}
+        if s.image is None:
+            return {}
+        codes = self.codec.encode(s.image[None])[0]
+        before = self.spec.parse_image(self.codec.encode(s.input_image[None])[0]) if s.input_image is not None else None
+        out = {"image_alignment": float(image_follows(self.spec, s.prompt, before, self.spec.parse_image(codes)))}
+        if kind.writes_text:
+            out |= {"output_alignment": float(self.spec.aligned(s.text, codes)), "agreement": self.spec.agreement(s.text, codes)}
         return out
+
+
+def world_figures(tasks: Sequence[str], judgments: dict[str, Sequence[Judgment]]) -> dict[str, float]:
+    """The default run's held-out figures, each with its standard error (NAME_se), from per-sample
+    judgments of the ``reward`` and ``world`` judges (``tasks[i]``: sample i's task): the reward, exact
+    alignment, agreement and prompt following of tasks that write text and image, prompt following of
+    image-only tasks (``t2i_follows``), and each answer task's correctness (``<task>_correct``). A
+    judgment left missing (a dropped non-finite reward) is not counted."""
+    from cluster.evaluate import mean_se
+
+    per: dict[str, list[float]] = {}
+
+    def add(key: str, value) -> None:
+        if value is not None:
+            per.setdefault(key, []).append(float(value))
+
+    for i, task in enumerate(tasks):
+        kind = TASKS[task]
+        if "reward" in judgments:
+            add("reward", judgments["reward"][i].get("reward"))
+        world = judgments.get("world", [{}] * len(tasks))[i]
+        if not kind.writes_image:
+            add(f"{task}_correct", world.get("answer_correct"))
+        elif kind.writes_text:
+            add("aligned", world.get("output_alignment"))
+            add("agreement", world.get("agreement"))
+            add("follows", world.get("image_alignment"))
+        else:
+            add("t2i_follows", world.get("image_alignment"))
+    out: dict[str, float] = {"n": len(tasks)}
+    for key, values in per.items():
+        out[key], out[f"{key}_se"] = mean_se(values)
+    return out

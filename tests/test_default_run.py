@@ -37,6 +37,15 @@ def test_shortened_default_run_end_to_end(finished, capsys):
     metrics = client.get_run(results["run_id"]).data.metrics
     assert {"eval.before.aligned", "eval.after.aligned", "eval.after.reward", "reward.mean"} <= set(metrics)
     assert (tmp / "run" / "final-policy" / "pararl.json").is_file()
+    # the before/after evaluation is a pararl eval: its table, report and MLflow run, the same figures
+    scores = json.loads((tmp / "run" / "held-out" / "eval.json").read_text())["scores"]
+    for when, tag in (("before", "baseline"), ("after", "model")):
+        assert results[when]["aligned"] == scores["world/output_alignment"][tag]["mean"]
+        assert results[when]["reward"] == pytest.approx(scores["reward/reward"][tag]["mean"], abs=1e-12)
+    assert scores["world/output_alignment"]["difference"]["n"] == 4
+    assert (tmp / "run" / "held-out" / "report.html").is_file()
+    evals = client.search_runs([client.get_experiment_by_name("pararl-default-eval").experiment_id])
+    assert len(evals) == 1 and "world.output_alignment.difference" in evals[0].data.metrics
     # make train again into the same folder: refused before any work, the finished run untouched
     with pytest.raises(ValueError, match="holds a finished default run"):
         default_run(overrides=[f"run_dir={tmp / 'run'}"], cache_dir=str(tmp / "cache"), prepare_cfg=PREPARE)

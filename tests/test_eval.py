@@ -203,8 +203,8 @@ def test_eval_compares_two_models_writes_report_and_resumes(tmp_path, capsys):
     baseline, _ = tiny_bundle(tmp_path, seed=5)
     out = tmp_path / "eval"
     args = ["eval", str(run["config"]), "--model", str(run["folder"]), "--baseline", str(baseline), "--data",
-            str(tmp_path / "train.jsonl"), "--samples", "2", "--judge", "clip", "--out", str(out), "evaluation.snapshots=2",
-            "evaluation.batch_prompts=4"]
+            str(tmp_path / "train.jsonl"), "--samples", "2", "--judge", "clip", "--judge", "reward", "--out", str(out),
+            "evaluation.snapshots=2", "evaluation.batch_prompts=4"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "eval.json").read_text())
@@ -212,7 +212,10 @@ def test_eval_compares_two_models_writes_report_and_resumes(tmp_path, capsys):
     assert row["model"]["n"] == row["baseline"]["n"] == 6 * 2 and row["difference"]["n"] == 12
     assert row["difference"]["lo"] < row["difference"]["mean"] < row["difference"]["hi"]
     assert "clip/output_alignment" in printed and "report:" in printed
-    assert set(result["scores"]) == {"clip/output_alignment", "clip/image_alignment"}
+    assert set(result["scores"]) == {"clip/output_alignment", "clip/image_alignment", "reward/reward"}
+    # the run's reward, from the snapshots saved beside each sample: what training scores, in [0, 1]
+    reward = result["scores"]["reward/reward"]
+    assert reward["model"]["n"] + reward["model"]["missing"] == 12 and 0 <= reward["model"]["mean"] <= 1
     samples = sorted((out / "samples" / "model").glob("*.json"))
     assert len(samples) == 12 and len(list((out / "samples" / "baseline").glob("*.png"))) == 12 * 2  # image + snapshots
     page = (out / "report.html").read_text()
@@ -233,6 +236,12 @@ def test_eval_compares_two_models_writes_report_and_resumes(tmp_path, capsys):
     for key, row in result["scores"].items():  # the one sample judged again alone: equal to float noise
         assert rerun[key]["model"] == row["model"]
         assert rerun[key]["difference"]["mean"] == pytest.approx(row["difference"]["mean"], abs=1e-6)
+    # the same folder with other seeds: refused in one line, nothing of the finished eval touched
+    capsys.readouterr()
+    assert main([*args, "evaluation.seed=7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds an eval made with other settings (seed)" in err, err
+    assert json.loads((out / "eval.json").read_text())["scores"] == rerun
 
 
 def test_same_model_and_seeds_differ_by_zero(tmp_path, capsys):

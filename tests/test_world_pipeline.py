@@ -142,8 +142,10 @@ def test_same_seed_gives_the_same_weights_whatever_the_callers_threads(tmp_path,
 def test_evaluation_reports_reward_alignment_and_their_errors(tmp_path):
     from cluster.evaluate import evaluate
     from reward.config import RewardConfig, RewardModelConfig
+    from reward.judges import RewardJudge
+    from reward.pool.client import RewardClient
     from reward.scorer import SemanticScorer
-    from shapeworld.checks import world_checks
+    from shapeworld.judge import WorldJudge, world_figures
 
     cfg = PrepareConfig(world=WORLD, policy=ARCH, sft=SFTConfig(steps=3, batch_size=8), clip=TINY_CLIP, stats_batch=32)
     paths = prepare_default(tmp_path / "cache", cfg=cfg, progress=False, log=lambda *_: None)
@@ -153,15 +155,21 @@ def test_evaluation_reports_reward_alignment_and_their_errors(tmp_path):
     records = read_records(paths["eval"])
     scfg = SamplerConfig(steps=4, text_len=paths["text_len"])
     cache = CodeCache(paths["codes"], bundle.image_tokenizer)
-    checks = world_checks(WORLD.spec, bundle)
-    res = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, rcfg), records, cache, samples=2,
-                   batch_prompts=3, progress=False, checks=checks)
-    assert res.n == 2 * len(records) == len(res.per_sample["aligned"]) == len(res.per_sample["reward"])
-    assert 0 <= res.reward <= 1 and res.reward_se >= 0 and 0 <= res.checks["aligned"] <= 1 and 0 <= res.checks["follows"] <= 1
-    assert {"aligned", "aligned_se", "agreement", "follows", "follows_se"} <= set(res.summary())
-    assert res.steps == [0, 3]  # evenly spaced, ending at the last step
-    again = evaluate(bundle.policy, bundle, scfg, SemanticScorer(bundle, rcfg), records, cache, samples=2,
-                     batch_prompts=5, progress=False, checks=checks)
+
+    def run(batch_prompts: int):
+        judges = [RewardJudge(RewardClient(rcfg, scorer=SemanticScorer(bundle, rcfg)), scfg.steps), WorldJudge(paths["world"])]
+        res = evaluate(bundle.policy, bundle, scfg, records, cache, judges, samples=2, batch_prompts=batch_prompts,
+                       progress=False)
+        return res, world_figures(res.tasks, res.judgments), judges[0].steps
+
+    res, figures, steps = run(3)
+    assert res.n == 2 * len(records) == len(res.judgments["world"]) == len(res.judgments["reward"])
+    assert 0 <= figures["reward"] <= 1 and figures["reward_se"] >= 0 and 0 <= figures["aligned"] <= 1
+    assert {"aligned", "aligned_se", "agreement", "follows", "follows_se"} <= set(figures)
+    assert steps == [0, 3]  # evenly spaced, ending at the last step
+    again, _, _ = run(5)
     # Same seeds in any batching: two evaluations compare sample by sample.
-    assert again.per_sample["aligned"] == res.per_sample["aligned"]
-    assert again.per_sample["reward"] == pytest.approx(res.per_sample["reward"], abs=1e-5)
+    order = {key: n for n, key in enumerate(again.keys)}
+    assert [again.judgments["world"][order[key]] for key in res.keys] == res.judgments["world"]
+    assert [again.judgments["reward"][order[key]]["reward"] for key in res.keys] == pytest.approx(
+        [j["reward"] for j in res.judgments["reward"]], abs=1e-5)

@@ -4,6 +4,7 @@ import random
 
 import torch
 
+from cluster.evaluate import batch_samples
 from learner.sft import encode_records
 from pararl.bundle import Codecs
 from pararl.data import CodeCache, read_records
@@ -12,7 +13,7 @@ from pararl.types import GenerationRequest
 from rollout.config import SamplerConfig
 from rollout.sampler import ParallelSampler
 from shapeworld import EOS, Obj, WorldConfig, make_scene, make_splits, world_token_format, world_tokenizer, write_world
-from shapeworld.checks import check_outputs
+from shapeworld.judge import WorldJudge, world_figures
 from shapeworld.questions import ask, sample_question_task
 from shapeworld.rewards import FollowsReward
 from shapeworld.scene import WorldSpec
@@ -85,7 +86,9 @@ def test_the_worlds_t2i_reward_and_checks_score_each_task(tmp_path):
     traj.tokens = traj.tokens.clone()  # the reference answer as the first trajectory's text
     ids = codecs.encode_text(records[0].answer)
     traj.tokens[0, traj.layout.text] = torch.tensor(ids + [tok.convert_tokens_to_ids(EOS)] * (SPEC.text_len - len(ids)))
-    out = check_outputs(SPEC, codecs, traj, records, [q.input_codes for q in requests])
-    values = [v for key in sorted(out) for v in out[key]]
-    assert set(out) <= {"understand_correct", "reason_correct"} and len(values) == 3
-    assert out[f"{records[0].task}_correct"][0] == 1.0
+    samples = batch_samples(codecs, records, requests, [0, 1, 2], traj)
+    judged = WorldJudge(str(paths["world"])).judge(samples)
+    assert judged[0] == {"answer_correct": 1.0} and all(set(j) == {"answer_correct"} for j in judged)
+    out = world_figures([s.task for s in samples], {"world": judged})
+    assert {k for k in out if k.endswith("_correct")} <= {"understand_correct", "reason_correct"}
+    assert out[f"{records[0].task}_correct"] >= 1 / 3 and "aligned" not in out

@@ -123,7 +123,11 @@ class RewardClient:
 
     def score(self, traj: Trajectories, prompts: Sequence[PromptFacts] | None = None) -> RewardBatch:
         """``prompts[i]``: request ``i``'s task and what its rewards read (``requests_from``)."""
-        requests = requests_from(traj, prompts)
+        return self.score_built(requests_from(traj, prompts))
+
+    def score_built(self, requests: Sequence[ScoreRequest]) -> RewardBatch:
+        """Requests already cut from trajectories (``requests_from``), all at the same steps: what an
+        evaluation judge scores from samples saved to disk."""
         if self.scorer is not None:
             size = self.cfg.max_batch_size
             results = [res for i in range(0, len(requests), size) for res in self.scorer.score_batch(requests[i : i + size])]
