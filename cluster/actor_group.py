@@ -8,12 +8,29 @@ as ``DEAD`` for the group that owns it to turn into its own error.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any, Callable, Sequence, TypeVar
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+T = TypeVar("T")
+
+
+def concurrently(*starts: Callable[[], T]) -> list[T]:
+    """Independent start-ups at once: the reward pool, the rollout workers and the learner ranks each
+    spend their start mostly waiting on new processes and model loads, so started one after the other
+    their waits add up. The results in order; every call has ended before the first failure (in the
+    order given) is raised."""
+    with ThreadPoolExecutor(len(starts)) as pool:
+        futures = [pool.submit(start) for start in starts]
+        wait_futures(futures)
+    for future in futures:
+        if future.exception() is not None:
+            raise future.exception()
+    return [future.result() for future in futures]
 
 
 class ActorGroup:

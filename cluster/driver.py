@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from cluster.actor_group import concurrently
 from cluster.colocated import ColocatedActor
 from cluster.config import sync_bucket_bytes
 from cluster.evaluate import facts_for
@@ -105,8 +106,8 @@ class Driver:
         start_ray(cfg.cluster)
         c, r = cfg.cluster, cfg.reward
         self.placement = place(c, r)
-        self.reward = RewardClient(r, handle=start_reward_pool(r, cfg.model, cfg.model_format.named()))
-        self._start_actors()
+        pool, _ = concurrently(lambda: start_reward_pool(r, cfg.model, cfg.model_format.named()), self._start_actors)
+        self.reward = RewardClient(r, handle=pool)
         self.state = RunState(reward_stats_path=cfg.reward.stats_file)
         if cfg.train.resume:
             self._resume()
@@ -149,8 +150,7 @@ class Driver:
             self.learners = learners()
             self.rollouts = rollouts(colocated=self.learners.group)
         else:
-            self.rollouts = rollouts()
-            self.learners = learners()
+            self.rollouts, self.learners = concurrently(rollouts, learners)
         self.sync.connect(self.learners.actors, self.rollouts.workers)
 
     # ---------------------------------------------------------------------------------------------

@@ -370,3 +370,26 @@ def test_resume_after_a_stop_between_checkpoints_logs_no_step_twice(ray_local, s
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     for key in ("reward.mean", "policy_version"):
         assert sorted(m.step for m in client.get_metric_history(first["run_id"], key)) == [0, 1, 2], key
+
+
+def test_start_ups_run_at_once_and_the_first_failure_waits_for_the_rest():
+    import threading
+    import time
+
+    from cluster.actor_group import concurrently
+
+    both = threading.Barrier(2, timeout=10)  # each start waits for the other: one after the other would time out
+    assert concurrently(lambda: both.wait() * 0 + 1, lambda: both.wait() * 0 + 2) == [1, 2]
+    ended = []
+
+    def fails():
+        raise ValueError("reward pool: no such model")
+
+    def slow():
+        time.sleep(0.3)
+        ended.append("learners")
+        return "learners"
+
+    with pytest.raises(ValueError, match="no such model"):
+        concurrently(fails, slow)
+    assert ended == ["learners"], "the failure is raised once every start-up has ended"
