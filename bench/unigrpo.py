@@ -34,9 +34,9 @@ def evaluate_run(run_dir: Path, samples: int) -> dict:
     cfg = load_run_config(run_dir / "config.yaml")
     prompts = len(read_records(cfg.data.eval))
     job = eval_job(cfg, str(Path(cfg.data.eval).parent / "world.json"), samples, prompts, run_dir / "eval-all")
-    before = held_out(job, "baseline")
+    before, _ = held_out(job, "baseline")
     job.models["model"] = str(run_dir / "final-policy")
-    after = held_out(job, "model")
+    after, _ = held_out(job, "model")
     return {"seed": cfg.seed, "run_dir": str(run_dir), "prompts": prompts, "samples": samples,
             "before": before, "after": after}
 

@@ -98,41 +98,51 @@ def eval_job(cfg, world: str, samples: int, prompts: int | None = None, folder: 
     return EvalJob(run, {"baseline": cfg.model}, records, list(EVAL_JUDGES), Path(folder or Path(cfg.run_dir) / "held-out"))
 
 
-def held_out(job, tag: str) -> dict:
-    """One model's figures (``shapeworld.judge.world_figures``), sampled and judged as ``pararl eval`` does
-    (what is on disk already is not done again)."""
+def held_out(job, tag: str) -> tuple[dict, dict]:
+    """One model's figures (``shapeworld.judge.world_figures``) and their values per sample, sampled and
+    judged as ``pararl eval`` does (what is on disk already is not done again)."""
     import time
 
     from cluster.eval_command import judge_model, sample_model
     from cluster.evaluate import sample_key
     from reward.judges import RewardJudge
-    from shapeworld.judge import world_figures
+    from shapeworld.judge import world_figures, world_values
     from shapeworld.prepare import torch_threads
 
     start = time.perf_counter()
     with torch_threads(EVAL_THREADS):  # the same sums on any core count, like the preparation's
         sample_model(job, tag)
         judged = {name: judge_model(job, tag, name) for name in job.judges}
-    keys = [(i, k) for i in range(len(job.records)) for k in range(job.cfg.evaluation.samples)]
-    figures = world_figures([job.records[i].task for i, _ in keys],
-                            {name: [by_key[sample_key(i, k)] for i, k in keys] for name, by_key in judged.items()})
+    keys = [sample_key(i, k) for i in range(len(job.records)) for k in range(job.cfg.evaluation.samples)]
+    tasks = [job.records[int(key.split("-")[0])].task for key in keys]
+    judgments = {name: [by_key[key] for key in keys] for name, by_key in judged.items()}
     steps = RewardJudge.steps_for(job.cfg.reward, job.cfg.sampler.steps)
-    return {**figures, "steps": steps, "seconds": time.perf_counter() - start}
+    figures = {**world_figures(tasks, judgments), "steps": steps, "seconds": time.perf_counter() - start}
+    return figures, world_values(tasks, judgments, keys)
+
+
+def changes(before: dict, after: dict) -> dict:
+    """Each figure's paired change after - before over the samples both have, with its 95% interval."""
+    from cluster.eval_command import paired
+
+    return {figure: paired(after[figure], before[figure]) for figure in before if figure in after}
 
 
 ROWS = (("exact alignment", "aligned"), ("mean reward", "reward"), ("follows the prompt", "follows"),
         ("t2i follows", "t2i_follows"), ("understand correct", "understand_correct"), ("reason correct", "reason_correct"))
 
 
-def summary_table(before: dict, after: dict, cfg, out: dict, run_dir: Path) -> str:
-    """What a user reads last: before/after with standard errors, and where the results and pictures are."""
+def summary_table(before: dict, after: dict, change: dict, cfg, out: dict, run_dir: Path) -> str:
+    """What a user reads last: before/after with standard errors, the paired change with its 95%
+    interval, and where the results and pictures are."""
     lines = [f"\nParaRL default run (seed {cfg.seed}): held-out {before['n']} samples, the same prompts and seeds "
-             "before and after", f"{'':20} {'warm-up':>15} {'after ParaRL':>15} {'change':>8}"]
+             "before and after", f"{'':20} {'warm-up':>15} {'after ParaRL':>15} {'change [95% interval]':>26}"]
     for label, key in ROWS:
         if key in before and key in after:
-            b, a = before[key], after[key]
+            b, a, d = before[key], after[key], change.get(key, {})
+            interval = f"[{d.get('lo', float('nan')):+.3f}, {d.get('hi', float('nan')):+.3f}]"
             lines.append(f"{label:20} {b:>7.3f} ± {before.get(key + '_se', float('nan')):.3f} "
-                         f"{a:>7.3f} ± {after.get(key + '_se', float('nan')):.3f} {a - b:>+8.3f}")
+                         f"{a:>7.3f} ± {after.get(key + '_se', float('nan')):.3f} {a - b:>+8.3f} {interval:>17}")
     db = run_dir.resolve() / "mlflow.db"
     lines += [f"results:  {run_dir / 'results.json'}", f"report:   {run_dir / 'held-out' / 'report.html'}",
               f"MLflow:   .venv/bin/mlflow ui --backend-store-uri sqlite:///{db}",
@@ -174,7 +184,7 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     prompts = cfg.train.eval_prompts
     print(f"evaluating the warm-up policy on {prompts} held-out prompts x {eval_samples} samples")
     job = eval_job(cfg, paths["world"], eval_samples)
-    before = held_out(job, "baseline")
+    before, before_values = held_out(job, "baseline")
     out = train(resolved, [] if not cfg.train.resume else ["train.resume=true"])
     final = run_dir / "final-policy"
     export_policy(cfg.learner.checkpoint.folder, final)
@@ -182,15 +192,16 @@ def default_run(config: str | Path = DEFAULT_CONFIG, overrides: Sequence[str] = 
     save_sampler_settings(final, cfg.sampler)  # `pararl sample` on it samples as the run did
     print("evaluating the ParaRL policy on the same prompts and seeds")
     job.models["model"] = str(final)
-    after = held_out(job, "model")
+    after, after_values = held_out(job, "model")
+    change = changes(before_values, after_values)
     run_eval(job)  # the paired table, eval.json, report.html and the eval's MLflow run
 
     tracker = Tracker(run_dir, cfg.tracking.experiment, cfg.name, cfg.tracking.tracking_uri, run_id=out["run_id"])
     tracker.log_metrics({f"eval/before/{k}": v for k, v in before.items() if isinstance(v, (int, float))}, step=0)
     tracker.log_metrics({f"eval/after/{k}": v for k, v in after.items() if isinstance(v, (int, float))}, step=out["state"].step)
     tracker.finish()
-    results = {"before": before, "after": after, "run_dir": str(run_dir.resolve()), "run_id": out["run_id"],
+    results = {"before": before, "after": after, "change": change, "run_dir": str(run_dir.resolve()), "run_id": out["run_id"],
                "prepare": {k: paths[k] for k in ("model", "train", "eval", "reward_stats")}}
     atomic_write(run_dir / "results.json", json.dumps(results, indent=1, default=str))
-    print(summary_table(before, after, cfg, out, run_dir))
+    print(summary_table(before, after, change, cfg, out, run_dir))
     return results

@@ -47,34 +47,41 @@ class WorldJudge:
         return out
 
 
-def world_figures(tasks: Sequence[str], judgments: dict[str, Sequence[Judgment]]) -> dict[str, float]:
-    """The default run's held-out figures, each with its standard error (NAME_se), from per-sample
-    judgments of the ``reward`` and ``world`` judges (``tasks[i]``: sample i's task): the reward, exact
-    alignment, agreement and prompt following of tasks that write text and image, prompt following of
-    image-only tasks (``t2i_follows``), and each answer task's correctness (``<task>_correct``). A
-    judgment left missing (a dropped non-finite reward) is not counted."""
-    from cluster.evaluate import mean_se
+def world_values(tasks: Sequence[str], judgments: dict[str, Sequence[Judgment]],
+                 keys: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """The default run's held-out figures per sample, from judgments of the ``reward`` and ``world``
+    judges (``tasks[i]``: sample i's task; ``keys[i]``: its name, its index by default): the reward,
+    exact alignment, agreement and prompt following of tasks that write text and image, prompt following
+    of image-only tasks (``t2i_follows``), and each answer task's correctness (``<task>_correct``). A
+    judgment left missing (a dropped non-finite reward) is left out."""
+    keys = [str(i) for i in range(len(tasks))] if keys is None else keys
+    per: dict[str, dict[str, float]] = {}
 
-    per: dict[str, list[float]] = {}
-
-    def add(key: str, value) -> None:
+    def add(figure: str, key: str, value) -> None:
         if value is not None:
-            per.setdefault(key, []).append(float(value))
+            per.setdefault(figure, {})[key] = float(value)
 
-    for i, task in enumerate(tasks):
+    for i, (task, key) in enumerate(zip(tasks, keys)):
         kind = TASKS[task]
         if "reward" in judgments:
-            add("reward", judgments["reward"][i].get("reward"))
-        world = judgments.get("world", [{}] * len(tasks))[i]
+            add("reward", key, judgments["reward"][i].get("reward"))
+        world = judgments["world"][i] if "world" in judgments else {}
         if not kind.writes_image:
-            add(f"{task}_correct", world.get("answer_correct"))
+            add(f"{task}_correct", key, world.get("answer_correct"))
         elif kind.writes_text:
-            add("aligned", world.get("output_alignment"))
-            add("agreement", world.get("agreement"))
-            add("follows", world.get("image_alignment"))
+            add("aligned", key, world.get("output_alignment"))
+            add("agreement", key, world.get("agreement"))
+            add("follows", key, world.get("image_alignment"))
         else:
-            add("t2i_follows", world.get("image_alignment"))
+            add("t2i_follows", key, world.get("image_alignment"))
+    return per
+
+
+def world_figures(tasks: Sequence[str], judgments: dict[str, Sequence[Judgment]]) -> dict[str, float]:
+    """``world_values`` averaged: each figure's mean and its standard error (NAME_se), and ``n`` samples."""
+    from cluster.evaluate import mean_se
+
     out: dict[str, float] = {"n": len(tasks)}
-    for key, values in per.items():
-        out[key], out[f"{key}_se"] = mean_se(values)
+    for figure, values in world_values(tasks, judgments).items():
+        out[figure], out[f"{figure}_se"] = mean_se(list(values.values()))
     return out

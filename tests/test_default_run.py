@@ -7,8 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from cluster.run_config import load_run_config
 from learner.sft import SFTConfig
-from shapeworld.default_run import default_run
+from shapeworld.default_run import default_run, summary_table
 from shapeworld.prepare import PrepareConfig
 from tests.test_world_pipeline import ARCH, TINY_CLIP, WORLD
 
@@ -43,6 +44,14 @@ def test_shortened_default_run_end_to_end(finished, capsys):
         assert results[when]["aligned"] == scores["world/output_alignment"][tag]["mean"]
         assert results[when]["reward"] == pytest.approx(scores["reward/reward"][tag]["mean"], abs=1e-12)
     assert scores["world/output_alignment"]["difference"]["n"] == 4
+    change = results["change"]["aligned"]  # the summary's paired change: the eval's, sample by sample
+    assert change["n"] == 4 and change["mean"] == pytest.approx(results["after"]["aligned"] - results["before"]["aligned"])
+    assert (change["lo"], change["hi"]) == pytest.approx((scores["world/output_alignment"]["difference"]["lo"],
+                                                          scores["world/output_alignment"]["difference"]["hi"]), nan_ok=True)
+    cfg = load_run_config(tmp / "run" / "config.yaml")
+    table = summary_table(results["before"], results["after"], results["change"], cfg, results, tmp / "run")
+    row = next(line for line in table.splitlines() if line.startswith("exact alignment"))
+    assert row.endswith(f"[{change['lo']:+.3f}, {change['hi']:+.3f}]"), table
     assert (tmp / "run" / "held-out" / "report.html").is_file()
     evals = client.search_runs([client.get_experiment_by_name("pararl-default-eval").experiment_id])
     assert len(evals) == 1 and "world.output_alignment.difference" in evals[0].data.metrics
