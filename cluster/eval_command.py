@@ -70,10 +70,12 @@ def prepare(config: str, model: str, baseline: str | None, data: str | None, jud
 
 
 def settings_of(job: EvalJob) -> dict[str, Any]:
-    """What the samples on disk depend on: the prompts, the seeds, the sampler, each model folder."""
+    """What the samples on disk depend on: the prompts, the seeds, the sampler, each model folder. Not
+    the number of samples: sample k of a prompt has its own seed (the prompt's and k's), whatever K is,
+    so K may grow on a folder and only the new samples are drawn."""
     records = hashlib.sha256(json.dumps([asdict(r) for r in job.records], sort_keys=True).encode()).hexdigest()[:16]
     ev = job.cfg.evaluation
-    return {"records": records, "seed": ev.seed, "samples": ev.samples, "sampler": asdict(job.cfg.sampler),
+    return {"records": records, "seed": ev.seed, "sampler": asdict(job.cfg.sampler),
             "format": str(job.cfg.model_format.named()),
             "models": {tag: str(Path(folder).resolve()) for tag, folder in job.models.items()}}
 
@@ -155,10 +157,14 @@ def at_steps(traj: Trajectories, steps: Sequence[int]) -> Trajectories:
 
 
 def write_batch(folder: Path, codecs, samples: Sequence[Sample], traj: Trajectories, grid: Sequence[int]) -> None:
-    """Each sample's output image, snapshot grid and recorded snapshots, then the JSON that marks it done."""
+    """Each sample's output image, snapshot grid and recorded snapshots, then the JSON that marks it done.
+    A sample already done is kept as it is (a record sampled again for a sample it lacked): its
+    judgments were made of it."""
     pictured = at_steps(traj, grid)
     for row, sample in enumerate(samples):
         key = sample.key.split("/")[-1]
+        if (folder / f"{key}.json").is_file():
+            continue
         if sample.image is not None:
             to_pil(sample.image, size=sample.image.shape[-1]).save(folder / f"{key}.png")
         snapshot_grid(pictured, codecs.fmt, codecs.image_tokenizer, codecs.decode_text, rows=(row,)).save(

@@ -242,6 +242,13 @@ def test_eval_compares_two_models_writes_report_and_resumes(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds an eval made with other settings (seed)" in err, err
     assert json.loads((out / "eval.json").read_text())["scores"] == rerun
+    # more samples on the same folder: only the new ones are drawn and judged, the earlier ones kept
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and {"judgments", "samples"} & set(p.parts)}
+    assert main([*args, "--samples", "3"]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "a sample or judgment made before was touched"
+    grown = json.loads((out / "eval.json").read_text())
+    assert grown["samples"] == 3 and grown["scores"]["clip/output_alignment"]["difference"]["n"] == 6 * 3
+    assert (out / "samples" / "model" / "00005-02.json").is_file()
 
 
 def test_same_model_and_seeds_differ_by_zero(tmp_path, capsys):
