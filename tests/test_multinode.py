@@ -72,28 +72,31 @@ def _logged_steps(run_dir) -> int:
         return 0
 
 
-def _kill_after(cluster, proc, run_dir, steps: int, node: str, timeout: float = 300) -> None:
+def _kill_after(cluster, proc, run_dir, steps: int, node: str, timeout: float = 300) -> dict:
+    """Kill ``node`` once the run has logged ``steps`` steps; where the run had placed its stages then."""
     deadline = time.monotonic() + timeout
     while _logged_steps(run_dir) < steps:
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, f"the run logged fewer than {steps} steps in {timeout:g}s"
         time.sleep(0.2)
+    placed = json.loads((run_dir / "placement.json").read_text())
     cluster.kill(node)
+    return placed
 
 
 LONGER = ("train.steps=8", "sampler.steps=8", "data.prompts_per_step=8", "tracking.snapshot_every=0")
 
 
-def _run_losing(cluster, config, run_dir, node: str, after_steps: int, *overrides: str) -> tuple[int, str]:
+def _run_losing(cluster, config, run_dir, node: str, after_steps: int, *overrides: str) -> tuple[int, str, dict]:
     """A longer run whose node ``node`` is killed once it has logged ``after_steps`` steps; a new node
-    then replaces it. The run's exit code and output."""
+    then replaces it. The run's exit code, its output and its placement before the kill."""
     proc = _train(cluster, config, run_dir, *LONGER, *overrides)
     try:
-        _kill_after(cluster, proc, run_dir, after_steps, node)
+        placed = _kill_after(cluster, proc, run_dir, after_steps, node)
         out = _finish(proc)
     finally:
         cluster.restart(node)
-    return proc.returncode, out
+    return proc.returncode, out, placed
 
 
 def _metrics(run_dir, key: str) -> list[float]:
@@ -102,26 +105,22 @@ def _metrics(run_dir, key: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
-def test_the_run_joins_the_cluster_and_each_stage_lands_on_the_nodes_its_resources_name(cluster, config, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _train(cluster, config, run_dir, "train.steps=3", "cluster.sync_transport=collective")  # gloo across nodes
-    out = _finish(proc)
-    assert proc.returncode == 0, out
-    assert "finished at step 3 (policy version 3)" in out
-    placed = json.loads((run_dir / "placement.json").read_text())
+def _assert_placed(cluster, placed: dict) -> None:
+    """Each stage on the nodes its resources name: rollout workers on w1 and w2, learner ranks on the head
+    and w2 (one group across two nodes), reward replicas on the head and w1."""
     ip = {name: n.address for name, n in cluster.nodes.items()}
     assert sorted(placed["rollout_workers"]) == sorted([ip["w1"], ip["w2"]])
-    assert sorted(placed["learner_ranks"]) == sorted([ip["head"], ip["w2"]])  # ranks on two nodes, one group
+    assert sorted(placed["learner_ranks"]) == sorted([ip["head"], ip["w2"]])
     assert placed["reward_replicas"] and set(placed["reward_replicas"]) <= {ip["head"], ip["w1"]}
-    assert _metrics(run_dir, "cluster.nodes_lost") == [0, 0, 0]
 
 
 def test_a_worker_node_killed_mid_run_loses_no_trajectory(cluster, config, tmp_path):
     """w1 holds a rollout worker (no other node has room for it: it is dropped) and a reward replica
     (the head's replica answers meanwhile; Serve replaces the lost one on the head)."""
     run_dir = tmp_path / "run"
-    code, out = _run_losing(cluster, config, run_dir, "w1", 1, "train.checkpoint_every=0", "train.steps=6")
+    code, out, placed = _run_losing(cluster, config, run_dir, "w1", 1, "train.checkpoint_every=0", "train.steps=6")
     assert code == 0, out
+    _assert_placed(cluster, placed)  # joined by address, each stage where its resources are
     seen = {k: _metrics(run_dir, k) for k in ("time.step", "reward.retries", "reward.replica_losses", "rollout.workers")}
     assert "finished at step 6 (policy version 6)" in out, ("every step trained", seen, out[-3000:])
     assert _metrics(run_dir, "rollout.trajectories") == [16.0] * 6, "every step sampled all its trajectories"
@@ -137,7 +136,7 @@ def test_a_worker_node_killed_mid_run_loses_no_trajectory(cluster, config, tmp_p
 
 def test_a_learner_node_killed_stops_the_run_with_one_line_and_resume_continues(cluster, config, tmp_path):
     run_dir = tmp_path / "run"
-    code, out = _run_losing(cluster, config, run_dir, "w2", 2, "train.checkpoint_every=1")
+    code, out, _ = _run_losing(cluster, config, run_dir, "w2", 2, "train.checkpoint_every=1")
     said = [line for line in out.splitlines() if line.startswith("pararl train: error:")]  # Ray's own log lines aside
     assert code == 2 and len(said) == 1 and "a learner rank died " in said[0], out  # in a step, a sync or a checkpoint
     assert "The last checkpoint is intact; rerun with train.resume=true" in said[0]
@@ -149,7 +148,11 @@ def test_a_learner_node_killed_stops_the_run_with_one_line_and_resume_continues(
     # then step 1's is the last complete one (a cut-short one is never taken for complete: verify above)
     assert done >= 1
     cluster.wait_nodes(3)
-    proc = _train(cluster, config, run_dir, *LONGER, "train.checkpoint_every=1", "train.resume=true", "train.steps=4")
+    # resumed on the replaced node, with the weights sent by collective (gloo) broadcasts across the nodes
+    proc = _train(cluster, config, run_dir, *LONGER, "train.checkpoint_every=1", "train.resume=true", "train.steps=4",
+                  "cluster.sync_transport=collective")
     out = _finish(proc)
     assert proc.returncode == 0 and "finished at step 4 (policy version 4)" in out, out
     assert len(_metrics(run_dir, "reward.mean")) == 4, "each step logged once, across the stop"
+    _assert_placed(cluster, json.loads((run_dir / "placement.json").read_text()))
+    assert _metrics(run_dir, "cluster.nodes_lost")[-1] == 0, "the resumed run started on three live nodes"
