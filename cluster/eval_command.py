@@ -64,9 +64,7 @@ def prepare(config: str, model: str, baseline: str | None, data: str | None, jud
     names = list(judges) or ["clip"]
     for name in names:
         judge_kwargs(cfg, name)  # an unknown judge, or clip without a CLIP model, is refused here
-    job = EvalJob(cfg, models, records, names, Path(out or Path(cfg.run_dir) / "eval"))
-    claim_folder(job)
-    return job
+    return EvalJob(cfg, models, records, names, Path(out or Path(cfg.run_dir) / "eval"))
 
 
 def settings_of(job: EvalJob) -> dict[str, Any]:
