@@ -11,6 +11,7 @@ same alone or inside any batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from pararl import noise
 from pararl.batching import build_batch
 from pararl.errors import ConfigError
-from pararl.formats import ParallelFormat
+from pararl.formats import OutputLayout, ParallelFormat
 from pararl.guidance import make_guidance
 from pararl.heads import cached_span_forward, span_forward
 from pararl.progress import progress as progress_bar
@@ -70,6 +71,30 @@ def top_k_mask(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.T
         return chosen
     idx = score.masked_fill(~candidates, float("-inf")).topk(k, dim=-1).indices
     return chosen.scatter_(1, idx, True)
+
+
+@dataclass
+class SamplingState:
+    """One batch between denoising steps (``ParallelSampler.begin`` / ``step`` / ``finish``)."""
+
+    buf: torch.Tensor  # [R (+ R x conditional-riding unconditional rows), L] the model's input; rows [0, R) are x
+    attn: torch.Tensor  # [R, L] attention mask of the conditional rows
+    extra: list  # [R, L] rows the guidance forwards after the text reveal (-A's two)
+    seeds: torch.Tensor  # [R]
+    lay: OutputLayout
+    plan: RevealPlan
+    rows: int
+    group_size: int
+    snaps: list[int]
+    attn_1: torch.Tensor | None  # None without padding
+    model_attn: torch.Tensor | None  # the forward's mask over every row of ``buf``
+    guidance_rows: torch.Tensor | None  # [R, U, L]
+    step_map: torch.Tensor  # [R, L]
+    snap_tokens: torch.Tensor  # [R, S, L_out]
+    snap_x0: torch.Tensor  # [R, S, L_out]
+    sampled: torch.Tensor  # [R, L_out] log-probs of the distribution each token was drawn from
+    policy_logp: torch.Tensor | None  # [R, L_out] unguided, temperature 1
+    cache: object = None  # the prompt cache between steps
 
 
 class ParallelSampler:
@@ -182,6 +207,16 @@ class ParallelSampler:
     ) -> Trajectories:
         """``record_policy``: also keep each token's unguided, temperature-1 log-prob (``Trajectories.policy_logp``,
         pi_old for ``learner.behaviour=sampler``); one more log-softmax per span and step, so only when asked."""
+        state = self.begin(requests, group_size, snapshot_steps, record_policy)
+        for s in progress_bar(range(self.cfg.steps), desc="sampling", enabled=progress, leave=False):
+            self.step(state, s)
+        return self.finish(state)
+
+    def begin(self, requests: Sequence[GenerationRequest], group_size: int = 1, snapshot_steps: Sequence[int] = (),
+              record_policy: bool = False) -> SamplingState:
+        """The batch before step 0: every output position masked, the unconditional rows beside it.
+        Whether the batch has padding is read on the host batch, before anything moves to the model's
+        device (a GPU sync less, and ``pararl plan`` runs this on fake device tensors)."""
         cfg, fmt, g = self.cfg, self.fmt, self.guidance
         snaps = sorted(set(int(s) for s in snapshot_steps))
         if snaps and not (0 <= snaps[0] and snaps[-1] < cfg.steps):
@@ -190,8 +225,8 @@ class ParallelSampler:
             raise ConfigError("group_size must be >= 1")
         device = next(self.model.parameters()).device
         batch = build_batch(fmt, requests, cfg.text_len, cfg.cfg_drop_input_image, released_rows=bool(g.after_text))
+        padded = not bool(batch.attention_mask.all())
         lay = batch.layout
-        plan = self.plan_for(lay)
         rows = len(requests) * group_size
         rep = lambda t: t.repeat_interleave(group_size, 0).to(device)  # noqa: E731
 
@@ -201,78 +236,85 @@ class ParallelSampler:
         buf = torch.cat([cond, rep(batch.uncond_ids)]) if g.with_cond else cond
         extra = [rep((batch.uncond_ids, batch.uncond_image_ids)[i]) for i in g.after_text]
         unconditional = ([buf[rows:]] if g.with_cond else []) + extra
-        guidance_rows = torch.stack(unconditional, 1).clone() if unconditional else None  # their prompts, for replay
-        attn_1 = None if bool(attn.all()) else attn  # no padding: let SDPA take its unmasked fast path
-        model_attn = None if attn_1 is None else attn.repeat(1 + g.with_cond, 1)
-        x = buf[:rows]
-        out, text, image = lay.output, lay.text, lay.image
-        rtext, rimage = lay.relative(text), lay.relative(image)
-
         seeds = noise.derive_seeds(
             torch.tensor([r.seed for r in requests], dtype=torch.long).repeat_interleave(group_size),
             torch.arange(group_size).repeat(len(requests)),
         ).to(device)
-        step_map = torch.full((rows, lay.length), -1, dtype=torch.long, device=device)
         n_out = lay.length - lay.output_start
-        snap_tokens = torch.empty((rows, len(snaps), n_out), dtype=torch.long, device=device)
-        snap_x0 = torch.empty_like(snap_tokens)
         sampled = torch.zeros((rows, n_out), dtype=torch.float32, device=device)  # [R, L_out] drawn-from log-probs
-        policy_logp = torch.zeros_like(sampled) if record_policy else None  # [R, L_out] unguided, temperature 1
+        return SamplingState(
+            buf=buf, attn=attn, extra=extra, seeds=seeds, lay=lay, plan=self.plan_for(lay), rows=rows,
+            group_size=group_size, snaps=snaps,
+            attn_1=attn if padded else None,  # no padding: let SDPA take its unmasked fast path
+            model_attn=attn.repeat(1 + g.with_cond, 1) if padded else None,
+            guidance_rows=torch.stack(unconditional, 1).clone() if unconditional else None,  # their prompts, for replay
+            step_map=torch.full((rows, lay.length), -1, dtype=torch.long, device=device),
+            snap_tokens=torch.empty((rows, len(snaps), n_out), dtype=torch.long, device=device),
+            snap_x0=torch.empty((rows, len(snaps), n_out), dtype=torch.long, device=device),
+            sampled=sampled, policy_logp=torch.zeros_like(sampled) if record_policy else None,
+        )
 
-        cache = None
-        for s in progress_bar(range(cfg.steps), desc="sampling", enabled=progress, leave=False):
-            snap = s in snaps
-            if not (plan.text_reveal[s] or plan.image_update[s] or snap):
-                continue  # a family without text (t2i) between image updates: nothing to reveal or keep
-            (text_b, image_b), cache = self.step_logits(buf, model_attn, lay, s, cache)
-            text_l = g.text(text_b[:rows], text_b[rows:] if g.with_cond else None)
-            x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], seeds, s, plan)
-            x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it
-            step_map[:, text].masked_fill_(reveal_t, s)
-            put(sampled, rtext, reveal_t, logp_t.float())
-            if record_policy:
-                put(policy_logp, rtext, reveal_t, logp_at(fmt.restrict_text_logits(text_b[:rows]), x0_t))
-            if plan.image_update[s] or snap:
-                image_l = self.image_logits(image_b, x, extra, attn_1, lay)
-                x0_i, draw_i, reveal_i, p_i = self.image_step(image_l, x[:, image], seeds, s, plan)
-                if reveal_i is not None:
-                    x[:, image] = torch.where(reveal_i, draw_i, x[:, image])
-                    step_map[:, image].masked_fill_(reveal_i, s)
-                    put(sampled, rimage, reveal_i, p_i.log().float())
-                    if record_policy:
-                        codes = fmt.image_codes(draw_i)
-                        put(policy_logp, rimage, reveal_i, logp_at(image_b[:rows], codes))
-            if g.with_cond:
-                buf[rows:, out] = x[:, out]
-            if snap:
-                i = snaps.index(s)
-                snap_tokens[:, i] = x[:, out]
-                snap_x0[:, i] = x[:, out]
-                snap_x0[:, i, rtext] = x0_t
-                snap_x0[:, i, rimage] = x0_i
+    def step(self, st: SamplingState, s: int) -> None:
+        """Denoising step ``s``: one forward of every row, then the text and the image schedulers."""
+        fmt, g, lay, plan, rows = self.fmt, self.guidance, st.lay, st.plan, st.rows
+        snap = s in st.snaps
+        if not (plan.text_reveal[s] or plan.image_update[s] or snap):
+            return  # a family without text (t2i) between image updates: nothing to reveal or keep
+        x, text, image = st.buf[:rows], lay.text, lay.image
+        rtext, rimage = lay.relative(text), lay.relative(image)
+        (text_b, image_b), st.cache = self.step_logits(st.buf, st.model_attn, lay, s, st.cache)
+        text_l = g.text(text_b[:rows], text_b[rows:] if g.with_cond else None)
+        x0_t, reveal_t, logp_t = self.text_step(text_l, x[:, text], st.seeds, s, plan)
+        x[:, text] = torch.where(reveal_t, x0_t, x[:, text])  # text first: -A's rows see it
+        st.step_map[:, text].masked_fill_(reveal_t, s)
+        put(st.sampled, rtext, reveal_t, logp_t.float())
+        if st.policy_logp is not None:
+            put(st.policy_logp, rtext, reveal_t, logp_at(fmt.restrict_text_logits(text_b[:rows]), x0_t))
+        if plan.image_update[s] or snap:
+            image_l = self.image_logits(image_b, x, st.extra, st.attn_1, lay)
+            x0_i, draw_i, reveal_i, p_i = self.image_step(image_l, x[:, image], st.seeds, s, plan)
+            if reveal_i is not None:
+                x[:, image] = torch.where(reveal_i, draw_i, x[:, image])
+                st.step_map[:, image].masked_fill_(reveal_i, s)
+                put(st.sampled, rimage, reveal_i, p_i.log().float())
+                if st.policy_logp is not None:
+                    put(st.policy_logp, rimage, reveal_i, logp_at(image_b[:rows], fmt.image_codes(draw_i)))
+        if g.with_cond:
+            st.buf[rows:, lay.output] = x[:, lay.output]
+        if snap:
+            i = st.snaps.index(s)
+            st.snap_tokens[:, i] = x[:, lay.output]
+            st.snap_x0[:, i] = x[:, lay.output]
+            st.snap_x0[:, i, rtext] = x0_t
+            st.snap_x0[:, i, rimage] = x0_i
+
+    def finish(self, st: SamplingState) -> Trajectories:
+        """The trajectories after the last step, the released -A leftover filled."""
+        fmt, lay, rows = self.fmt, st.lay, st.rows
+        x, image, rimage = st.buf[:rows], lay.image, lay.relative(lay.image)
         left = x[:, image] == fmt.mask_id
-        self.fill_leftover(x[:, image], step_map[:, image], seeds)
-        sampled[:, rimage] = torch.where(left, -math.log(fmt.codebook_size), sampled[:, rimage])  # a uniform code
-        if record_policy:
-            policy_logp[:, rimage] = policy_logp[:, rimage].masked_fill(left, float("nan"))
-
-        if bool((x[:, out] == fmt.mask_id).any()):
+        self.fill_leftover(x[:, image], st.step_map[:, image], st.seeds)
+        st.sampled[:, rimage] = torch.where(left, -math.log(fmt.codebook_size), st.sampled[:, rimage])  # a uniform code
+        if st.policy_logp is not None:
+            st.policy_logp[:, rimage] = st.policy_logp[:, rimage].masked_fill(left, float("nan"))
+        if bool((x[:, lay.output] == fmt.mask_id).any()):
             raise RuntimeError("sampler finished with masked output positions: the reveal plan is inconsistent")
+        device, n_prompts = x.device, rows // st.group_size
         return Trajectories(
             tokens=x.clone(),
-            attention_mask=attn,
-            step_map=step_map,
-            prompt_index=torch.arange(len(requests), device=device).repeat_interleave(group_size),
-            member=torch.arange(group_size, device=device).repeat(len(requests)),
-            seeds=seeds,
+            attention_mask=st.attn,
+            step_map=st.step_map,
+            prompt_index=torch.arange(n_prompts, device=device).repeat_interleave(st.group_size),
+            member=torch.arange(st.group_size, device=device).repeat(n_prompts),
+            seeds=st.seeds,
             layout=lay,
-            steps=cfg.steps,
-            snapshot_steps=torch.tensor(snaps, dtype=torch.long),
-            snapshot_tokens=snap_tokens,
-            snapshot_x0=snap_x0,
-            sampled_logp=sampled,
-            policy_logp=policy_logp,
-            guidance_rows=guidance_rows,
+            steps=self.cfg.steps,
+            snapshot_steps=torch.tensor(st.snaps, dtype=torch.long),
+            snapshot_tokens=st.snap_tokens,
+            snapshot_x0=st.snap_x0,
+            sampled_logp=st.sampled,
+            policy_logp=st.policy_logp,
+            guidance_rows=st.guidance_rows,
         )
 
     def fill_leftover(self, image: torch.Tensor, step_map: torch.Tensor, seeds: torch.Tensor) -> None:
