@@ -50,6 +50,24 @@ class UpdateTargets:
     mismatch: dict
 
 
+def micro_batch_loss(policy: torch.nn.Module, fmt: ParallelFormat, sub: TrainBatch, t: UpdateTargets, rows: slice,
+                     settings: LossSettings, per_column: torch.Tensor, norm: Normalizer) -> tuple[torch.Tensor, dict]:
+    """The loss a rank backpropagates for the micro-batch ``sub`` (rows ``rows`` of its shard) against an
+    update's fixed targets. One function for ``Learner.train_batch`` and ``pararl plan``, which runs it at
+    the real shapes on fake tensors."""
+    cur = trajectory_logprobs(policy, fmt, sub, t.plan, with_entropy=True)
+    if not torch.equal(cur.mask, t.old.mask[rows]):
+        raise ValueError("the behaviour log-probs score other tokens than the batch's plan: "
+                         "they were computed with a different plan")
+    loss, st = clipped_surrogate(
+        cur.logp, t.old.logp[rows], None if t.ref is None else t.ref.logp[rows], sub.advantages,
+        t.scored[rows], cur.weight * per_column, settings, norm, cur.entropy, t.window[rows],
+        None if t.correction is None else t.correction[rows],
+    )
+    st["sequences"] = sub.row_weight.sum().to(st["sequences"].dtype)
+    return loss, st
+
+
 class Learner:
     def __init__(self, cfg: LearnerConfig, policy_path: str | Path, fmt: ParallelFormat, rank: int = 0,
                  world: int = 1, port: int | None = None, addr: str = "127.0.0.1",
@@ -159,17 +177,8 @@ class Learner:
                 norm = t.norms[j]
                 for i in range(gas):
                     rows = slice(j * per_step + i * mb, j * per_step + (i + 1) * mb)
-                    sub = batch.select(rows)
-                    cur = trajectory_logprobs(self.engine, self.fmt, sub, t.plan, with_entropy=True)
-                    if not torch.equal(cur.mask, t.old.mask[rows]):
-                        raise ValueError("the behaviour log-probs score other tokens than the batch's plan: "
-                                         "they were computed with a different plan")
-                    loss, st = clipped_surrogate(
-                        cur.logp, t.old.logp[rows], None if t.ref is None else t.ref.logp[rows], sub.advantages,
-                        t.scored[rows], cur.weight * per_column, self.settings, norm, cur.entropy, t.window[rows],
-                        None if t.correction is None else t.correction[rows],
-                    )
-                    st["sequences"] = sub.row_weight.sum().to(st["sequences"].dtype)
+                    loss, st = micro_batch_loss(self.engine, self.fmt, batch.select(rows), t, rows, self.settings,
+                                                per_column, norm)
                     # DeepSpeed divides by gas and averages over ranks; the normalizer already counts both.
                     self.engine.backward(loss * (gas * self.world))
                     if self.engine.is_gradient_accumulation_boundary():

@@ -210,10 +210,13 @@ def guided_rows(scoring: Scoring | None, tr: TrajectoryView, device: torch.devic
 
 def trace_replay(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView, plan: TracePlan,
                  chunk_rows: int | None = None, with_entropy: bool = False) -> TokenLogProbs:
+    """Which (trajectory, window) rows to forward is decided where the trajectories are; only each
+    chunk's inputs go to the policy's device (the learner's batch is there already; ``pararl plan``
+    keeps it on the host while the policy is on fake device tensors)."""
     lay = tr.layout
     device = _device_of(policy)
-    windows = torch.tensor(plan.windows(tr.steps), dtype=torch.long, device=device)  # [W, 2]
-    tokens, attn, step_map = (t.to(device) for t in (tr.tokens, tr.attention_mask, tr.step_map))
+    tokens, attn, step_map = tr.tokens, tr.attention_mask, tr.step_map
+    windows = torch.tensor(plan.windows(tr.steps), dtype=torch.long, device=step_map.device)  # [W, 2]
     sm_out = step_map[:, lay.output]  # [R, N]
     check_targets(fmt, lay, tokens, sm_out >= 0)
     rows, n = sm_out.shape
@@ -230,7 +233,7 @@ def trace_replay(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryVie
     chunk = chunk_rows or len(pairs)
     logp = torch.zeros((rows, n), dtype=torch.float32, device=device)
     ent = torch.zeros_like(logp) if with_entropy else None
-    rule, uncond = guided_rows(plan.scoring, tr, device)
+    rule, uncond = guided_rows(plan.scoring, tr, step_map.device)
     for lo in range(0, len(pairs), chunk):
         r, w = pairs[lo : lo + chunk].unbind(1)
         start = windows[w, 0]
@@ -239,26 +242,28 @@ def trace_replay(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryVie
         if uncond is not None:
             inputs = replay_inputs(rule, lay, uncond[r], tokens[r], step_map[r], start, inputs)
             attention = None if attention is None else attention.repeat(1 + rule.rows, 1)
-        score = hit[r, w]
-        lp, e = score_rows(policy, fmt, lay, inputs, attention, tokens[r][:, lay.output], with_entropy, plan.scoring)
-        logp = logp.index_add(0, r, torch.where(score, lp, 0.0))
+        lp, e = score_rows(policy, fmt, lay, inputs.to(device), None if attention is None else attention.to(device),
+                           tokens[r][:, lay.output].to(device), with_entropy, plan.scoring)
+        score, at = hit[r, w].to(device), r.to(device)
+        logp = logp.index_add(0, at, torch.where(score, lp, 0.0))
         if with_entropy:
-            ent.index_add_(0, r, torch.where(score, e, 0.0))
-    mask = hit.any(1)
+            ent.index_add_(0, at, torch.where(score, e, 0.0))
+    mask = hit.any(1).to(device)
     return TokenLogProbs(logp, mask, mask.float(), ent)
 
 
 def random_mask(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView, plan: RandomMaskPlan,
                 chunk_rows: int | None = None, with_entropy: bool = False) -> TokenLogProbs:
+    """The mask is drawn where the trajectories are; only each chunk's inputs go to the policy's device."""
     lay = tr.layout
     device = _device_of(policy)
-    tokens, attn, step_map = (t.to(device) for t in (tr.tokens, tr.attention_mask, tr.step_map))
+    tokens, attn, step_map = tr.tokens, tr.attention_mask, tr.step_map
     scoreable = step_map[:, lay.output] >= 0
     if not scoreable.any(1).all():
         empty = (~scoreable.any(1)).nonzero().flatten().tolist()
         raise ValueError(f"trajectories {empty[:8]} have no output position that was ever masked (step map all -1)")
     check_targets(fmt, lay, tokens, scoreable)
-    mask, ratio = plan.draw(tr.seeds.to(device), scoreable)
+    mask, ratio = plan.draw(tr.seeds, scoreable)
     rows, n = mask.shape
     full = torch.zeros_like(step_map, dtype=torch.bool)
     full[:, lay.output] = mask
@@ -267,10 +272,12 @@ def random_mask(policy: torch.nn.Module, fmt: ParallelFormat, tr: TrajectoryView
     parts, ents = [], []
     for lo in range(0, rows, chunk):
         sl = slice(lo, lo + chunk)
-        lp, e = score_rows(policy, fmt, lay, inputs_all[sl], _attention(attn[sl]), tokens[sl, lay.output], with_entropy)
-        parts.append(torch.where(mask[sl], lp, 0.0))
+        attention = _attention(attn[sl])
+        lp, e = score_rows(policy, fmt, lay, inputs_all[sl].to(device), None if attention is None else attention.to(device),
+                           tokens[sl, lay.output].to(device), with_entropy)
+        parts.append(torch.where(mask[sl].to(device), lp, 0.0))
         ents.append(e)
-    weight = mask.float() / ratio[:, None]
+    mask, weight = mask.to(device), (mask.float() / ratio[:, None]).to(device)
     ent = torch.where(mask, torch.cat(ents), 0.0) if with_entropy else None
     return TokenLogProbs(torch.cat(parts), mask, weight, ent)
 
