@@ -72,6 +72,12 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor_main(args)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.plan.command import plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pararl", description="ParaRL for parallel text+image diffusion models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "before spending GPU time")
     add_doctor_arguments(d)
     d.set_defaults(run=_doctor)
+
+    from cluster.plan.command import add_plan_arguments  # argparse only: cheap
+
+    pl = sub.add_parser("plan", help="each actor's GPU memory (and FLOPs) at the config's real shapes, measured on "
+                                     "fake tensors from config.json alone, before any GPU is booked")
+    add_plan_arguments(pl)
+    pl.set_defaults(run=_plan)
     return parser
 
 

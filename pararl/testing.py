@@ -137,3 +137,19 @@ def write_m_checkpoint(folder: Path, image_tokens: int = 16, seed: int = 0, magv
 
         save_magvit2(tiny_magvit2(seed), folder / "magvitv2")
     return folder
+
+
+def write_8b_config(folder: Path, preset: str) -> Path:
+    """``folder/config.json`` of an 8B MMaDA-Parallel policy (LLaDA-8B, 134,656 ids) in the layout the
+    preset's release uses: what ``pararl plan`` reads, no weights."""
+    from pararl.models import llada_8b_config
+
+    fields = llada_8b_config(embedding_size=134656).to_dict()
+    if preset == "mmada-parallel-m":
+        fields.update(model_type="mmada", llm_vocab_size=126464, num_new_special_tokens=0, codebook_size=8192,
+                      num_vq_tokens=1024, new_vocab_size=134656)
+    else:
+        fields.update(model_type="llada", architectures=["LLaDAForMultiModalGeneration"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(fields, indent=1))
+    return folder

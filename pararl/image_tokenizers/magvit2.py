@@ -279,6 +279,17 @@ class Magvit2Tokenizer(ModuleImageTokenizer):
         self.path, self.device_name, self.dtype_name = str(path), device, dtype
         self.model = load_magvit2(path)
         self.model.to(resolve_device(device), resolve_dtype(dtype))
+        self._sized(grid)
+
+    @classmethod
+    def around(cls, model: MagvitV2, grid: Sequence[int] = (32, 32)) -> "Magvit2Tokenizer":
+        """A tokenizer around a model built elsewhere (``pararl plan``: the released architecture on fake tensors)."""
+        self = cls.__new__(cls)
+        self.path, self.device_name, self.dtype_name, self.model = "", "", "", model
+        self._sized(grid)
+        return self
+
+    def _sized(self, grid: Sequence[int]) -> None:
         self.codebook_size = 2**self.model.config.codebook_bits
         self.grid = (int(grid[0]), int(grid[1]))
         scale = self.model.config.downsampling

@@ -36,6 +36,18 @@ class VQModelTokenizer(ModuleImageTokenizer):
         self.path, self.subfolder, self.normalize, self.device_name, self.dtype_name = str(path), subfolder, normalize, device, dtype
         self.model = VQModel.from_pretrained(str(path), subfolder=subfolder or None, torch_dtype=resolve_dtype(dtype))
         self.model.to(resolve_device(device)).eval().requires_grad_(False)
+        self._sized(grid)
+
+    @classmethod
+    def around(cls, model: Any, grid: Sequence[int] = (32, 32), normalize: bool = False) -> "VQModelTokenizer":
+        """A tokenizer around a VQModel built elsewhere (``pararl plan``: built from its config on fake tensors)."""
+        self = cls.__new__(cls)
+        self.path, self.subfolder, self.normalize, self.device_name, self.dtype_name = "", None, normalize, "", ""
+        self.model = model
+        self._sized(grid)
+        return self
+
+    def _sized(self, grid: Sequence[int]) -> None:
         cfg = self.model.config
         self.scale = 2 ** (len(cfg.block_out_channels) - 1)
         self.embed_dim = cfg.vq_embed_dim or cfg.latent_channels

@@ -1,0 +1,190 @@
+"""One unit of each actor's work at the config's shapes, on fake tensors, and its memory beside the
+estimate of ``cluster.memory``.
+
+Measured (MemTracker's peak on the actor's device): the weights each process holds in full, and the
+peak of everything its unit allocates on top of them. Analytic, and labelled so: ZeRO's partitions of
+weights, gradients and optimizer state (each rank holds 1/N of what its stage partitions), the
+parameters ZeRO-3 gathers for the layers in flight, and the CUDA context and allocator slack. A
+learner's gradients are dropped as they are produced, as ZeRO hands each one to its reduce-scatter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cluster.memory import CUDA_SLACK, Estimate
+from cluster.plan.fake import DEVICE, TRAIN_DEVICE, FakeInputs, HostRealMode, Measured, build_fake, measure
+from learner.batch import TrainBatch, iteration_plan
+from learner.loss import LossSettings, Normalizer, modality_weights
+from learner.trainer import UpdateTargets, micro_batch_loss
+from pararl.logprobs import behaviour_logprobs, trajectory_logprobs, window_index
+from pararl.models import LLaDAConfig, LLaDAModelLM
+from pararl.types import Trajectories
+from rollout.sampler import ParallelSampler
+
+
+@dataclass
+class ActorPlan:
+    """One actor's GPU memory: parts measured on fake tensors, parts taken from the estimate, the
+    estimate's own total, and what could not be measured."""
+
+    actor: str
+    measured: dict[str, float] = field(default_factory=dict)  # bytes
+    analytic: dict[str, float] = field(default_factory=dict)  # bytes, from cluster.memory
+    estimate: float = 0.0
+    share: float = 1.0  # of one GPU
+    unmeasured: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.measured.values()) + sum(self.analytic.values())
+
+
+@dataclass
+class Context:
+    """What every unit reads: the run config, the policy's config, the format, the mode."""
+
+    cfg: Any
+    config: LLaDAConfig
+    fmt: Any
+    mode: HostRealMode
+    reward_steps: list[int]
+    requests: list
+    _policies: dict = field(default_factory=dict)
+
+    def policy(self, device: str) -> LLaDAModelLM:
+        """The policy in bf16 on fake ``device`` tensors, built once per device."""
+        if device not in self._policies:
+            self._policies[device] = build_fake(lambda: LLaDAModelLM(self.config), self.mode, device, torch.bfloat16)
+        return self._policies[device]
+
+    def batch_requests(self, prompts: int) -> list:
+        return self.requests[:prompts]
+
+
+def weights_of(module: torch.nn.Module) -> float:
+    return float(sum(p.numel() * p.element_size() for p in module.parameters()))
+
+
+def sampling_step(ctx: Context, sampler: ParallelSampler, prompts: int, step: int) -> Measured:
+    """Step ``step`` of ``prompts`` x group_size trajectories: every row, the guidance's included."""
+    reqs = ctx.batch_requests(prompts)
+
+    def work() -> None:
+        with torch.inference_mode():
+            state = sampler.begin(reqs, ctx.cfg.data.group_size, [step])
+            sampler.step(state, step)
+
+    return measure(work, ctx.mode, DEVICE, [sampler.model])
+
+
+def heaviest_step(sampler: ParallelSampler) -> int:
+    """An image update: the step that forwards the most rows (-A's two unconditional rows go through a
+    forward of their own there) and runs both schedulers."""
+    return next(s for s in range(sampler.cfg.steps) if sampler.plan.image_update[s]) if any(sampler.plan.image_update) else 0
+
+
+def behaviour_chunk(ctx: Context, tr: Trajectories, chunk_rows: int | None) -> Measured:
+    plan = iteration_plan(ctx.cfg.learner, tr.steps, ctx.cfg.seed, ctx.reward_steps, sampled_as=None)
+    policy = ctx.policy(DEVICE)
+
+    def work() -> None:
+        with torch.inference_mode():
+            behaviour_logprobs(policy, ctx.fmt, tr, plan, chunk_rows=chunk_rows)
+
+    return measure(work, ctx.mode, DEVICE, [policy])
+
+
+def rollout_worker(ctx: Context, tr: Trajectories, prompts: int, estimate: Estimate, share: float) -> ActorPlan:
+    policy = ctx.policy(DEVICE)
+    sampler = ParallelSampler(policy, ctx.fmt, ctx.cfg.sampler)
+    step = sampling_step(ctx, sampler, prompts, heaviest_step(sampler))
+    chunk = behaviour_chunk(ctx, tr, ctx.cfg.cluster.rollout_logprob_chunk_rows)
+    weights = weights_of(policy)
+    out = ActorPlan("rollout worker", estimate=estimate.total, share=share)
+    out.measured["weights"] = weights
+    out.measured["sampling step"] = step.total - weights
+    out.measured["behaviour log-probs beyond it"] = max(0.0, chunk.total - weights - out.measured["sampling step"])
+    out.analytic["CUDA slack"] = CUDA_SLACK
+    return out
+
+
+def train_batch(ctx: Context, tr: Trajectories) -> TrainBatch:
+    plan = iteration_plan(ctx.cfg.learner, tr.steps, ctx.cfg.seed, ctx.reward_steps, sampled_as=None)
+    advantages = torch.linspace(-1.0, 1.0, len(tr))
+    return TrainBatch.from_trajectories(tr, advantages, plan)
+
+
+def micro_batch(ctx: Context, batch: TrainBatch) -> tuple[Measured, Measured]:
+    """(the reference's forward, the policy's forward and backward) of one micro-batch, on fake host
+    tensors (see ``cluster.plan.fake``), with the config's gradient checkpointing."""
+    lc = ctx.cfg.learner
+    mb = lc.micro_batch_size
+    sub = batch.select(slice(0, mb))
+    policy = ctx.policy(TRAIN_DEVICE)
+    policy.train()
+    if lc.gradient_checkpointing:  # as learner.engine.build_engine enables it
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fed = FakeInputs(policy, ctx.mode)
+    ref_holder: dict = {}
+
+    def reference() -> None:
+        with torch.no_grad():
+            ref_holder["ref"] = trajectory_logprobs(fed, ctx.fmt, sub, sub.plan).detach()
+
+    ref = measure(reference, ctx.mode, TRAIN_DEVICE, [policy], wrap=False)
+    old = ref_holder["ref"]
+    scored = old.mask.clone()
+    window = window_index(sub.step_map[:, sub.layout.output], sub.plan, sub.steps)
+    norm = Normalizer(float(scored.sum()), float(mb), float(mb))
+    targets = UpdateTargets(sub.plan, old, old if lc.beta > 0 else None, scored, window, [norm], None, {})
+    per_column = modality_weights(sub.layout, lc.text_weight, lc.image_weight)
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in policy.parameters()]
+
+    def step() -> None:
+        loss, _ = micro_batch_loss(fed, ctx.fmt, sub, targets, slice(0, mb), LossSettings.from_config(lc), per_column, norm)
+        loss.backward()
+
+    try:
+        train = measure(step, ctx.mode, TRAIN_DEVICE, [policy], wrap=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ref, train
+
+
+def learner_rank(ctx: Context, batch: TrainBatch, estimate: Estimate, share: float) -> tuple[ActorPlan, Measured]:
+    """ZeRO's partitions from the estimate; the micro-batch's activations and the reference measured."""
+    lc = ctx.cfg.learner
+    ref, train = micro_batch(ctx, batch)
+    weights = weights_of(ctx.policy(TRAIN_DEVICE))
+    out = ActorPlan("learner rank", estimate=estimate.total, share=share)
+    for key in ("weights", "fp32 master + Adam", "gradients", "ZeRO-3 gathered params"):
+        if estimate.parts.get(key):
+            out.analytic[key + " (ZeRO)"] = estimate.parts[key]
+    act = train.total - weights
+    uses_reference = lc.beta > 0 and lc.kl_reference == "reference"
+    ref_weights = weights if uses_reference and not lc.lora.enabled else 0.0
+    ref_act = ref.total - weights if uses_reference else 0.0
+    if uses_reference and lc.reference_offload:  # on the GPU only while its log-probs are computed
+        out.measured["activations or reference (peak)"] = max(act, ref_weights + ref_act)
+    else:
+        out.measured["activations (peak)"] = max(act, ref_act)
+        out.measured["reference"] = ref_weights
+    out.analytic["CUDA slack"] = CUDA_SLACK
+    return out, train
+
+
+def colocated(ctx: Context, train: ActorPlan, roll: ActorPlan, estimates: list[Estimate], share: float) -> list[ActorPlan]:
+    """A colocated rank's two phases: the update (the learner rank under its ZeRO stage) and sampling,
+    with the rank's full weights, its gradient partition and, unless offloaded, its optimizer state."""
+    c = ctx.cfg.cluster
+    training = ActorPlan("colocated rank, training", dict(train.measured), dict(train.analytic), estimates[0].total, share)
+    sampling = ActorPlan("colocated rank, sampling", estimate=estimates[1].total, share=share)
+    sampling.measured = {k: v for k, v in roll.measured.items()}
+    keep = ("gradients (ZeRO)",) + (() if c.colocate_offload else ("fp32 master + Adam (ZeRO)",))
+    sampling.analytic = {k: v for k, v in train.analytic.items() if k in keep}
+    sampling.analytic["CUDA slack"] = CUDA_SLACK
+    return [training, sampling]

@@ -1,0 +1,119 @@
+"""pararl plan: the real code at the 8B shapes on fake tensors (no weights, no GPU)."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from cluster.plan.actors import ActorPlan, Context, rollout_worker
+from cluster.plan.command import GiB, build_context, fits, plan_main
+from cluster.plan.fake import DEVICE, TRAIN_DEVICE, FakeInputs, HostRealMode, build_fake, measure
+from cluster.plan.work import trajectories
+from cluster.run_config import load_run_config
+from pararl.models import LLaDAConfig, LLaDAModelLM, llada_8b_config, parameter_count
+from pararl.testing import write_8b_config
+
+CONFIGS = {
+    "configs/mmada-parallel-a-8b.yaml": "mmada-parallel-a",
+    "configs/mmada-parallel-a-8b-colocated.yaml": "mmada-parallel-a",
+    "configs/mmada-parallel-m-8b.yaml": "mmada-parallel-m",
+    "configs/mmada-parallel-m-8b-colocated.yaml": "mmada-parallel-m",
+    "configs/mmada-8b-unigrpo.yaml": "mmada-parallel-m",
+}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    return {p: write_8b_config(root / p, p) for p in ("mmada-parallel-a", "mmada-parallel-m")}
+
+
+@pytest.mark.parametrize("path", list(CONFIGS))
+def test_a_rollout_worker_runs_its_sampling_step_and_log_probs_at_8b_shapes(path, released):
+    cfg = load_run_config(path, [f"model={released[CONFIGS[path]]}"])
+    ctx, _ = build_context(cfg)
+    tr = trajectories(ctx.fmt, cfg.sampler, ctx.requests, cfg.data.group_size, ctx.reward_steps)
+    assert tr.tokens.shape[1] > 2400  # an edit: prompt, the 1024-code input image, the 1024-code output, 256 text
+    est = ActorPlan("x", estimate=0.0)
+    roll = rollout_worker(ctx, tr, len(ctx.requests), type("E", (), {"total": 0.0})(), 1.0)
+    assert roll.measured["weights"] == 2 * parameter_count(ctx.config)  # the bf16 policy, every tensor of it
+    assert 0.5 * GiB < roll.measured["sampling step"] < 60 * GiB
+    assert est.total == 0.0
+
+
+def test_the_unigrpo_config_is_planned_whole_and_an_actor_that_does_not_fit_is_named_with_its_gap(released, tmp_path):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = plan_main(_args("configs/mmada-8b-unigrpo.yaml", released["mmada-parallel-m"], 24.0, tmp_path))
+    text = out.getvalue()
+    assert code == 2
+    assert "PROBLEM  learner rank does not fit: needs" in text and "GiB short" in text
+    assert "ok       rollout worker fits" in text
+    assert "100 steps on H100" in text
+
+
+def test_fits_names_the_actor_and_the_gap_in_gib():
+    a = ActorPlan("rollout worker", measured={"weights": 30 * GiB}, analytic={"CUDA slack": 2 * GiB}, share=0.5)
+    ok, line = fits(a, 40.0)
+    assert not ok and line == "rollout worker does not fit: needs 32.0 GiB, its 0.5 GPU has 20.0 GiB, 12.0 GiB short"
+    assert fits(a, 80.0)[0]
+
+
+def _args(config, model, gpu, tmp_path):
+    import argparse
+
+    return argparse.Namespace(config=config, overrides=[f"model={model}"], gpu_memory_gb=gpu, flops=True, mfu=0.35,
+                              json=str(tmp_path / "plan.json"))
+
+
+def _tiny() -> LLaDAConfig:
+    return LLaDAConfig(d_model=128, n_heads=4, n_layers=3, mlp_hidden_size=384, vocab_size=2000, embedding_size=2048)
+
+
+def _step(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    out = model(ids, heads=[(slice(64, 192), slice(0, 2000)), (slice(192, 256), slice(1500, 2048))])
+    loss = sum(h.float().log_softmax(-1).mean() for h in out.heads)
+    loss.backward()
+
+
+def test_the_fake_peak_of_a_learner_step_equals_the_real_step_measured_on_cpu():
+    """The same forward and backward (gradient checkpointing on, span heads) once on real CPU tensors and
+    once on fake ones (MemTracker on the real run counts real allocations). The fake peak is never below the
+    real one and at most 25% above it: on this model it is 21% above, a gap not yet explained."""
+    ids = torch.randint(0, 2000, (2, 256))
+    real = LLaDAModelLM(_tiny()).to(torch.bfloat16).train()
+    real.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tracker = MemTracker()
+    tracker.track_external(real)
+    with tracker:
+        _step(real, ids)
+    real_peak = float(list(tracker.get_tracker_snapshot("peak").values())[0]["Total"])
+    mode = HostRealMode()
+    fake = build_fake(lambda: LLaDAModelLM(_tiny()), mode, TRAIN_DEVICE, torch.bfloat16).train()
+    fake.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fed = FakeInputs(fake, mode)
+    measured = measure(lambda: _step(fed, ids), mode, TRAIN_DEVICE, [fake], wrap=False)
+    assert real_peak <= measured.total <= 1.25 * real_peak
+
+
+def test_the_flops_of_an_8b_forward_equal_the_analytic_count():
+    """2 x (parameters outside the embedding) x tokens + 4 x layers x d_model x L^2 per row (QK^T and AV),
+    for two rows of 2,502 tokens with the full head, within 2%."""
+    config = llada_8b_config(embedding_size=134656)
+    mode = HostRealMode()
+    model = build_fake(lambda: LLaDAModelLM(config), mode, DEVICE, torch.bfloat16)
+    rows, length = 2, 2502
+    ids = torch.zeros(rows, length, dtype=torch.long)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(ids.to(DEVICE))
+
+    counted = measure(forward, mode, DEVICE, [model]).flops
+    matmul_params = parameter_count(config) - config.output_size * config.d_model  # the embedding is a lookup
+    analytic = 2 * matmul_params * rows * length + 4 * config.n_layers * config.d_model * length**2 * rows
+    assert counted == pytest.approx(analytic, rel=0.02)
+    assert isinstance(Context, type)
