@@ -14,15 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.plan.command import plan_main  # noqa: E402 -- after the path above
-from pararl.testing import write_8b_config  # noqa: E402
-
-CONFIGS = {
-    "configs/mmada-parallel-a-8b.yaml": "mmada-parallel-a",
-    "configs/mmada-parallel-a-8b-colocated.yaml": "mmada-parallel-a",
-    "configs/mmada-parallel-m-8b.yaml": "mmada-parallel-m",
-    "configs/mmada-parallel-m-8b-colocated.yaml": "mmada-parallel-m",
-    "configs/mmada-8b-unigrpo.yaml": "mmada-parallel-m",
-}
+from cluster.run_config import load_run_config  # noqa: E402
+from pararl.testing import PLAN_8B_CONFIGS, write_8b_config  # noqa: E402
 
 
 def main() -> int:
@@ -31,12 +24,12 @@ def main() -> int:
     parser.add_argument("--only", help="one config path")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {p: write_8b_config(Path(tmp) / p, p) for p in set(CONFIGS.values())}
-        for config, preset in CONFIGS.items():
+        for config in PLAN_8B_CONFIGS:
             if args.only and args.only != config:
                 continue
+            preset = load_run_config(str(ROOT / config)).sampler.preset
             print(f"\n## {config}\n", flush=True)
-            plan_main(argparse.Namespace(config=str(ROOT / config), overrides=[f"model={folders[preset]}"],
+            plan_main(argparse.Namespace(config=str(ROOT / config), overrides=[f"model={write_8b_config(Path(tmp) / preset, preset)}"],
                                          gpu_memory_gb=80.0, flops=True, mfu=args.mfu, json=None))
     return 0
 

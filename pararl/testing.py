@@ -138,6 +138,11 @@ def write_m_checkpoint(folder: Path, image_tokens: int = 16, seed: int = 0, magv
         save_magvit2(tiny_magvit2(seed), folder / "magvitv2")
     return folder
 
+# The repository's 8B run configs (paths from its root): what ``pararl plan`` is run on by the suite and bench/plan.py.
+PLAN_8B_CONFIGS = ("configs/mmada-parallel-a-8b.yaml", "configs/mmada-parallel-a-8b-colocated.yaml",
+                   "configs/mmada-parallel-m-8b.yaml", "configs/mmada-parallel-m-8b-colocated.yaml",
+                   "configs/mmada-8b-unigrpo.yaml")
+
 
 def write_8b_config(folder: Path, preset: str) -> Path:
     """``folder/config.json`` of an 8B MMaDA-Parallel policy (LLaDA-8B, 134,656 ids) in the layout the

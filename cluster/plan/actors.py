@@ -60,21 +60,19 @@ class Context:
             self._policies[device] = build_fake(lambda: LLaDAModelLM(self.config), self.mode, device, torch.bfloat16)
         return self._policies[device]
 
-    def batch_requests(self, prompts: int) -> list:
-        return self.requests[:prompts]
-
 
 def weights_of(module: torch.nn.Module) -> float:
     return float(sum(p.numel() * p.element_size() for p in module.parameters()))
 
 
-def sampling_step(ctx: Context, sampler: ParallelSampler, prompts: int, step: int) -> Measured:
-    """Step ``step`` of ``prompts`` x group_size trajectories: every row, the guidance's included."""
-    reqs = ctx.batch_requests(prompts)
+def sampling_step(ctx: Context, sampler: ParallelSampler, prompts: int, step: int, group: int,
+                  snapshots: tuple[int, ...] = ()) -> Measured:
+    """Step ``step`` of ``prompts`` x ``group`` trajectories: every row, the guidance's included."""
+    reqs = ctx.requests[:prompts]
 
     def work() -> None:
         with torch.inference_mode():
-            state = sampler.begin(reqs, ctx.cfg.data.group_size, [step])
+            state = sampler.begin(reqs, group, snapshots)
             sampler.step(state, step)
 
     return measure(work, ctx.mode, DEVICE, [sampler.model])
@@ -100,7 +98,8 @@ def behaviour_chunk(ctx: Context, tr: Trajectories, chunk_rows: int | None) -> M
 def rollout_worker(ctx: Context, tr: Trajectories, prompts: int, estimate: Estimate, share: float) -> ActorPlan:
     policy = ctx.policy(DEVICE)
     sampler = ParallelSampler(policy, ctx.fmt, ctx.cfg.sampler)
-    step = sampling_step(ctx, sampler, prompts, heaviest_step(sampler))
+    heaviest = heaviest_step(sampler)
+    step = sampling_step(ctx, sampler, prompts, heaviest, ctx.cfg.data.group_size, (heaviest,))
     chunk = behaviour_chunk(ctx, tr, ctx.cfg.cluster.rollout_logprob_chunk_rows)
     weights = weights_of(policy)
     out = ActorPlan("rollout worker", estimate=estimate.total, share=share)
@@ -180,11 +179,11 @@ def learner_rank(ctx: Context, batch: TrainBatch, estimate: Estimate, share: flo
 def colocated(ctx: Context, train: ActorPlan, roll: ActorPlan, estimates: list[Estimate], share: float) -> list[ActorPlan]:
     """A colocated rank's two phases: the update (the learner rank under its ZeRO stage) and sampling,
     with the rank's full weights, its gradient partition and, unless offloaded, its optimizer state."""
-    c = ctx.cfg.cluster
     training = ActorPlan("colocated rank, training", dict(train.measured), dict(train.analytic), estimates[0].total, share)
     sampling = ActorPlan("colocated rank, sampling", estimate=estimates[1].total, share=share)
-    sampling.measured = {k: v for k, v in roll.measured.items()}
-    keep = ("gradients (ZeRO)",) + (() if c.colocate_offload else ("fp32 master + Adam (ZeRO)",))
-    sampling.analytic = {k: v for k, v in train.analytic.items() if k in keep}
+    sampling.measured = dict(roll.measured)
+    # the states that stay on the GPU while it samples are those cluster.memory.colocated_rank keeps there
+    stay = {f"{k} (ZeRO)" for k in ("gradients", "fp32 master + Adam") if k in estimates[1].parts}
+    sampling.analytic = {k: v for k, v in train.analytic.items() if k in stay}
     sampling.analytic["CUDA slack"] = CUDA_SLACK
     return [training, sampling]

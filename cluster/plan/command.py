@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ def build_context(cfg: Any) -> tuple[Any, Path]:
     from cluster.plan.work import plan_format, requests
     from pararl.errors import ConfigError
     from pararl.models import read_config
+    from reward.semantic import run_steps
 
     if not cfg.model:
         raise ConfigError("config key 'model' is not set: pararl plan needs the model's config.json (model=FOLDER)")
@@ -40,9 +42,7 @@ def build_context(cfg: Any) -> tuple[Any, Path]:
     config = read_config(folder)
     raw = json.loads((folder / "config.json").read_text())
     fmt, how = plan_format(cfg.sampler.preset, raw, folder)
-    steps = cfg.sampler.steps
-    reward_steps = sorted({int(round(i * (steps - 1) / max(1, cfg.reward.sampled_steps - 1))) for i in range(cfg.reward.sampled_steps)}) \
-        if cfg.reward.sampled_steps > 1 else [steps - 1]
+    reward_steps = run_steps(cfg.reward, cfg.sampler.steps, random.Random(cfg.seed))  # the steps a run's first iteration scores
     prompts = -(-cfg.data.prompts_per_step // cfg.cluster.rollout_workers)
     ctx = Context(cfg, config, fmt, HostRealMode(), reward_steps, requests(fmt, max(prompts, 1)))
     print(f"pararl plan: {cfg.name}, {how}")
@@ -102,7 +102,6 @@ def table(actors: list[Any], gpu_gib: float) -> str:
 
 
 def count_flops(result: dict[str, Any]) -> Any:
-    from cluster.plan.actors import micro_batch  # noqa: F401 - the measurements below reuse its policy
     from cluster.plan.fake import DEVICE, measure
     from cluster.plan.flops import TrajectoryFlops, learner_flops, released_flops, sampling_flops
     from learner.batch import iteration_plan

@@ -142,9 +142,6 @@ class Measured:
     def total(self) -> float:
         return self.peak.get("Total", 0.0)
 
-    def category(self, *names: str) -> float:
-        return sum(v for k, v in self.peak.items() if k.lower() in {n.lower() for n in names})
-
 
 def build_fake(factory: Callable[[], torch.nn.Module], mode: HostRealMode, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """A module built on fake ``device`` tensors in ``dtype`` (set as the default while it is built: a

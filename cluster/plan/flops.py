@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.plan.actors import Context
-from cluster.plan.fake import DEVICE, measure
+from cluster.plan.actors import Context, sampling_step
 from learner.batch import rows_per_trajectory
 from pararl.heads import FullHead
 from rollout.sampler import ParallelSampler
@@ -53,15 +52,9 @@ def step_kinds(sampler: ParallelSampler) -> dict[str, tuple[int, int]]:
 def sampling_flops(ctx: Context, policy: torch.nn.Module, prompts: int, group: int) -> tuple[float, dict[str, int]]:
     """FLOPs of all of one trajectory's sampling steps."""
     sampler = ParallelSampler(policy, ctx.fmt, ctx.cfg.sampler)
-    reqs = ctx.batch_requests(prompts)
     total, counts = 0.0, {}
     for kind, (step, n) in step_kinds(sampler).items():
-        def work(step: int = step) -> None:
-            with torch.inference_mode():
-                state = sampler.begin(reqs, group, [])
-                sampler.step(state, step)
-
-        total += n * measure(work, ctx.mode, DEVICE).flops / (prompts * group)
+        total += n * sampling_step(ctx, sampler, prompts, step, group).flops / (prompts * group)
         counts[kind] = n
     return total, counts
 
