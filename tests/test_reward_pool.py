@@ -55,7 +55,7 @@ def user_cfg(**kw) -> RewardConfig:
 @pytest.mark.parametrize("request_size", [1, 4])
 def test_64_requests_form_full_batches_and_each_gets_its_own_score(ray_local, folder, request_size):
     """One trajectory per request (Serve merges 16 requests), and chunks of 4 (it merges 4)."""
-    cfg = user_cfg(max_batch_size=16, batch_wait_timeout_s=0.5, replicas=1, cpus_per_replica=1, delay_s=0.05,
+    cfg = user_cfg(max_batch_size=16, batch_wait_timeout_s=2.0, replicas=1, cpus_per_replica=1, delay_s=0.05,
                    request_size=request_size)
     handle = start_reward_pool(cfg, str(folder))
     try:
