@@ -80,10 +80,12 @@ def _head_bytes(s: Shapes, rows: int, wbytes: int) -> float:
     return rows * (s.text_len * s.text_vocab + s.image_span * s.codebook) * wbytes
 
 
-def _inference_bytes(s: Shapes, rows: int, wbytes: int) -> float:
-    """One forward without gradients: the residual stream, one block's intermediates, the span logits."""
+def _inference_bytes(s: Shapes, rows: int, wbytes: int, copy_rows: int = 0, copies: int = 0) -> float:
+    """One forward without gradients: the span logits, and the larger of one block's intermediates over
+    the residual stream and the float32 copies made of the logits after the forward (``copies`` of
+    ``copy_rows`` rows). The two are never alive together: ``pararl plan`` measures the peak at the larger."""
     per_token = (2 * s.d_model + 4 * s.d_model + 3 * s.ffn) * wbytes
-    return rows * s.seq_len * per_token + _head_bytes(s, rows, wbytes)
+    return _head_bytes(s, rows, wbytes) + max(rows * s.seq_len * per_token, _span_bytes(s, copy_rows, copies))
 
 
 def adapter_params(config: LLaDAConfig, lora: Any) -> int:
@@ -119,7 +121,7 @@ def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int, adapters: int = 0
     act += 2 * _head_bytes(s, rows, w) + _span_bytes(s, rows, 2)  # span logits and their gradient, fp32 log-softmax
     reference = lc.beta > 0 and lc.kl_reference == "reference"
     ref_weights = w * p if reference and not adapters else 0.0  # LoRA: the base with the adapters off
-    ref_act = _inference_bytes(s, rows, w) + _span_bytes(s, rows, 1) if reference else 0.0
+    ref_act = _inference_bytes(s, rows, w, rows, 1) if reference else 0.0
     if reference and lc.reference_offload:  # on the GPU only while its log-probs are computed
         e.parts["activations (peak)"] = max(act, ref_weights + ref_act)
     else:
@@ -129,14 +131,16 @@ def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int, adapters: int = 0
     return e
 
 
-def rollout_worker(s: Shapes, trajectories: int, rows_per_trajectory: int, windows: int, wbytes: int = 2) -> Estimate:
+def rollout_worker(s: Shapes, trajectories: int, rows_per_trajectory: int, windows: int, wbytes: int = 2,
+                   chunk_rows: int | None = None) -> Estimate:
     """A sampling policy in bf16: the batched sampler's largest forward (``rows_per_trajectory`` rows per
-    trajectory: CFG rows included) or the behaviour log-probs."""
+    trajectory: CFG rows included) or one forward of the behaviour log-probs (``chunk_rows`` rows)."""
     e = Estimate("rollout worker")
     e.parts["weights"] = wbytes * s.params
     rows = trajectories * rows_per_trajectory
-    sampling = _inference_bytes(s, rows, wbytes) + _span_bytes(s, trajectories, 3)  # softmax, cdf, tempered copy
-    logprobs = _inference_bytes(s, trajectories * windows, wbytes) + _span_bytes(s, trajectories * windows, 2)
+    sampling = _inference_bytes(s, rows, wbytes, trajectories, 3)  # softmax, cdf, tempered copy
+    chunk = min(trajectories * windows, chunk_rows or trajectories * windows)
+    logprobs = _inference_bytes(s, chunk, wbytes, chunk, 2)
     e.parts["activations (peak)"] = max(sampling, logprobs)
     e.parts["CUDA slack"] = CUDA_SLACK
     return e
@@ -202,7 +206,8 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
     cfg_rows = forward_rows(cfg.sampler)
     wbytes = 2 if lc.precision in ("bf16", "fp16") else 4
     train = learner_rank(s, lc, c.learner_ranks, windows, adapter_params(config, lc.lora))
-    roll = rollout_worker(s, prompts_per_worker * cfg.data.group_size, cfg_rows, windows, wbytes if c.colocate else 2)
+    roll = rollout_worker(s, prompts_per_worker * cfg.data.group_size, cfg_rows, windows, wbytes if c.colocate else 2,
+                          c.rollout_logprob_chunk_rows)
     reward = reward_replica(r.max_batch_size * r.sampled_steps, image_size, reward_weights)
     if c.colocate:
         gpu = c.learner_gpus > 0
@@ -254,7 +259,7 @@ def forward_rows(sampler: Any) -> int:
 def largest_rollout_batch(cfg: Any, s: Shapes, gpu_bytes: float = 80e9) -> int:
     """The most trajectories one rollout worker holds on a GPU of ``gpu_bytes`` with this config's rows."""
     n, windows = 0, replay_rows(cfg)
-    while rollout_worker(s, n + 1, forward_rows(cfg.sampler), windows).total <= gpu_bytes:
+    while rollout_worker(s, n + 1, forward_rows(cfg.sampler), windows, 2, cfg.cluster.rollout_logprob_chunk_rows).total <= gpu_bytes:
         n += 1
     return n
 

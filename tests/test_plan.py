@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import pytest
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from cluster.memory import Estimate
-from cluster.plan.actors import ActorPlan, rollout_worker
-from cluster.plan.command import GiB, build_context, fits, plan_main
-from cluster.plan.fake import DEVICE, TRAIN_DEVICE, FakeInputs, HostRealMode, build_fake, measure
-from cluster.plan.work import trajectories
+from cluster.plan.actors import ActorPlan
+from cluster.plan.command import GiB, fits, plan_main
+from cluster.plan.fake import DEVICE, TRAIN_DEVICE, HostRealMode, build_fake, measure
 from cluster.run_config import load_run_config
 from pararl.models import LLaDAConfig, LLaDAModelLM, llada_8b_config, parameter_count
 from pararl.testing import PLAN_8B_CONFIGS, write_8b_config
@@ -25,14 +24,32 @@ def released(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", PLAN_8B_CONFIGS)
-def test_a_rollout_worker_runs_its_sampling_step_and_log_probs_at_8b_shapes(path, released):
-    cfg = load_run_config(path, [f"model={released[load_run_config(path).sampler.preset]}"])
-    ctx, _ = build_context(cfg)
-    tr = trajectories(ctx.fmt, cfg.sampler, ctx.requests, cfg.data.group_size, ctx.reward_steps)
-    assert tr.tokens.shape[1] > 2400  # an edit: prompt, the 1024-code input image, the 1024-code output, 256 text
-    roll = rollout_worker(ctx, tr, len(ctx.requests), Estimate("rollout worker"), 1.0)
-    assert roll.measured["weights"] == 2 * parameter_count(ctx.config)  # the bf16 policy, every tensor of it
-    assert 0.5 * GiB < roll.measured["sampling step"] < 60 * GiB
+def test_every_8b_config_is_planned_whole_and_its_estimate_agrees(path, released, tmp_path):
+    """Every actor's unit at 8B shapes (32 layers, the 134,656-row head, 2.5k-token edits): the rollout
+    worker's sampling step and log-probs, the learner's micro-batch with its backward, both phases of a
+    colocated rank, the reward replica's decode and CLIP forward. cluster.memory's estimate (what
+    pararl doctor reads before Ray starts) is within 10% of the measured plan for every rank."""
+    preset = load_run_config(path).sampler.preset
+    args = _args(path, released[preset], 80.0, tmp_path)
+    args.flops = False
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = plan_main(args)
+    assert code == 0, out.getvalue()
+    actors = {a["actor"]: a for a in json.loads((tmp_path / "plan.json").read_text())["actors"]}
+    ranks = ["colocated rank, training", "colocated rank, sampling"] if "colocated" in path else ["learner rank", "rollout worker"]
+    assert sorted(actors) == sorted(ranks + ["reward replica"])
+    for name in ranks:
+        a = actors[name]
+        total = sum(a["measured"].values()) + sum(a["analytic"].values())
+        assert a["measured"] and not a["unmeasured"]
+        assert total == pytest.approx(a["estimate"], rel=0.10), (name, total / GiB, a["estimate"] / GiB)
+    sampling = actors[ranks[1]]["measured"]
+    assert sampling["weights"] == 2 * 8_082_690_048 and 2 * GiB < sampling["sampling step"] < 20 * GiB
+    reward = actors["reward replica"]
+    assert reward["measured"]["reward forward"] > 0  # the CLIP ViT-L/14 forward over the decoded batch
+    assert reward["unmeasured"] == ([] if preset == "mmada-parallel-m" else [
+        "the VQ decode (no vqvae/config.json: pass the released folder as model=)"])
 
 
 def test_the_unigrpo_config_is_planned_whole_and_an_actor_that_does_not_fit_is_named_with_its_gap(released, tmp_path):
@@ -65,15 +82,15 @@ def _tiny() -> LLaDAConfig:
 
 
 def _step(model: torch.nn.Module, ids: torch.Tensor) -> None:
-    out = model(ids, heads=[(slice(64, 192), slice(0, 2000)), (slice(192, 256), slice(1500, 2048))])
+    out = model(ids.to(next(model.parameters()).device), heads=[(slice(64, 192), slice(0, 2000)), (slice(192, 256), slice(1500, 2048))])
     loss = sum(h.float().log_softmax(-1).mean() for h in out.heads)
     loss.backward()
 
 
 def test_the_fake_peak_of_a_learner_step_equals_the_real_step_measured_on_cpu():
     """The same forward and backward (gradient checkpointing on, span heads) once on real CPU tensors and
-    once on fake ones (MemTracker on the real run counts real allocations). The fake peak is never below the
-    real one and at most 25% above it: on this model it is 21% above, a gap not yet explained."""
+    once on the plan's meta tensors (MemTracker on the real run counts real allocations): the peaks agree
+    within 1% (the same kernels keep the same tensors: flash attention's output and log-sum-exp)."""
     ids = torch.randint(0, 2000, (2, 256))
     real = LLaDAModelLM(_tiny()).to(torch.bfloat16).train()
     real.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -85,9 +102,8 @@ def test_the_fake_peak_of_a_learner_step_equals_the_real_step_measured_on_cpu():
     mode = HostRealMode()
     fake = build_fake(lambda: LLaDAModelLM(_tiny()), mode, TRAIN_DEVICE, torch.bfloat16).train()
     fake.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fed = FakeInputs(fake, mode)
-    measured = measure(lambda: _step(fed, ids), mode, TRAIN_DEVICE, [fake], wrap=False)
-    assert real_peak <= measured.total <= 1.25 * real_peak
+    measured = measure(lambda: _step(fake, ids), mode, TRAIN_DEVICE, [fake], wrap=False)
+    assert measured.total == pytest.approx(real_peak, rel=0.01)
 
 
 def test_the_flops_of_an_8b_forward_equal_the_analytic_count():
@@ -103,7 +119,7 @@ def test_the_flops_of_an_8b_forward_equal_the_analytic_count():
         with torch.no_grad():
             model(ids.to(DEVICE))
 
-    counted = measure(forward, mode, DEVICE, [model]).flops
+    counted = measure(forward, mode, DEVICE, [model], memory=False).flops
     matmul_params = parameter_count(config) - config.output_size * config.d_model  # the embedding is a lookup
     analytic = 2 * matmul_params * rows * length + 4 * config.n_layers * config.d_model * length**2 * rows
     assert counted == pytest.approx(analytic, rel=0.02)

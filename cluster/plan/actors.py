@@ -9,19 +9,20 @@ learner's gradients are dropped as they are produced, as ZeRO hands each one to 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from cluster.memory import CUDA_SLACK, Estimate
-from cluster.plan.fake import DEVICE, TRAIN_DEVICE, FakeInputs, HostRealMode, Measured, build_fake, measure
-from learner.batch import TrainBatch, iteration_plan
+from cluster.plan.fake import DEVICE, TRAIN_DEVICE, HostRealMode, Measured, build_fake, measure
+from learner.batch import Plan, TrainBatch, iteration_plan
 from learner.loss import LossSettings, Normalizer, modality_weights
 from learner.trainer import UpdateTargets, micro_batch_loss
 from pararl.logprobs import behaviour_logprobs, trajectory_logprobs, window_index
 from pararl.models import LLaDAConfig, LLaDAModelLM
 from pararl.types import Trajectories
+from rollout.config import scoring_of
 from rollout.sampler import ParallelSampler
 
 
@@ -66,7 +67,7 @@ def weights_of(module: torch.nn.Module) -> float:
 
 
 def sampling_step(ctx: Context, sampler: ParallelSampler, prompts: int, step: int, group: int,
-                  snapshots: tuple[int, ...] = ()) -> Measured:
+                  snapshots: tuple[int, ...] = (), memory: bool = True, flops: bool = True) -> Measured:
     """Step ``step`` of ``prompts`` x ``group`` trajectories: every row, the guidance's included."""
     reqs = ctx.requests[:prompts]
 
@@ -75,7 +76,7 @@ def sampling_step(ctx: Context, sampler: ParallelSampler, prompts: int, step: in
             state = sampler.begin(reqs, group, snapshots)
             sampler.step(state, step)
 
-    return measure(work, ctx.mode, DEVICE, [sampler.model])
+    return measure(work, ctx.mode, DEVICE, [sampler.model], memory=memory, flops=flops)
 
 
 def heaviest_step(sampler: ParallelSampler) -> int:
@@ -84,22 +85,28 @@ def heaviest_step(sampler: ParallelSampler) -> int:
     return next(s for s in range(sampler.cfg.steps) if sampler.plan.image_update[s]) if any(sampler.plan.image_update) else 0
 
 
+def iteration(ctx: Context, steps: int) -> Plan:
+    """The plan of a run's first iteration, as the driver makes it (scored under the rollouts'
+    distribution when ``learner.scoring`` is ``sampled``)."""
+    return iteration_plan(ctx.cfg.learner, steps, ctx.cfg.seed, ctx.reward_steps, scoring_of(ctx.cfg.sampler))
+
+
 def behaviour_chunk(ctx: Context, tr: Trajectories, chunk_rows: int | None) -> Measured:
-    plan = iteration_plan(ctx.cfg.learner, tr.steps, ctx.cfg.seed, ctx.reward_steps, sampled_as=None)
+    plan = iteration(ctx, tr.steps)
     policy = ctx.policy(DEVICE)
 
     def work() -> None:
         with torch.inference_mode():
             behaviour_logprobs(policy, ctx.fmt, tr, plan, chunk_rows=chunk_rows)
 
-    return measure(work, ctx.mode, DEVICE, [policy])
+    return measure(work, ctx.mode, DEVICE, [policy], flops=False)
 
 
 def rollout_worker(ctx: Context, tr: Trajectories, prompts: int, estimate: Estimate, share: float) -> ActorPlan:
     policy = ctx.policy(DEVICE)
     sampler = ParallelSampler(policy, ctx.fmt, ctx.cfg.sampler)
     heaviest = heaviest_step(sampler)
-    step = sampling_step(ctx, sampler, prompts, heaviest, ctx.cfg.data.group_size, (heaviest,))
+    step = sampling_step(ctx, sampler, prompts, heaviest, ctx.cfg.data.group_size, (heaviest,), flops=False)
     chunk = behaviour_chunk(ctx, tr, ctx.cfg.cluster.rollout_logprob_chunk_rows)
     weights = weights_of(policy)
     out = ActorPlan("rollout worker", estimate=estimate.total, share=share)
@@ -111,39 +118,40 @@ def rollout_worker(ctx: Context, tr: Trajectories, prompts: int, estimate: Estim
 
 
 def train_batch(ctx: Context, tr: Trajectories) -> TrainBatch:
-    plan = iteration_plan(ctx.cfg.learner, tr.steps, ctx.cfg.seed, ctx.reward_steps, sampled_as=None)
+    plan = iteration(ctx, tr.steps)
     advantages = torch.linspace(-1.0, 1.0, len(tr))
     return TrainBatch.from_trajectories(tr, advantages, plan)
 
 
 def micro_batch(ctx: Context, batch: TrainBatch) -> tuple[Measured, Measured]:
-    """(the reference's forward, the policy's forward and backward) of one micro-batch, on fake host
-    tensors (see ``cluster.plan.fake``), with the config's gradient checkpointing."""
+    """(the reference's forward, the policy's forward and backward) of one micro-batch, on meta tensors
+    (see ``cluster.plan.fake``), with the config's gradient checkpointing."""
     lc = ctx.cfg.learner
     mb = lc.micro_batch_size
     sub = batch.select(slice(0, mb))
+    # the run moves the whole batch to the GPU; here its bookkeeping stays where it has values
+    sub = replace(sub, advantages=sub.advantages.to(TRAIN_DEVICE))
     policy = ctx.policy(TRAIN_DEVICE)
     policy.train()
     if lc.gradient_checkpointing:  # as learner.engine.build_engine enables it
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fed = FakeInputs(policy, ctx.mode)
     ref_holder: dict = {}
 
     def reference() -> None:
         with torch.no_grad():
-            ref_holder["ref"] = trajectory_logprobs(fed, ctx.fmt, sub, sub.plan).detach()
+            ref_holder["ref"] = trajectory_logprobs(policy, ctx.fmt, sub, sub.plan).detach()
 
-    ref = measure(reference, ctx.mode, TRAIN_DEVICE, [policy], wrap=False)
+    ref = measure(reference, ctx.mode, TRAIN_DEVICE, [policy], wrap=False, flops=False)
     old = ref_holder["ref"]
     scored = old.mask.clone()
-    window = window_index(sub.step_map[:, sub.layout.output], sub.plan, sub.steps)
-    norm = Normalizer(float(scored.sum()), float(mb), float(mb))
+    window = window_index(sub.step_map[:, sub.layout.output], sub.plan, sub.steps).to(scored.device)
+    norm = Normalizer(float(scored.numel()), float(mb), float(mb))  # a scale, not a shape: any count costs the same
     targets = UpdateTargets(sub.plan, old, old if lc.beta > 0 else None, scored, window, [norm], None, {})
-    per_column = modality_weights(sub.layout, lc.text_weight, lc.image_weight)
+    per_column = modality_weights(sub.layout, lc.text_weight, lc.image_weight).to(old.logp.device)
     hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in policy.parameters()]
 
     def step() -> None:
-        loss, _ = micro_batch_loss(fed, ctx.fmt, sub, targets, slice(0, mb), LossSettings.from_config(lc), per_column, norm)
+        loss, _ = micro_batch_loss(policy, ctx.fmt, sub, targets, slice(0, mb), LossSettings.from_config(lc), per_column, norm)
         loss.backward()
 
     try:

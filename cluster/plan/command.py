@@ -102,17 +102,17 @@ def table(actors: list[Any], gpu_gib: float) -> str:
 
 
 def count_flops(result: dict[str, Any]) -> Any:
+    from cluster.plan.actors import iteration
     from cluster.plan.fake import DEVICE, measure
     from cluster.plan.flops import TrajectoryFlops, learner_flops, released_flops, sampling_flops
-    from learner.batch import iteration_plan
     from pararl.logprobs import behaviour_logprobs
 
     ctx, tr = result["ctx"], result["trajectories"]
     cfg = ctx.cfg
     policy = ctx.policy(DEVICE)
     rollout, counts = sampling_flops(ctx, policy, len(ctx.requests), cfg.data.group_size)
-    plan = iteration_plan(cfg.learner, tr.steps, cfg.seed, ctx.reward_steps)
-    behaviour = measure(lambda: behaviour_logprobs(policy, ctx.fmt, tr, plan), ctx.mode, DEVICE).flops / len(tr)
+    plan = iteration(ctx, tr.steps)
+    behaviour = measure(lambda: behaviour_logprobs(policy, ctx.fmt, tr, plan), ctx.mode, DEVICE, memory=False).flops / len(tr)
     import torch
 
     mb = cfg.learner.micro_batch_size
@@ -121,7 +121,7 @@ def count_flops(result: dict[str, Any]) -> Any:
         with torch.no_grad():
             behaviour_logprobs(policy, ctx.fmt, sub, plan)
 
-    ref = measure(reference, ctx.mode, DEVICE).flops
+    ref = measure(reference, ctx.mode, DEVICE, memory=False).flops
     from learner.batch import rows_per_trajectory
 
     rows = mb * rows_per_trajectory(cfg.learner, cfg.reward.sampled_steps, cfg.sampler.steps)

@@ -8,8 +8,9 @@ operations on host tensors for real. A plan's trajectories therefore carry real 
 policy's forwards at 8B shapes cost nothing.
 
 autograd's engine sets up a CUDA stream for a CUDA tensor's backward, which needs a real GPU: a unit
-with a backward runs on fake ``cpu`` tensors instead (``TRAIN_DEVICE``), where the attention kernel
-keeps the same tensors for its backward as CUDA's (output and log-sum-exp).
+with a backward runs on ``meta`` tensors instead (``TRAIN_DEVICE``), outside the fake mode. The learner's
+micro-batch reads nothing back from the policy's outputs, so its host bookkeeping runs for real there too,
+and meta tensors cost no Python per operation (a fake mode's dispatch made the 8B backward take minutes).
 """
 from __future__ import annotations
 
@@ -22,81 +23,69 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils.flop_counter import FlopCounterMode
 
 DEVICE = "cuda"  # where a plan's policy lives: shapes, dtypes and devices propagate as on a GPU
-TRAIN_DEVICE = "cpu"  # fake too, for units with a backward (see the module docstring)
+TRAIN_DEVICE = "meta"  # units with a backward (see the module docstring)
 
 
 def _host(value: Any) -> bool:
     return torch.device(value).type == "cpu"
 
 
-_CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-_CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-
-
-def _cpu_flash_meta(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
-    b, h, n = query.shape[:3]
-    return torch.empty_like(query), query.new_empty((b, h, n), dtype=torch.float32)
-
-
-def _cpu_flash_backward_meta(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask=None,
-                             scale=None):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-
-
-# torch has no shape function for its host flash-attention kernel, so fake tensors would run the real
-# kernel on zeros: these give its outputs' shapes (what it keeps for the backward: output, log-sum-exp).
-_LIBRARY = torch.library.Library("aten", "IMPL")
-_LIBRARY.impl("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_meta, "Meta")
-_LIBRARY.impl("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward_meta, "Meta")
-
-
-def _flash_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _flash_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-FLOP_FORMULAS = {_CPU_FLASH.overloadpacket: _flash_flops, _CPU_FLASH_BACKWARD.overloadpacket: _flash_backward_flops}
+def gpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                  enable_gqa: bool = False) -> torch.Tensor:
+    """Attention as a data-centre GPU runs it: flash attention in half precision without a mask, the
+    memory-efficient kernel otherwise. Without a real device torch cannot ask which kernel fits and
+    falls back to the math kernel, which keeps the whole score matrix."""
+    if enable_gqa:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    if mask is None and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
+    bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).expand(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, q.requires_grad, dropout_p, is_causal,
+                                                                  scale=scale)[0]
 
 
 class GpuAttention(TorchFunctionMode):
-    """Attention as a data-centre GPU runs it. Fake CUDA tensors have no device for torch to ask which
-    kernel fits, and it falls back to the math kernel, which keeps the whole score matrix; a GPU runs
-    flash attention in half precision without a mask and the memory-efficient kernel otherwise (on the
-    host, torch picks its own flash kernel for fake CPU tensors already)."""
+    """``gpu_attention`` for fake CUDA tensors (the rollout's units)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention or not isinstance(args[0], FakeTensor) or args[0].device.type != "cuda":
             return func(*args, **kwargs)
-        q, k, v = args[:3]
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-        if kwargs.get("enable_gqa"):
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
-        if mask is None and q.dtype in (torch.bfloat16, torch.float16):
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).expand(
-            q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, q.requires_grad)[0]
+        mask = args[3] if len(args) > 3 else kwargs.pop("attn_mask", None)
+        return gpu_attention(*args[:3], mask, *args[4:], **kwargs)
 
 
-class FakeInputs(torch.nn.Module):
-    """``policy`` fed fake copies of its host inputs. A unit on fake host tensors (``TRAIN_DEVICE``) would
-    otherwise compute positions and rotary tables for real and mix them into every layer."""
+_ON_META = [False]
 
-    def __init__(self, policy: torch.nn.Module, mode: HostRealMode) -> None:
-        super().__init__()
-        self.policy, self.mode = policy, mode
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        fake = lambda t: t if t is None or isinstance(t, FakeTensor) else self.mode.from_tensor(t)  # noqa: E731
-        return self.policy(fake(input_ids), attention_mask=fake(attention_mask), **kwargs)
+def _meta_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    if _ON_META[0]:
+        return gpu_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                              enable_gqa=enable_gqa)[0]
+
+
+# On meta tensors (the units with a backward), the kernel is chosen where autograd dispatches, so that
+# gradient checkpointing's recompute inside the backward chooses it too; ``measure`` switches it on.
+_LIBRARY = torch.library.Library("aten", "IMPL")
+_LIBRARY.impl("scaled_dot_product_attention", _meta_attention, "AutogradMeta")
+
+
+def _meta_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """A value check (the learner's: the behaviour and current log-probs score the same tokens) has no
+    answer on meta tensors; a plan's masks all come from one plan, so the answer is its shapes'."""
+    if not _ON_META[0]:
+        raise NotImplementedError("aten::equal has no meta kernel: meta tensors carry no values")
+    return a.shape == b.shape and a.dtype == b.dtype
+
+
+_LIBRARY.impl("equal", _meta_equal, "Meta")
 
 
 class _Unit(torch.nn.Module):
@@ -113,7 +102,7 @@ class _Unit(torch.nn.Module):
 
 class HostRealMode(FakeTensorMode):
     """``FakeTensorMode`` in which an operation on host tensors that makes host tensors runs for real.
-    A fake tensor on the host (``TRAIN_DEVICE`` units) stays fake: only real inputs stay real."""
+    A fake tensor moved to the host stays fake: only real inputs stay real."""
 
     def __init__(self) -> None:
         super().__init__(allow_non_fake_inputs=True)
@@ -125,8 +114,11 @@ class HostRealMode(FakeTensorMode):
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         devices = [a for a in flat if isinstance(a, torch.device)] + ([kwargs["device"]] if "device" in kwargs else [])
         real = not any(isinstance(t, FakeTensor) for t in tensors) and all(t.device.type == "cpu" for t in tensors)
-        if real and not self.all_fake and all(d is None or _host(d) for d in devices):
+        to_host = all(d is None or _host(d) for d in devices)
+        if real and not self.all_fake and to_host:
             return func(*args, **kwargs)
+        if real and tensors:  # a host tensor sent to the device: fake it first, or torch would run the copy for real
+            args, kwargs = tree_map_only(torch.Tensor, self.from_tensor, (args, kwargs))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
@@ -144,14 +136,18 @@ class Measured:
 
 
 def build_fake(factory: Callable[[], torch.nn.Module], mode: HostRealMode, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A module built on fake ``device`` tensors in ``dtype`` (set as the default while it is built: a
-    ``.to(dtype)`` after building does not swap an embedding's weight under fake tensors)."""
+    """A module built on fake ``device`` tensors (plain meta ones for ``TRAIN_DEVICE``) in ``dtype`` (set
+    as the default while it is built: a ``.to(dtype)`` after building does not swap an embedding's
+    weight under fake tensors)."""
     previous, overwrite = torch.get_default_dtype(), torch.__future__.get_overwrite_module_params_on_conversion()
     torch.set_default_dtype(dtype)
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # a module's .to() cannot swap fake tensors
     mode.all_fake = True
     try:
-        with mode, torch.device(device):
+        with ExitStack() as stack:
+            if device != TRAIN_DEVICE:
+                stack.enter_context(mode)
+            stack.enter_context(torch.device(device))
             return factory()
     finally:
         mode.all_fake = False
@@ -160,24 +156,35 @@ def build_fake(factory: Callable[[], torch.nn.Module], mode: HostRealMode, devic
 
 
 def measure(work: Callable[[], Any], mode: HostRealMode, device: str, modules: Iterable[torch.nn.Module] = (),
-            wrap: bool = True) -> Measured:
-    """Run ``work`` under ``mode`` with MemTracker (``modules``' parameters counted from the start) and
-    FlopCounterMode; the peak of ``device``'s memory."""
-    tracker = MemTracker()
-    tracker.track_external(*modules)
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    with ExitStack() as stack:
-        stack.enter_context(mode)
-        stack.enter_context(GpuAttention())
-        stack.enter_context(tracker)
-        stack.enter_context(counter)
-        _Unit(work)() if wrap else work()
-    snap = tracker.get_tracker_snapshot("peak")
-    want = torch.device(device)
+            wrap: bool = True, memory: bool = True, flops: bool = True) -> Measured:
+    """Run ``work`` under ``mode`` (on meta tensors for ``TRAIN_DEVICE``): once under MemTracker
+    (``modules``' parameters counted from the start) for the peak of ``device``'s memory, once under
+    FlopCounterMode. Apart: the counter's backward hooks keep a module's outputs alive, which raised a
+    checkpointed step's peak by a fifth."""
     peak: dict[str, float] = {}
-    for dev, cats in snap.items():
-        d = torch.device(dev)
-        if d.type == want.type:
-            peak = {getattr(k, "value", str(k)): float(v) for k, v in cats.items()}
+    if memory:
+        tracker = MemTracker()
+        tracker.track_external(*modules)
+        _run(work, mode, device, tracker, wrap)
+        want = torch.device(device)
+        for dev, cats in tracker.get_tracker_snapshot("peak").items():
+            if torch.device(dev).type == want.type:
+                peak = {getattr(k, "value", str(k)): float(v) for k, v in cats.items()}
+    if not flops:
+        return Measured(peak, 0, {})
+    counter = FlopCounterMode(display=False)
+    _run(work, mode, device, counter, wrap)
     ops = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     return Measured(peak, int(counter.get_total_flops()), ops)
+
+
+def _run(work: Callable[[], Any], mode: HostRealMode, device: str, tool: Any, wrap: bool) -> None:
+    on_meta = device == TRAIN_DEVICE
+    with ExitStack() as stack:
+        if not on_meta:
+            stack.enter_context(mode)
+            stack.enter_context(GpuAttention())
+        stack.enter_context(tool)
+        _ON_META[0] = on_meta
+        stack.callback(_ON_META.__setitem__, 0, False)
+        _Unit(work)() if wrap else work()

@@ -54,7 +54,7 @@ def sampling_flops(ctx: Context, policy: torch.nn.Module, prompts: int, group: i
     sampler = ParallelSampler(policy, ctx.fmt, ctx.cfg.sampler)
     total, counts = 0.0, {}
     for kind, (step, n) in step_kinds(sampler).items():
-        total += n * sampling_step(ctx, sampler, prompts, step, group).flops / (prompts * group)
+        total += n * sampling_step(ctx, sampler, prompts, step, group, memory=False).flops / (prompts * group)
         counts[kind] = n
     return total, counts
 

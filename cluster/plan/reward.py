@@ -8,8 +8,9 @@ with random weights: the architecture is what costs memory, not the values.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -53,11 +54,29 @@ def reward_models(ctx: Context) -> tuple[dict[str, Any], list[str]]:
             skipped.append(f"reward model {label!r} ({m.name}: only open_clip models are built on fake tensors)")
             continue
         kwargs = {k: v for k, v in m.kwargs.items() if k in ("model", "config_file", "precision")}
+        dtype = PRECISION.get(kwargs.get("precision", "fp32"), torch.float32)
         try:
-            built[label] = build_fake(lambda kw=kwargs: OpenClipReward(**kw, device=DEVICE), ctx.mode, DEVICE, torch.float32)
-        except RuntimeError as err:  # open_clip moves its modules with .to(), which cannot swap fake parameters
+            with _built_in_place():
+                built[label] = build_fake(lambda kw=kwargs: OpenClipReward(**kw, device=DEVICE), ctx.mode, DEVICE, dtype)
+        except (RuntimeError, ValueError) as err:
             skipped.append(f"reward model {label!r} (building it on fake tensors failed: {err})")
     return built, skipped
+
+
+PRECISION = {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16, "pure_fp16": torch.float16}
+
+
+@contextmanager
+def _built_in_place() -> Iterator[None]:
+    """open_clip moves its model with ``.to(device, dtype)`` after building it. ``build_fake`` builds it on
+    the device in its dtype already, and ``.to()`` would fail there: it swaps fake parameters, which
+    the fake mode holds weak references to."""
+    move = torch.nn.Module.to
+    torch.nn.Module.to = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = move
 
 
 def reward_replica(ctx: Context, folder: Path | None, estimate: Estimate, share: float) -> tuple[ActorPlan, dict[str, int]]:
