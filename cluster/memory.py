@@ -276,15 +276,25 @@ def markdown_table(estimates: list[Estimate]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cluster.memory CONFIG [preset]``: the table for an 8B MMaDA-Parallel policy."""
+    """``python -m cluster.memory CONFIG [key=value ...]``: the table for an 8B policy in the layout of
+    the config's ``sampler.preset``."""
     import sys
 
     from cluster.run_config import load_run_config
+    from pararl.errors import ConfigError
     from pararl.models.config import llada_8b_config
 
     args = sys.argv[1:] if argv is None else argv
-    cfg = load_run_config(args[0])
-    preset = args[1] if len(args) > 1 else ("mmada-parallel-a" if "-a-" in args[0] else "mmada-parallel-m")
+    if not args:
+        raise SystemExit("usage: python -m cluster.memory CONFIG [key=value ...]")
+    try:
+        cfg = load_run_config(args[0], args[1:])
+    except (ConfigError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    preset = cfg.sampler.preset
+    if preset not in ("mmada-parallel-a", "mmada-parallel-m"):
+        raise SystemExit(f"sampler.preset is {preset!r}: the table is for the released 8B layouts "
+                         "(mmada-parallel-a, mmada-parallel-m)")
     out_len, span, vocab, codebook = preset_shapes(preset, cfg.sampler.text_len)
     estimates, host, s = estimate_run(cfg, llada_8b_config(embedding_size=134656), out_len, span,
                                       text_vocab=vocab, codebook=codebook)

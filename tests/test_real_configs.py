@@ -73,3 +73,15 @@ def test_the_unigrpo_configs_load_and_the_8b_one_fits_80gb_gpus(tmp_path):
     world_cfg = load_run_config(path, rest)
     assert world == {"task_shares": {"t2i": 0.2, "understand": 0.2, "reason": 0.2}} and world_cfg.seed == 2
     assert set(world_cfg.reward.tasks) == {"generate", "edit", "t2i", "understand", "reason"}
+
+
+def test_the_memory_table_takes_overrides_and_refuses_a_bad_key_in_one_line(capsys):
+    from cluster.memory import main
+
+    main([str(ROOT / "configs" / "mmada-parallel-m-8b-colocated.yaml"), "learner.lora.enabled=true"])
+    lora = capsys.readouterr().out
+    assert "| colocated rank, training | 15.1 | 0.1 | 0.0 |" in lora  # the adapters' optimizer state and gradients
+    with pytest.raises(SystemExit, match="^error: unknown config key 'bogus'$"):
+        main([str(ROOT / "configs" / "mmada-parallel-m-8b.yaml"), "bogus=1"])
+    with pytest.raises(SystemExit, match="sampler.preset is None: the table is for the released 8B layouts"):
+        main([str(ROOT / "configs" / "default.yaml")])
