@@ -202,11 +202,11 @@ def estimate_run(cfg: Any, config: LLaDAConfig, output_len: int, image_span: int
                   text_vocab, codebook)
     c, lc, r = cfg.cluster, cfg.learner, cfg.reward
     windows = replay_rows(cfg)
-    prompts_per_worker = -(-cfg.data.prompts_per_step // c.rollout_workers)
+    prompts = prompts_per_worker(cfg)
     cfg_rows = forward_rows(cfg.sampler)
     wbytes = 2 if lc.precision in ("bf16", "fp16") else 4
     train = learner_rank(s, lc, c.learner_ranks, windows, adapter_params(config, lc.lora))
-    roll = rollout_worker(s, prompts_per_worker * cfg.data.group_size, cfg_rows, windows, wbytes if c.colocate else 2,
+    roll = rollout_worker(s, prompts * cfg.data.group_size, cfg_rows, windows, wbytes if c.colocate else 2,
                           c.rollout_logprob_chunk_rows)
     reward = reward_replica(r.max_batch_size * r.sampled_steps, image_size, reward_weights)
     if c.colocate:
@@ -238,6 +238,11 @@ def one_node(cfg: Any, estimates: list[Estimate], gpu_bytes: float, node_gpus: i
         return False, f"{gpus}, but {where} needs {worst / GiB:.1f} GiB of {gpu_bytes / GiB:.0f}"
     return True, f"{gpus}, at most {worst / GiB:.1f} GiB of {gpu_bytes / GiB:.0f} on one GPU" + \
         (" (a colocated rank with a reward replica beside it)" if shared else "")
+
+
+def prompts_per_worker(cfg: Any) -> int:
+    """The most prompts one rollout worker (or colocated rank) samples in a step."""
+    return -(-cfg.data.prompts_per_step // cfg.cluster.rollout_workers)
 
 
 def replay_rows(cfg: Any) -> int:

@@ -29,6 +29,7 @@ def build_context(cfg: Any) -> tuple[Any, Path]:
     """The plan's context from the config and its model folder (config.json read, no weights)."""
     import torch  # noqa: F401 - before the plan's modules
 
+    from cluster.memory import prompts_per_worker
     from cluster.plan.actors import Context
     from cluster.plan.fake import HostRealMode
     from cluster.plan.work import plan_format, requests
@@ -43,8 +44,7 @@ def build_context(cfg: Any) -> tuple[Any, Path]:
     raw = json.loads((folder / "config.json").read_text())
     fmt, how = plan_format(cfg.sampler.preset, raw, folder)
     reward_steps = run_steps(cfg.reward, cfg.sampler.steps, random.Random(cfg.seed))  # the steps a run's first iteration scores
-    prompts = -(-cfg.data.prompts_per_step // cfg.cluster.rollout_workers)
-    ctx = Context(cfg, config, fmt, HostRealMode(), reward_steps, requests(fmt, max(prompts, 1)))
+    ctx = Context(cfg, config, fmt, HostRealMode(), reward_steps, requests(fmt, max(prompts_per_worker(cfg), 1)))
     print(f"pararl plan: {cfg.name}, {how}")
     return ctx, folder
 
@@ -101,36 +101,6 @@ def table(actors: list[Any], gpu_gib: float) -> str:
     return "\n".join(lines)
 
 
-def count_flops(result: dict[str, Any]) -> Any:
-    from cluster.plan.actors import iteration
-    from cluster.plan.fake import DEVICE, measure
-    from cluster.plan.flops import TrajectoryFlops, learner_flops, released_flops, sampling_flops
-    from pararl.logprobs import behaviour_logprobs
-
-    ctx, tr = result["ctx"], result["trajectories"]
-    cfg = ctx.cfg
-    policy = ctx.policy(DEVICE)
-    rollout, counts = sampling_flops(ctx, policy, len(ctx.requests), cfg.data.group_size)
-    plan = iteration(ctx, tr.steps)
-    behaviour = measure(lambda: behaviour_logprobs(policy, ctx.fmt, tr, plan), ctx.mode, DEVICE, memory=False).flops / len(tr)
-    import torch
-
-    mb = cfg.learner.micro_batch_size
-    sub = result["batch"].select(slice(0, mb))
-    def reference() -> None:
-        with torch.no_grad():
-            behaviour_logprobs(policy, ctx.fmt, sub, plan)
-
-    ref = measure(reference, ctx.mode, DEVICE, memory=False).flops
-    from learner.batch import rows_per_trajectory
-
-    rows = mb * rows_per_trajectory(cfg.learner, cfg.reward.sampled_steps, cfg.sampler.steps)
-    learner = learner_flops(ctx, result["train"].flops, rows, ref)
-    rf = result["reward_flops"]
-    reward = (rf["decode"] + rf["score"]) * cfg.reward.sampled_steps
-    return TrajectoryFlops(rollout + behaviour, released_flops(ctx, policy), learner, reward, counts)
-
-
 def coverage_name(lc: Any) -> str:
     if lc.logprob_estimator == "random_mask":
         return "random mask"
@@ -174,7 +144,10 @@ def plan_main(args: argparse.Namespace) -> int:
           "estimate's (analytic); everything else was measured")
     out: dict[str, Any] = {"config": cfg.name, "actors": [vars(a) for a in result["actors"]]}
     if args.flops:
-        f = count_flops(result)
+        from cluster.plan.flops import trajectory_flops
+
+        f = trajectory_flops(result["ctx"], result["trajectories"], result["batch"], result["train"].flops,
+                             result["reward_flops"])
         for line in flops_report(cfg, f, args.mfu):
             print(line)
         out["flops"] = {"rollout": f.rollout, "released": f.released, "learner": f.learner, "reward": f.reward, "steps": f.steps}

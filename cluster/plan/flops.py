@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cluster.plan.actors import Context, sampling_step
-from learner.batch import rows_per_trajectory
+from cluster.plan.actors import Context, iteration, sampling_step
+from cluster.plan.fake import DEVICE, measure
+from learner.batch import TrainBatch, rows_per_trajectory
 from pararl.heads import FullHead
+from pararl.logprobs import behaviour_logprobs
+from pararl.types import Trajectories
 from rollout.sampler import ParallelSampler
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core FLOP/s (SXM); H200 adds memory, not compute
@@ -90,3 +93,26 @@ def released_flops(ctx: Context, policy: torch.nn.Module) -> float:
     """The released generator's sampling FLOPs for one trajectory: batch 1, the full head."""
     flops, _ = sampling_flops(ctx, FullHead(policy), 1, 1)
     return flops
+
+
+def trajectory_flops(ctx: Context, tr: Trajectories, batch: TrainBatch, train_flops: int,
+                     reward_flops: dict[str, int]) -> TrajectoryFlops:
+    """Every count of one trajectory: its sampling steps and behaviour log-probs, the released generator's
+    steps, the learner per coverage (``train_flops``: the measured micro-batch of ``batch``), the reward."""
+    cfg = ctx.cfg
+    policy = ctx.policy(DEVICE)
+    rollout, counts = sampling_flops(ctx, policy, len(ctx.requests), cfg.data.group_size)
+    plan = iteration(ctx, tr.steps)
+    behaviour = measure(lambda: behaviour_logprobs(policy, ctx.fmt, tr, plan), ctx.mode, DEVICE, memory=False).flops
+    mb = cfg.learner.micro_batch_size
+    sub = batch.select(slice(0, mb))
+
+    def reference() -> None:
+        with torch.no_grad():
+            behaviour_logprobs(policy, ctx.fmt, sub, plan)
+
+    ref = measure(reference, ctx.mode, DEVICE, memory=False).flops
+    rows = mb * rows_per_trajectory(cfg.learner, cfg.reward.sampled_steps, cfg.sampler.steps)
+    learner = learner_flops(ctx, train_flops, rows, ref)
+    reward = (reward_flops["decode"] + reward_flops["score"]) * cfg.reward.sampled_steps
+    return TrajectoryFlops(rollout + behaviour / len(tr), released_flops(ctx, policy), learner, reward, counts)
