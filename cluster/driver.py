@@ -16,19 +16,19 @@ import random
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cluster.actor_group import concurrently
+from cluster.ahead import QUEUE_FILE, QueuedRollout, Rollout, encode_queue, load_queue
 from cluster.colocated import ColocatedActor
 from cluster.config import sync_bucket_bytes
 from cluster.evaluate import facts_for
 from cluster.learner_group import LearnerActor, LearnerGroup
 from cluster.placement import place, start_ray
-from cluster.rollout_group import RolloutGroup, SubmittedRollout
+from cluster.rollout_group import RolloutGroup
 from cluster.run_config import RunConfig
 from cluster.tracking import Tracker
 from cluster.weight_sync import build_weight_sync
@@ -40,12 +40,10 @@ from pararl.bundle import load_codecs
 from pararl.config import require
 from pararl.data import CodeCache, PromptSource, check_images, read_records
 from pararl.errors import ConfigError, RunError
-from pararl.logprobs import TokenLogProbs
-from pararl.plans import Plan
 from pararl.progress import progress as progress_bar
 from pararl.seeds import PLAN_STRIDE, derive
 from pararl.snapshots import snapshot_grid
-from pararl.types import PromptFacts, Trajectories
+from pararl.types import Trajectories
 from reward.config import task_weights
 from reward.pool.client import RewardClient
 from reward.pool.service import start_reward_pool, stop_reward_pool
@@ -54,29 +52,6 @@ from reward.stats import check_stats_identities
 from rollout.config import scoring_of
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    """One step's sampled batch: its trajectories, their behaviour log-probs and the plan that scored them."""
-
-    traj: Trajectories
-    old: TokenLogProbs | None
-    plan: Plan
-    seconds: float  # how long the driver waited for it
-    prompts: list[PromptFacts]  # what each prompt's rewards read besides its trajectories (its task, answer)
-
-
-@dataclass
-class QueuedRollout:
-    """A step's rollout sent to the workers; ``position`` is the data position before its prompts (a
-    checkpoint taken while it is queued resumes there, so its prompts are not skipped)."""
-
-    step: int
-    submitted: SubmittedRollout
-    plan: Plan
-    position: int
-    prompts: list[PromptFacts]
 
 
 class Driver:
@@ -111,7 +86,7 @@ class Driver:
         self.state = RunState(reward_stats_path=cfg.reward.stats_file)
         if cfg.train.resume:
             self._resume()
-        self.next_rollout = self.state.step  # the next step whose rollout is to be queued
+        self.next_rollout = self.state.step + len(self.ahead)  # the next step whose rollout is to be queued
         self.nodes_at_start = alive_nodes()
         self.tracker = Tracker(self.run_dir, cfg.tracking.experiment, cfg.name, cfg.tracking.tracking_uri,
                                run_id=self.state.extra.get("mlflow_run_id"))
@@ -120,7 +95,8 @@ class Driver:
             self.tracker.log_file(cfg.reward.stats_file, "reward")
         self.state.extra["mlflow_run_id"] = self.tracker.run_id
         # A resumed run repeats the steps after its checkpoint that were logged before the stop; resume
-        # is exact (the same seeds, data position and weights), so they are not logged a second time.
+        # is exact at any staleness (the same seeds, data position, weights and queued rollouts:
+        # tests/test_staleness.py), so they are not logged a second time.
         self.logged_through = self.tracker.last_logged_step() if cfg.train.resume else -1
 
     def _start_actors(self) -> None:
@@ -158,6 +134,9 @@ class Driver:
         ckpt = latest_checkpoint(self.cfg.learner.checkpoint.folder)
         self.state = self.learners.load_checkpoint(str(ckpt))
         self.prompts.position = self.state.data_position
+        self.ahead.extend(load_queue(ckpt))  # k >= 1: the rollouts queued at the checkpoint, as they were sampled
+        if self.ahead:
+            self.prompts.position = self.ahead[-1].end
         # the rollout workers start from the model folder: bring them to the checkpoint's weights
         self.sync.broadcast(self.state.policy_version)
 
@@ -172,9 +151,11 @@ class Driver:
         requests = self.prompts.next_batch(self.cfg.data.prompts_per_step)
         prompts = [facts_for(self.prompts.record(position + i), r, self.codecs) for i, r in enumerate(requests)]
         submitted = self.rollouts.submit(requests, self.cfg.data.group_size, steps, self.state.policy_version, plan)
-        return QueuedRollout(step, submitted, plan, position, prompts)
+        return QueuedRollout(step, submitted, plan, position, prompts, self.prompts.position)
 
     def _collect(self, queued: QueuedRollout) -> Rollout:
+        if queued.collected is not None:
+            return queued.collected
         t = time.perf_counter()
         traj, old = self.rollouts.collect(queued.submitted)
         return Rollout(traj, old, queued.plan, time.perf_counter() - t, queued.prompts)
@@ -228,8 +209,14 @@ class Driver:
                            f"{why}; the last checkpoint is intact")
 
     def _checkpoint(self) -> str:
+        """The rollouts queued ahead are collected first and kept with it (``cluster.ahead``)."""
+        if any(q.collected is None for q in self.ahead):
+            log.info("collecting the %d rollout(s) queued ahead, to keep them with the checkpoint", len(self.ahead))
+        for q in self.ahead:
+            q.collected = self._collect(q)
         self.state.data_position = self.ahead[0].position if self.ahead else self.prompts.position
-        return self.learners.save_checkpoint(self.state)
+        files = {QUEUE_FILE: encode_queue(self.ahead)} if self.ahead else None
+        return self.learners.save_checkpoint(self.state, files=files)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.stop_requested:  # a second signal: stop now

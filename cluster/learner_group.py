@@ -127,8 +127,10 @@ class LearnerGroup:
     def train(self, batch: TrainBatch) -> dict:
         return self.result(self.train_async(batch))
 
-    def save_checkpoint(self, state: RunState, folder: str | None = None) -> str:
-        return self._get(self.group.submit("save_checkpoint", asdict(state), folder), "while writing a checkpoint")[0]
+    def save_checkpoint(self, state: RunState, folder: str | None = None, files: dict[str, bytes] | None = None) -> str:
+        """``files``: kept with the checkpoint (rank 0 writes them into the folder before it is sealed)."""
+        sent = ray.put(files) if files else None  # once, not once per rank
+        return self._get(self.group.submit("save_checkpoint", asdict(state), folder, sent), "while writing a checkpoint")[0]
 
     def load_checkpoint(self, path: str | None = None) -> RunState:
         return RunState(**self._get(self.group.submit("load_checkpoint", path), "while loading a checkpoint")[0])

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -58,8 +61,24 @@ def start_ray(cfg: ClusterConfig) -> None:
             log.warning("removed %d Ray agent process(es) left by a local run that was killed: pids %s", len(reaped), reaped)
         store = None if cfg.object_store_mb is None else cfg.object_store_mb << 20
         system = {"preallocate_plasma_memory": True} if cfg.preallocate_object_store else None
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.dashboard, log_to_driver=True,
-                 object_store_memory=store, _system_config=system)
+        with stop_signals_held():
+            ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=cfg.dashboard, log_to_driver=True,
+                     object_store_memory=store, _system_config=system)
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Ray's local processes (GCS, raylet, agents) start in the driver's process group, so a stop signal
+    sent to the group as schedulers send it (Slurm, systemd, ``timeout``, ``kill -- -PGID``) killed
+    them while the driver was finishing its step and writing its checkpoint. Started with SIGTERM
+    blocked (a blocked mask is inherited across exec; Ray blocks SIGINT there already), they outlive
+    the driver's last step; ``ray.shutdown`` still stops them (after its one-second grace, with
+    SIGKILL)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def stage_needs(cfg: ClusterConfig, reward: RewardConfig | None = None) -> dict[str, tuple[int, dict[str, float]]]:

@@ -94,9 +94,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, root: str | Path, state: RunState, keep_last: int = 3, checksums: bool = True,
-                    source: str | None = None, adapters: dict | None = None) -> Path:
+                    source: str | None = None, adapters: dict | None = None,
+                    files: dict[str, bytes] | None = None) -> Path:
     """Collective: every rank calls it. Returns the complete checkpoint folder. ``adapters``: the LoRA
-    settings of a run that trains adapters (export merges them)."""
+    settings of a run that trains adapters (export merges them). ``files``: what the driver keeps with
+    the checkpoint (its queued rollouts), written by rank 0 and sealed with the rest."""
     rank, world = _rank_world()
     root = Path(root)
     name = checkpoint_name(state.step)
@@ -111,6 +113,8 @@ def save_checkpoint(engine, root: str | Path, state: RunState, keep_last: int = 
     torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
+        for name, data in (files or {}).items():
+            write_synced(tmp / name, data)
         _finalize(engine, root, tmp, final, state, world, checksums, source, adapters)
         prune(root, keep_last)
     _barrier()

@@ -43,8 +43,8 @@ class LearnerRank:
     def train(self, shard: TrainBatch) -> dict:
         return self.learner.train_batch(shard)
 
-    def save_checkpoint(self, state: dict, folder: str | None = None) -> str:
-        return str(self.learner.save_checkpoint(RunState(**state), folder))
+    def save_checkpoint(self, state: dict, folder: str | None = None, files: dict[str, bytes] | None = None) -> str:
+        return str(self.learner.save_checkpoint(RunState(**state), folder, files if self.rank == 0 else None))
 
     def load_checkpoint(self, path: str | None = None) -> dict:
         return asdict(self.learner.load_checkpoint(path))

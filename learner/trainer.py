@@ -283,7 +283,7 @@ class Learner:
 
         return policy_hash(self.engine.module)
 
-    def save_checkpoint(self, state, folder: str | Path | None = None) -> Path:
+    def save_checkpoint(self, state, folder: str | Path | None = None, files: dict[str, bytes] | None = None) -> Path:
         from learner.checkpoint import save_checkpoint
 
         folder = folder or self.cfg.checkpoint.folder
@@ -292,7 +292,7 @@ class Learner:
             raise ValueError("no checkpoint folder: set learner.checkpoint.folder")
         return save_checkpoint(self.engine, folder, state, keep_last=self.cfg.checkpoint.keep_last,
                                checksums=self.cfg.checkpoint.checksums, source=self.policy_path,
-                               adapters=adapter_spec(self.cfg.lora) if self.cfg.lora.enabled else None)
+                               adapters=adapter_spec(self.cfg.lora) if self.cfg.lora.enabled else None, files=files)
 
     def load_checkpoint(self, path: str | Path | None = None):
         """Resume from ``path`` (a checkpoint, or a folder with a ``latest`` pointer; default: the config's folder)."""

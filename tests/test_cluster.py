@@ -179,7 +179,9 @@ def test_an_object_store_sync_then_a_dead_learner_rank_that_stops_the_run_with_t
         driver.shutdown()
 
 
-def test_sigterm_writes_a_checkpoint_before_exiting(setup, tmp_path):
+def test_sigterm_to_the_run_s_process_group_writes_a_checkpoint_before_exiting(setup, tmp_path):
+    """As a scheduler (Slurm, systemd, timeout) sends it: to the whole process group of `pararl train`,
+    Ray's local processes included; they must outlive the driver's last step."""
     import os
     import signal
     import sqlite3
@@ -192,7 +194,8 @@ def test_sigterm_writes_a_checkpoint_before_exiting(setup, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "pararl.cli", "train", str(setup["config"]), f"run_dir={run_dir}", "train.steps=500",
            "train.checkpoint_every=0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                            start_new_session=True)
     try:
         db = run_dir / "mlflow.db"
         deadline = time.monotonic() + 240
@@ -206,7 +209,7 @@ def test_sigterm_writes_a_checkpoint_before_exiting(setup, tmp_path):
                     pass
             time.sleep(1)
         assert proc.poll() is None, proc.stdout.read()
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -215,6 +218,8 @@ def test_sigterm_writes_a_checkpoint_before_exiting(setup, tmp_path):
     assert "stopped by signal 15, checkpoint written" in out
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt is not None and 1 <= int(ckpt.name.split("-")[-1]) < 500
+    with sqlite3.connect(f"file:{run_dir / 'mlflow.db'}?mode=ro", uri=True) as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
 
 
 def test_object_store_options_are_refused_when_joining_a_running_cluster():

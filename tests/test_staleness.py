@@ -69,3 +69,58 @@ def test_a_trajectory_staler_than_k_is_never_trained_on(ray_local, setup, tmp_pa
             nothing_trained_reason(len(rollout.traj), rewards, facts)
     finally:
         driver.shutdown()
+
+
+def _stop_after(driver: Driver, steps: int) -> None:
+    """Stop the run as a stop signal does, once ``steps`` steps are done."""
+    step = driver._step
+
+    def then_stop(s: int) -> dict:
+        out = step(s)
+        if s == steps - 1:
+            driver.stop_requested = 15
+        return out
+
+    driver._step = then_stop
+
+
+def _run(config, overrides: list[str], stop_after: int | None = None) -> tuple[str, str, int]:
+    driver = Driver(load_run_config(config, overrides))
+    try:
+        if stop_after is not None:
+            _stop_after(driver, stop_after)
+        state = driver.run()
+        return driver.learners.weights_hashes()[0], driver.tracker.run_id, state.step
+    finally:
+        driver.shutdown()
+
+
+def _histories(run_dir, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every logged metric's (step, value) history but the clocks' (cluster.driver.step_metrics: wall time
+    per phase, compute seconds where it ran, the overhead between them, throughput)."""
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    keys = client.get_run(run_id).data.metrics
+    clock = lambda k: k.startswith(("time.", "compute.", "throughput.")) or k == "overhead" or "seconds" in k  # noqa: E731
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys if not clock(k)}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_run_k_ahead_stopped_at_step_3_of_8_and_resumed_ends_as_the_uninterrupted_run(ray_local, setup, tmp_path, k):
+    """The checkpoint keeps the k rollouts queued at the stop (sampled by the older versions that made
+    them): the resumed run trains on the same samples, its final weights hash-equal and every metric
+    history equal to the uninterrupted run's, each step logged once."""
+    from cluster.ahead import QUEUE_FILE
+    from learner.checkpoint import latest_checkpoint
+
+    base = [f"cluster.max_staleness={k}", "train.steps=8", "train.checkpoint_every=0"]
+    whole, whole_id, _ = _run(setup["config"], [f"run_dir={tmp_path / 'whole'}", *base])
+    run = tmp_path / "stopped"
+    _, stopped_id, step = _run(setup["config"], [f"run_dir={run}", *base], stop_after=3)
+    assert step == 3
+    assert (latest_checkpoint(run / "checkpoints") / QUEUE_FILE).is_file()
+    resumed, resumed_id, step = _run(setup["config"], [f"run_dir={run}", *base, "train.resume=true"])
+    assert step == 8 and resumed_id == stopped_id
+    assert resumed == whole, "the resumed run's final weights differ from the uninterrupted run's"
+    mine, theirs = _histories(run, resumed_id), _histories(tmp_path / "whole", whole_id)
+    assert mine.keys() == theirs.keys() and mine["reward.mean"] and [s for s, _ in mine["reward.mean"]] == list(range(8))
+    assert {key: h for key, h in mine.items() if h != theirs[key]} == {}

@@ -101,6 +101,23 @@ def table(actors: list[Any], gpu_gib: float) -> str:
     return "\n".join(lines)
 
 
+def queue_line(cfg: Any, result: dict[str, Any]) -> str:
+    """What a checkpoint keeps per rollout queued ahead (``cluster.ahead``), at the config's shapes."""
+    import torch
+
+    from cluster.ahead import Rollout, queued_bytes
+    from cluster.plan.actors import iteration
+    from pararl.logprobs import TokenLogProbs
+
+    tr = result["trajectories"]
+    n = tr.layout.output.stop - tr.layout.output.start
+    old = TokenLogProbs(torch.zeros(len(tr), n), torch.zeros(len(tr), n, dtype=torch.bool), torch.zeros(len(tr), n))
+    per = queued_bytes(Rollout(tr, old, iteration(result["ctx"], tr.steps), 0.0, [])) / len(tr)
+    step = per * cfg.data.prompts_per_step * cfg.data.group_size
+    return (f"a checkpoint keeps each rollout queued ahead (cluster.max_staleness {cfg.cluster.max_staleness}): "
+            f"{step / 2**20:.1f} MiB a step ({per / 2**10:.0f} KiB a trajectory)")
+
+
 def coverage_name(lc: Any) -> str:
     if lc.logprob_estimator == "random_mask":
         return "random mask"
@@ -142,6 +159,7 @@ def plan_main(args: argparse.Namespace) -> int:
             print(f"note     {a.actor}: not measured: {what}")
     print("note     ZeRO's partitions of weights, gradients and optimizer state, and the CUDA slack, are the "
           "estimate's (analytic); everything else was measured")
+    print(f"note     {queue_line(cfg, result)}")
     out: dict[str, Any] = {"config": cfg.name, "actors": [vars(a) for a in result["actors"]]}
     if args.flops:
         from cluster.plan.flops import trajectory_flops
