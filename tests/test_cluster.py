@@ -179,9 +179,10 @@ def test_an_object_store_sync_then_a_dead_learner_rank_that_stops_the_run_with_t
         driver.shutdown()
 
 
-def test_sigterm_to_the_run_s_process_group_writes_a_checkpoint_before_exiting(setup, tmp_path):
+def test_sigterm_to_the_run_s_process_group_after_step_3_writes_a_checkpoint_and_resume_continues(setup, tmp_path):
     """As a scheduler (Slurm, systemd, timeout) sends it: to the whole process group of `pararl train`,
-    Ray's local processes included; they must outlive the driver's last step."""
+    Ray's local processes included; they must outlive the driver's last step. The resumed run logs
+    every step once into the same MLflow run and finishes it."""
     import os
     import signal
     import sqlite3
@@ -203,7 +204,7 @@ def test_sigterm_to_the_run_s_process_group_writes_a_checkpoint_before_exiting(s
             if db.is_file():  # read-only peek: an MlflowClient here would race the run's own schema setup
                 try:
                     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-                        if con.execute("SELECT count(*) FROM metrics WHERE key = 'reward.mean'").fetchone()[0]:
+                        if con.execute("SELECT count(*) FROM metrics WHERE key = 'reward.mean'").fetchone()[0] >= 3:
                             break
                 except sqlite3.OperationalError:
                     pass
@@ -217,9 +218,17 @@ def test_sigterm_to_the_run_s_process_group_writes_a_checkpoint_before_exiting(s
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "stopped by signal 15, checkpoint written" in out
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    assert ckpt is not None and 1 <= int(ckpt.name.split("-")[-1]) < 500
+    stopped = int(ckpt.name.split("-")[-1])
+    assert 3 <= stopped < 500
     with sqlite3.connect(f"file:{run_dir / 'mlflow.db'}?mode=ro", uri=True) as con:
         assert con.execute("SELECT status FROM runs").fetchall() == [("KILLED",)]
+    again = subprocess.run([*cmd[:-2], f"train.steps={stopped + 2}", "train.checkpoint_every=0", "train.resume=true"],
+                           capture_output=True, text=True, timeout=240, env=dict(os.environ))
+    assert again.returncode == 0, again.stdout + again.stderr
+    with sqlite3.connect(f"file:{run_dir / 'mlflow.db'}?mode=ro", uri=True) as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("FINISHED",)]
+        logged = con.execute("SELECT step FROM metrics WHERE key = 'reward.mean' ORDER BY step").fetchall()
+    assert [s for (s,) in logged] == list(range(stopped + 2)), "every step logged once"
 
 
 def test_object_store_options_are_refused_when_joining_a_running_cluster():
