@@ -61,6 +61,7 @@ def test_the_unigrpo_config_is_planned_whole_and_an_actor_that_does_not_fit_is_n
     assert "PROBLEM  learner rank does not fit: needs" in text and "GiB short" in text
     assert "ok       rollout worker fits" in text
     assert "100 steps on H100" in text
+    assert "a checkpoint keeps each rollout queued ahead (cluster.max_staleness 0): " in text and "KiB a trajectory" in text
 
 
 def test_fits_names_the_actor_and_the_gap_in_gib():
