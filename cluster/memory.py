@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from learner.batch import rows_per_trajectory
+from learner.config import uses_reference
 from pararl.formats import mmada_m_format
 from pararl.guidance import make_guidance
 from pararl.models.config import LLaDAConfig, parameter_count
@@ -119,16 +120,23 @@ def learner_rank(s: Shapes, lc: Any, ranks: int, windows: int, adapters: int = 0
     else:
         act = (s.n_layers + 1) * tokens * _block_bytes_per_token(s, w)
     act += 2 * _head_bytes(s, rows, w) + _span_bytes(s, rows, 2)  # span logits and their gradient, fp32 log-softmax
-    reference = lc.beta > 0 and lc.kl_reference == "reference"
+    reference = uses_reference(lc)
     ref_weights = w * p if reference and not adapters else 0.0  # LoRA: the base with the adapters off
     ref_act = _inference_bytes(s, rows, w, rows, 1) if reference else 0.0
-    if reference and lc.reference_offload:  # on the GPU only while its log-probs are computed
-        e.parts["activations (peak)"] = max(act, ref_weights + ref_act)
-    else:
-        e.parts["activations (peak)"] = max(act, ref_act)
-        e.parts["reference"] = ref_weights
+    e.parts["activations (peak)"], resident = activation_peak(lc, act, ref_weights, ref_act)
+    if resident is not None:
+        e.parts["reference"] = resident
     e.parts["CUDA slack"] = CUDA_SLACK
     return e
+
+
+def activation_peak(lc: Any, act: float, ref_weights: float, ref_act: float) -> tuple[float, float | None]:
+    """A learner rank's peak beside its states, from the update's activations and the reference's weights
+    and forward (0 without one), and the reference's weights kept on the GPU all along (None when
+    ``reference_offload`` brings them only while its log-probs are computed: they share the peak)."""
+    if uses_reference(lc) and lc.reference_offload:
+        return max(act, ref_weights + ref_act), None
+    return max(act, ref_act), ref_weights
 
 
 def rollout_worker(s: Shapes, trajectories: int, rows_per_trajectory: int, windows: int, wbytes: int = 2,
@@ -178,7 +186,7 @@ def host_memory(s: Shapes, lc: Any, learner_ranks: int, rollout_workers: int, re
     float32 before DeepSpeed partitions it, an offloaded reference stays in host RAM, rollout workers
     read their copy before moving it to the GPU; ``offloaded``: optimizer state colocated ranks move
     to host memory while they sample."""
-    reference = lc.beta > 0 and lc.kl_reference == "reference" and lc.reference_offload and not lc.lora.enabled
+    reference = uses_reference(lc) and lc.reference_offload and not lc.lora.enabled
     w = 2 if lc.precision in ("bf16", "fp16") else 4
     per_rank = 4 * s.params + (w * s.params if reference else 0)
     return learner_ranks * per_rank + rollout_workers * 2 * s.params + replicas * reward_weights + offloaded

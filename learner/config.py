@@ -118,6 +118,11 @@ def check_coverage(cfg: LearnerConfig) -> None:
                           "learner.sampled_steps >= 1 (or coverage=all for every step)")
 
 
+def uses_reference(cfg: LearnerConfig) -> bool:
+    """Whether the KL term reads a frozen reference policy (under LoRA: the base with its adapters off)."""
+    return cfg.beta > 0 and cfg.kl_reference == "reference"
+
+
 def behaviour_source(cfg: LearnerConfig, approximate_sampler: bool = False) -> str:
     """``learner.behaviour`` resolved: "sampler" or "replay" (what the rollout workers do). An approximate
     sampler (the prompt cache) never gives pi_old: its forwards are not the policy's."""

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from learner.batch import TrainBatch
-from learner.config import LearnerConfig, validate
+from learner.config import LearnerConfig, uses_reference, validate
 from learner.engine import build_engine, init_distributed, resolve_backend, resolve_device
 from learner.loss import SUM_KEYS, LossSettings, Normalizer, clipped_surrogate, merge_stats, modality_weights, row_sizes, summarize
 from learner.mismatch import correction_weights, gap_metrics, gap_sums
@@ -91,7 +91,7 @@ class Learner:
         self._grad_norm: float | None = None
         self.stepped_aside = False  # the optimizer's state is in host memory (a colocated rank sampling)
         self.reference = None
-        if cfg.beta > 0 and cfg.kl_reference == "reference" and not cfg.lora.enabled:
+        if uses_reference(cfg) and not cfg.lora.enabled:
             where = "cpu" if cfg.reference_offload else self.device
             self.reference = load_policy(reference_path or policy_path, dtype=resolve_dtype(cfg.precision), device=where)
             self.reference.requires_grad_(False)

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from cluster.memory import CUDA_SLACK, Estimate
+from cluster.memory import CUDA_SLACK, Estimate, activation_peak
 from cluster.plan.fake import DEVICE, TRAIN_DEVICE, HostRealMode, Measured, build_fake, measure
 from learner.batch import Plan, TrainBatch, iteration_plan
+from learner.config import uses_reference
 from learner.loss import LossSettings, Normalizer, modality_weights
 from learner.trainer import UpdateTargets, micro_batch_loss
 from pararl.logprobs import behaviour_logprobs, trajectory_logprobs, window_index
@@ -171,15 +172,15 @@ def learner_rank(ctx: Context, batch: TrainBatch, estimate: Estimate, share: flo
     for key in ("weights", "fp32 master + Adam", "gradients", "ZeRO-3 gathered params"):
         if estimate.parts.get(key):
             out.analytic[key + " (ZeRO)"] = estimate.parts[key]
-    act = train.total - weights
-    uses_reference = lc.beta > 0 and lc.kl_reference == "reference"
-    ref_weights = weights if uses_reference and not lc.lora.enabled else 0.0
-    ref_act = ref.total - weights if uses_reference else 0.0
-    if uses_reference and lc.reference_offload:  # on the GPU only while its log-probs are computed
-        out.measured["activations or reference (peak)"] = max(act, ref_weights + ref_act)
+    reference = uses_reference(lc)
+    ref_weights = weights if reference and not lc.lora.enabled else 0.0
+    ref_act = ref.total - weights if reference else 0.0
+    peak, resident = activation_peak(lc, train.total - weights, ref_weights, ref_act)
+    if resident is None:
+        out.measured["activations or reference (peak)"] = peak
     else:
-        out.measured["activations (peak)"] = max(act, ref_act)
-        out.measured["reference"] = ref_weights
+        out.measured["activations (peak)"] = peak
+        out.measured["reference"] = resident
     out.analytic["CUDA slack"] = CUDA_SLACK
     return out, train
 

@@ -17,6 +17,7 @@ import torch
 from cluster.plan.actors import Context, iteration, sampling_step
 from cluster.plan.fake import DEVICE, measure
 from learner.batch import TrainBatch, rows_per_trajectory
+from learner.config import uses_reference
 from pararl.heads import FullHead
 from pararl.logprobs import behaviour_logprobs
 from pararl.types import Trajectories
@@ -66,7 +67,7 @@ def learner_flops(ctx: Context, train_flops: int, rows_measured: int, ref_flops:
     """Per trajectory and coverage: forward+backward of each replayed row, and the reference's forward."""
     lc, r = ctx.cfg.learner, ctx.cfg.reward
     per_row, ref_row = train_flops / rows_measured, ref_flops / rows_measured
-    uses_ref = lc.beta > 0 and lc.kl_reference == "reference"
+    uses_ref = uses_reference(lc)
     coverages = {
         "reward_steps": dict(logprob_estimator="trace", coverage="reward_steps"),
         "all, merge_steps 4": dict(logprob_estimator="trace", coverage="all", merge_steps=4),
