@@ -270,6 +270,7 @@ class Driver:
         rewards = self.reward.score(rollout.traj, rollout.prompts)
         clock.lap("reward")
         batch, facts = self._train_batch(rollout, rewards)
+        facts.update({"data/position": float(queued.position), "data/prompts": float(queued.end - queued.position)})
         if batch is None:
             self._nothing_trained(step, rollout.traj, rewards, facts)
         else:

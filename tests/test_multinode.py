@@ -1,30 +1,25 @@
-"""A real Ray cluster of a head and two worker nodes (``tests.netns_cluster``: one network namespace per
+"""A real Ray cluster of a head and two worker nodes (``cluster.testing.three_nodes``: one network namespace per
 node): the run joins it by address, places each stage on the nodes its resources name, survives a
-worker node's death mid-run, and stops with one line when a learner node dies, then resumes."""
+worker node's death while it samples (its reward replica replaced), and stops with one line when a
+learner node dies, then resumes; a short fault soak (``bench/soak.py``) ends as the uninterrupted run."""
 import json
-import sqlite3
+import os
+import signal
 import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
-import yaml
 
+from cluster.testing.three_nodes import latest, placed_run, start_training, three_nodes
 from learner.checkpoint import latest_checkpoint, verify
-from tests.netns_cluster import NamespaceCluster, Node
-from tests.tiny_run import tiny_run
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    work = tmp_path_factory.mktemp("multinode")
-    nodes = [Node("head", 2, {"learner_node": 1, "reward_node": 2}),  # room for a replica that w1 loses
-             Node("w1", 2, {"rollout_node": 1, "reward_node": 1}),
-             Node("w2", 2, {"rollout_node": 1, "learner_node": 1})]
-    c = NamespaceCluster(nodes, work)
+    c = three_nodes(tmp_path_factory.mktemp("multinode"))
     try:
         yield c.start()
     finally:
@@ -33,70 +28,28 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(cluster, tmp_path_factory):
-    """The tiny run, placed: rollout workers on w1 and w2, learner ranks on the head and w2, reward
-    replicas on the head and w1 (Serve spreads them); a lost rollout worker is dropped after 5 s."""
-    setup = tiny_run(tmp_path_factory.mktemp("multinode-run"))
-    raw = setup["raw"]
-    raw["cluster"].update({"address": cluster.gcs, "rollout_resources": {"rollout_node": 1}, "learner_ranks": 2,
-                           "learner_resources": {"learner_node": 1}, "lost_worker": "drop", "restart_wait_s": 5})
-    raw["reward"].update({"replicas": 2, "resources_per_replica": {"reward_node": 1}, "request_size": 1})
-    raw["learner"]["micro_batch_size"] = 1  # 2 ranks x 1: a step's 4 trajectories are whole optimizer steps
-    path = setup["tmp"] / "multinode.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    """The tiny run placed on the three nodes; a lost rollout worker is dropped after 5 s."""
+    return placed_run(cluster, tmp_path_factory.mktemp("multinode-run"), lost_worker="drop", restart_wait_s=5)
 
 
-def _train(cluster, config, run_dir, *overrides: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pararl.cli", "train", str(config), f"run_dir={run_dir}", *overrides]
-    return cluster.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+LONGER = ("sampler.steps=8", "data.prompts_per_step=8", "tracking.snapshot_every=0")
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 420) -> str:
+def _finish(proc: subprocess.Popen, output, timeout: float = 420) -> str:
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return out
+    return output.read_text(errors="replace")
 
 
-def _logged_steps(run_dir) -> int:
-    """Steps the run has logged so far (a read-only peek: the run owns the database)."""
-    db = run_dir / "mlflow.db"
-    if not db.is_file():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            return con.execute("SELECT count(*) FROM metrics WHERE key = 'reward.mean'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
-def _kill_after(cluster, proc, run_dir, steps: int, node: str, timeout: float = 300) -> dict:
-    """Kill ``node`` once the run has logged ``steps`` steps; where the run had placed its stages then."""
+def _until(proc: subprocess.Popen, output, what: str, done, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while _logged_steps(run_dir) < steps:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, f"the run logged fewer than {steps} steps in {timeout:g}s"
-        time.sleep(0.2)
-    placed = json.loads((run_dir / "placement.json").read_text())
-    cluster.kill(node)
-    return placed
-
-
-LONGER = ("train.steps=8", "sampler.steps=8", "data.prompts_per_step=8", "tracking.snapshot_every=0")
-
-
-def _run_losing(cluster, config, run_dir, node: str, after_steps: int, *overrides: str) -> tuple[int, str, dict]:
-    """A longer run whose node ``node`` is killed once it has logged ``after_steps`` steps; a new node
-    then replaces it. The run's exit code, its output and its placement before the kill."""
-    proc = _train(cluster, config, run_dir, *LONGER, *overrides)
-    try:
-        placed = _kill_after(cluster, proc, run_dir, after_steps, node)
-        out = _finish(proc)
-    finally:
-        cluster.restart(node)
-    return proc.returncode, out, placed
+    while not done():
+        assert proc.poll() is None, f"the run exited before {what}:\n{output.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g}s:\n{output.read_text()[-3000:]}"
+        time.sleep(0.1)
 
 
 def _metrics(run_dir, key: str) -> list[float]:
@@ -114,31 +67,49 @@ def _assert_placed(cluster, placed: dict) -> None:
     assert placed["reward_replicas"] and set(placed["reward_replicas"]) <= {ip["head"], ip["w1"]}
 
 
-def test_a_worker_node_killed_mid_run_loses_no_trajectory(cluster, config, tmp_path):
-    """w1 holds a rollout worker (no other node has room for it: it is dropped) and a reward replica
-    (the head's replica answers meanwhile; Serve replaces the lost one on the head)."""
-    run_dir = tmp_path / "run"
-    code, out, placed = _run_losing(cluster, config, run_dir, "w1", 1, "train.checkpoint_every=0", "train.steps=6")
-    assert code == 0, out
+def test_a_worker_node_lost_while_sampling_loses_no_trajectory_and_its_reward_replica_is_replaced(cluster, config, tmp_path):
+    """w1 holds a rollout worker and a reward replica, and dies while its worker samples. No other node
+    has room for the worker: it is dropped, and w2's worker samples its chunk again. The head's replica
+    answers meanwhile, and Serve starts a replacement for w1's on the head; the run goes on until the
+    replacement has answered, then a scheduler's stop signal ends it (exit 143)."""
+    run_dir, output = tmp_path / "run", tmp_path / "train.log"
+    proc = start_training(cluster, config, run_dir, output, *LONGER, "train.checkpoint_every=0", "train.steps=60")
+    try:
+        _until(proc, output, "step 1", lambda: latest(run_dir)[0] >= 1)
+        placed = json.loads((run_dir / "placement.json").read_text())
+        _until(proc, output, "sampling on w1", lambda: cluster.processes("ray::RolloutWorker.sample", "w1"))
+        cluster.kill("w1")
+        _until(proc, output, "answer from a replacement reward replica",
+               lambda: (latest(run_dir, "reward.replica_losses")[1] or 0) >= 1, timeout=400)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = _finish(proc, output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster.restart("w1")
+    assert proc.returncode == 143 and "stopped by signal 15" in out, out[-3000:]
     _assert_placed(cluster, placed)  # joined by address, each stage where its resources are
-    seen = {k: _metrics(run_dir, k) for k in ("time.step", "reward.retries", "reward.replica_losses", "rollout.workers")}
-    assert "finished at step 6 (policy version 6)" in out, ("every step trained", seen, out[-3000:])
-    assert _metrics(run_dir, "rollout.trajectories") == [16.0] * 6, "every step sampled all its trajectories"
+    steps = len(_metrics(run_dir, "reward.mean"))
+    assert _metrics(run_dir, "rollout.trajectories") == [16.0] * steps, "every step sampled all its trajectories"
     assert max(_metrics(run_dir, "rollout.workers_lost")) == 1 and _metrics(run_dir, "rollout.workers")[-1] == 1
     assert _metrics(run_dir, "cluster.nodes_lost")[-1] == 1, "the lost node is counted"
-    assert _metrics(run_dir, "reward.dropped") == [0.0] * 6, "w1's reward replica took no trajectory with it"
-    # Serve replaces w1's replica on the head once its health check marks it dead (tens of seconds): a
-    # slow machine sees the replacement answer, a fast one may finish the 6 steps first. Either way
-    # the head's replica answered every request (no retry was needed, none dropped).
-    assert seen["reward.replica_losses"][-1] <= 1, ("at most w1's one replica was replaced", seen)
+    assert _metrics(run_dir, "reward.dropped") == [0.0] * steps, "w1's reward replica took no trajectory with it"
+    assert _metrics(run_dir, "reward.scored") == [16.0] * steps, "each trajectory scored once"
+    assert _metrics(run_dir, "reward.replica_losses")[-1] == 1, "w1's one replica was replaced, and no other"
     cluster.wait_nodes(3)
 
 
 def test_a_learner_node_killed_stops_the_run_with_one_line_and_resume_continues(cluster, config, tmp_path):
-    run_dir = tmp_path / "run"
-    code, out, _ = _run_losing(cluster, config, run_dir, "w2", 2, "train.checkpoint_every=1")
+    run_dir, output = tmp_path / "run", tmp_path / "train.log"
+    proc = start_training(cluster, config, run_dir, output, *LONGER, "train.checkpoint_every=1", "train.steps=8")
+    try:
+        _until(proc, output, "step 2", lambda: latest(run_dir)[0] >= 2)
+        cluster.kill("w2")
+        out = _finish(proc, output)
+    finally:
+        cluster.restart("w2")
     said = [line for line in out.splitlines() if line.startswith("pararl train: error:")]  # Ray's own log lines aside
-    assert code == 2 and len(said) == 1 and "a learner rank died " in said[0], out  # in a step, a sync or a checkpoint
+    assert proc.returncode == 2 and len(said) == 1 and "a learner rank died " in said[0], out  # in a step, a sync or a checkpoint
     assert "The last checkpoint is intact; rerun with train.resume=true" in said[0]
     saved = latest_checkpoint(run_dir / "checkpoints")
     assert saved is not None
@@ -149,10 +120,27 @@ def test_a_learner_node_killed_stops_the_run_with_one_line_and_resume_continues(
     assert done >= 1
     cluster.wait_nodes(3)
     # resumed on the replaced node, with the weights sent by collective (gloo) broadcasts across the nodes
-    proc = _train(cluster, config, run_dir, *LONGER, "train.checkpoint_every=1", "train.resume=true", "train.steps=4",
-                  "cluster.sync_transport=collective")
-    out = _finish(proc)
+    output = tmp_path / "resumed.log"
+    proc = start_training(cluster, config, run_dir, output, *LONGER, "train.checkpoint_every=1", "train.resume=true",
+                          "train.steps=4", "cluster.sync_transport=collective")
+    out = _finish(proc, output)
     assert proc.returncode == 0 and "finished at step 4 (policy version 4)" in out, out
     assert len(_metrics(run_dir, "reward.mean")) == 4, "each step logged once, across the stop"
     _assert_placed(cluster, json.loads((run_dir / "placement.json").read_text()))
     assert _metrics(run_dir, "cluster.nodes_lost")[-1] == 0, "the resumed run started on three live nodes"
+
+
+def test_a_short_soak_of_every_fault_kind_loses_nothing_and_ends_as_the_uninterrupted_run(cluster, tmp_path):
+    """``bench/soak.py`` at the suite's size: one fault of each kind (a worker killed while it samples, a
+    reward replica, the driver's process group stopped and resumed, a learner rank killed and resumed,
+    w1 lost while it samples), each at a seeded moment, against an uninterrupted run."""
+    from bench.soak import KINDS, schedule, soak
+
+    config = placed_run(cluster, tmp_path / "config")  # a lost worker is waited for (cluster.lost_worker=restart)
+    faults = schedule(seed=3, steps=8, faults=len(KINDS))
+    report = soak(cluster, config, tmp_path, 8, faults, seed=3)
+    assert sorted(f.kind for f in faults) == sorted(KINDS)
+    assert report["survived"] == len(KINDS), report
+    assert report["broken"] == {}, report  # trained and scored once, logged once, weights and metrics equal
+    assert report["lost"] == 0, report
+    cluster.wait_nodes(3)

@@ -80,6 +80,18 @@ def test_request_size_larger_than_the_batch_is_refused():
         check_reward_config(user_cfg(max_batch_size=4, request_size=8))
 
 
+def test_a_trajectory_scored_twice_or_left_unscored_fails_the_step_naming_it():
+    from reward.pool.client import RewardError, check_answered
+
+    check_answered([0, 1, 2], [2, 0, 1])  # each once, in any order
+    with pytest.raises(RewardError, match=r"answers do not match .*: scored more than once: trajectories \[1\]$"):
+        check_answered([0, 1, 2], [0, 1, 1, 2])
+    with pytest.raises(RewardError, match=r": left unscored: trajectories \[2\]$"):
+        check_answered([0, 1, 2], [0, 1])
+    with pytest.raises(RewardError, match=r": scored unasked: trajectories \[5\]$"):
+        check_answered([0, 1], [0, 1, 5])
+
+
 def test_a_burst_of_requests_is_spread_over_the_replicas(ray_local, folder):
     """Serve's default router sent 63 and 64 of these 64 requests to one of the two replicas; ours splits them."""
     cfg = user_cfg(max_batch_size=4, batch_wait_timeout_s=0.01, replicas=2, cpus_per_replica=0.5, delay_s=0.02,

@@ -6,6 +6,7 @@ the trajectory is dropped and counted, or the step fails naming the reward model
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -56,6 +57,7 @@ class RewardBatch:
             "reward/mean": float(self.rewards[kept].mean()) if kept.any() else float("nan"),
             "reward/std": float(self.rewards[kept].std(unbiased=False)) if kept.any() else float("nan"),
             "reward/dropped": float(self.dropped),
+            "reward/scored": float(len(self.rewards)),  # each trajectory once (check_answered)
             "reward/mean_batch_size": self.mean_batch_size,
             "reward/retries": float(self.retries),
             "reward/replicas_seen": float(self.replicas_seen),
@@ -172,4 +174,17 @@ class RewardClient:
                                       f"(trajectories {chunks[i].keys})") from err
         self.replicas.update(chunk.replica for chunk in results)
         self.nodes.update(chunk.node for chunk in results if chunk.node)
-        return [r for chunk in results for r in chunk.results()], retried  # type: ignore[union-attr]
+        out = [r for chunk in results for r in chunk.results()]  # type: ignore[union-attr]
+        check_answered([r.key for r in requests], [r.key for r in out])
+        return out, retried
+
+
+def check_answered(asked: Sequence[int], answered: Sequence[int]) -> None:
+    """Each trajectory asked about is scored exactly once: a retried request whose first answer also
+    arrived, or one lost, would otherwise weigh a trajectory twice or leave it out unseen."""
+    seen = Counter(answered)
+    wrong = {"scored more than once": sorted(k for k, n in seen.items() if n > 1),
+             "left unscored": sorted(set(asked) - set(seen)), "scored unasked": sorted(set(seen) - set(asked))}
+    if any(wrong.values()):
+        raise RewardError("the reward pool's answers do not match the trajectories asked about: " +
+                          "; ".join(f"{what}: trajectories {keys}" for what, keys in wrong.items() if keys))

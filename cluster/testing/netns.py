@@ -1,12 +1,12 @@
-"""A real Ray cluster of several nodes on this one machine, each node in its own network namespace.
+"""A real Ray cluster of several nodes on one machine, each node in its own network namespace.
 
 Why namespaces: with the loopback-only setting Ray refuses a second node, and without it Ray
 registers nodes under the machine's interface address, where tests must not send traffic. Here each
 node is a host of its own (``ip netns add``, a veth pair on a bridge the test creates, an address in a
 private /24), so Ray's nodes talk to each other over that test network only, and a node can die for
 real: every process in its namespace is killed at once (``ip netns pids``), raylet, workers and
-actors, as when a machine goes away. Needs root (CI and the sessions run as root), iproute2 and a
-kernel with network namespaces; everything made is removed again, processes first.
+actors, as when a machine goes away. Needs root, iproute2 and a kernel with network namespaces;
+everything made is removed again, processes first.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class NamespaceCluster:
         env["NO_PROXY"] = env["no_proxy"] = f"127.0.0.1,localhost,{nodes}"
         env["RAY_health_check_period_ms"] = "1000"  # a dead node is noticed in seconds, not half a minute
         env["RAY_health_check_failure_threshold"] = "3"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
         return env
 
     # -- Ray nodes -----------------------------------------------------------------------------
@@ -132,6 +132,24 @@ class NamespaceCluster:
                 pass
         if node.process is not None:
             node.process.wait(timeout=30)
+
+    def processes(self, title: str, node: str | None = None) -> list[int]:
+        """Pids whose process title starts with ``title`` (Ray names a worker ``ray::Class.method`` while
+        it runs that method, ``ray::Class`` when idle), on node ``node`` or any."""
+        if node is None:
+            pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        else:
+            pids = subprocess.run(["ip", "netns", "pids", self.netns(self.nodes[node])], capture_output=True,
+                                  text=True).stdout.split()
+        found = []
+        for pid in pids:
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # gone meanwhile
+                continue
+            if args.startswith(title):
+                found.append(int(pid))
+        return found
 
     def restart(self, name: str) -> None:
         """A new node at the address of ``name`` (a replaced machine), with the same resources."""
