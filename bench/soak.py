@@ -127,18 +127,22 @@ class Soak:
         return self.rng.choice(sorted(pids))
 
     def inject(self, fault: Fault) -> None:
-        """The fault, then until the run that goes on logs its next step (a stopped run resumed first)."""
+        """The fault, then until the run that goes on logs its next step (a stopped run resumed first).
+        The victim is found first (a worker only while it samples), so the clock starts at the kill."""
         self.wait_logged(fault.step)
         time.sleep(fault.delay_s)
+        if fault.kind in TITLE:
+            victim = self.wait_process(TITLE[fault.kind])
+        elif fault.kind == "node":
+            self.wait_process(TITLE["worker"], node="w1")
         t0, logged = time.monotonic(), logged_steps(self.run_dir)
         fault.injected_at = round(t0 - self.start_time, 1)
         if fault.kind == "driver":
             os.killpg(self.proc.pid, signal.SIGTERM)
         elif fault.kind == "node":
-            self.wait_process(TITLE["worker"], node="w1")
             self.cluster.kill("w1")
         else:
-            os.kill(self.wait_process(TITLE[fault.kind]), signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
         if fault.kind in STOP_CODE:
             self._resume_after(fault)
             logged = logged_steps(self.run_dir)  # the stopped run may have logged its last step meanwhile

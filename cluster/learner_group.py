@@ -45,7 +45,7 @@ class LearnerDied(RunError):
 
 
 def learner_died(doing: str, err: Exception) -> LearnerDied:
-    why = str(err).strip().splitlines()[-1]
+    why = str(err).strip().splitlines()[-1].split(" Some common causes include")[0]  # Ray's advice list aside
     return LearnerDied(f"a learner rank died {doing} ({why}). The last checkpoint is intact; "
                        "rerun with train.resume=true to continue from it")
 
