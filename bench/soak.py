@@ -16,12 +16,14 @@ Invariants, checked on the finished run: every data position trained once (each 
 position is where the step before ended), no trajectory scored twice or left unscored (the client
 refuses either; each step's scored count equals its trajectories), every MLflow step logged once,
 and the final weights and every logged metric but the clocks and fault counters equal to the
-uninterrupted run's. ``cluster.max_staleness=0``: a worker restarted under k >= 1 samples its chunk
-again with newer weights, which is correct but not bitwise the uninterrupted run.
+uninterrupted run's. ``--staleness K`` runs both at ``cluster.max_staleness=K``: there a worker that
+restarts samples its chunk again with newer weights, which is correct but not bitwise the
+uninterrupted run, so a soak at K >= 1 that should end equal leaves out ``worker`` and ``node``
+(``--kinds driver,learner,replica``).
 
 Run as root (network namespaces; iproute2): ``.venv/bin/python bench/soak.py [--steps 60] [--faults 20]
-[--seed 0] [--workdir DIR]``. Prints a table of faults (injected, survived, recovery seconds,
-trajectories lost) and, last, one JSON line.
+[--seed 0] [--staleness K] [--kinds worker,replica,driver,learner,node] [--workdir DIR]``. Prints a
+table of faults (injected, survived, recovery seconds, trajectories lost) and, last, one JSON line.
 """
 from __future__ import annotations
 
@@ -71,15 +73,18 @@ class Fault:
     note: str = ""
 
 
-def schedule(seed: int, steps: int, faults: int) -> list[Fault]:
+def schedule(seed: int, steps: int, faults: int, kinds: tuple[str, ...] = KINDS) -> list[Fault]:
     """``faults`` faults at distinct steps in [1, steps - 2], the kinds in equal shares, in seeded order."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise SoakError(f"fault kinds {unknown or 'none'}: choose from {', '.join(KINDS)}")
     if faults > steps - 2:
         raise SoakError(f"{faults} faults need at least {faults + 2} steps (got {steps})")
     rng = random.Random(seed)
-    kinds = [KINDS[i % len(KINDS)] for i in range(faults)]
-    rng.shuffle(kinds)
+    order = [kinds[i % len(kinds)] for i in range(faults)]
+    rng.shuffle(order)
     at = sorted(rng.sample(range(1, steps - 1), faults))
-    return [Fault(step, kind, round(rng.uniform(0.0, 1.0), 2)) for step, kind in zip(at, kinds)]
+    return [Fault(step, kind, round(rng.uniform(0.0, 1.0), 2)) for step, kind in zip(at, order)]
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -254,18 +259,19 @@ def table(faults: list[Fault]) -> str:
     return "\n".join(rows)
 
 
-def soak(cluster, config: Path, workdir: Path, steps: int, faults: list[Fault], seed: int = 0) -> dict[str, object]:
+def soak(cluster, config: Path, workdir: Path, steps: int, faults: list[Fault], seed: int = 0,
+         staleness: int = 0) -> dict[str, object]:
     """An uninterrupted run, then the same run under ``faults``; what held and what did not."""
-    baseline = workdir / "uninterrupted"
+    baseline, k = workdir / "uninterrupted", f"cluster.max_staleness={staleness}"
     t0 = time.monotonic()
-    Soak(cluster, config, baseline, steps, seed).run([])
+    Soak(cluster, config, baseline, steps, seed, k).run([])
     baseline_s = time.monotonic() - t0
     run_dir = workdir / "faulted"
-    wall = Soak(cluster, config, run_dir, steps, seed).run(faults)
+    wall = Soak(cluster, config, run_dir, steps, seed, k).run(faults)
     per_step = int(dict(histories(baseline)[1]["rollout.trajectories"])[0])
     broken = check(run_dir, baseline, steps, per_step)
     lost_per_fault(run_dir, faults, steps, per_step)
-    return {"steps": steps, "faults": len(faults), "survived": sum(f.recovery_s is not None for f in faults),
+    return {"steps": steps, "staleness": staleness, "faults": len(faults), "survived": sum(f.recovery_s is not None for f in faults),
             "lost": sum(f.lost for f in faults), "broken": {k: v for k, v in broken.items() if v},
             "wall_s": round(wall, 1), "uninterrupted_wall_s": round(baseline_s, 1), "faults_injected": [asdict(f) for f in faults]}
 
@@ -275,15 +281,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--faults", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--staleness", type=int, default=0, help="cluster.max_staleness of both runs")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="the fault kinds to inject, comma-separated")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     from cluster.testing.three_nodes import placed_run, three_nodes
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pararl-soak-"))
-    faults = schedule(args.seed, args.steps, args.faults)
+    try:
+        faults = schedule(args.seed, args.steps, args.faults, tuple(args.kinds.split(",")))
+    except SoakError as err:
+        raise SystemExit(f"bench/soak.py: {err}") from None
     cluster = three_nodes(workdir / "cluster").start()
     try:
-        report = soak(cluster, placed_run(cluster, workdir / "config"), workdir, args.steps, faults, args.seed)
+        report = soak(cluster, placed_run(cluster, workdir / "config"), workdir, args.steps, faults, args.seed,
+                      args.staleness)
     finally:
         cluster.stop()
     for f in faults:
