@@ -45,7 +45,6 @@ class TrackingConfig:
 class TrainConfig:
     steps: int = 10  # ParaRL iterations (each: rollout, reward, update(s), weight sync)
     checkpoint_every: int = 5  # 0: only at the end and on SIGTERM / Ctrl-C
-    eval_every: int = 0  # held-out evaluation every N steps (0: before and after only)
     eval_prompts: int = 32
     resume: bool = False  # continue from the latest checkpoint in the run folder
     max_idle_steps: int = 3  # steps in a row that train no trajectory before the run stops, naming why (0: never)
@@ -150,7 +149,7 @@ def _check_counts(cfg: RunConfig) -> None:
                 "evaluation.snapshots": ev.snapshots, "evaluation.batch_prompts": ev.batch_prompts,
                 "evaluation.prompts": 1 if ev.prompts is None else ev.prompts}
     at_least_zero = {"train.steps": cfg.train.steps, "train.checkpoint_every": cfg.train.checkpoint_every,
-                     "train.eval_every": cfg.train.eval_every, "train.max_idle_steps": cfg.train.max_idle_steps,
+                     "train.max_idle_steps": cfg.train.max_idle_steps,
                      "tracking.snapshot_every": cfg.tracking.snapshot_every,
                      "tracking.snapshot_trajectories": cfg.tracking.snapshot_trajectories, "evaluation.workers": ev.workers}
     for key, value in positive.items():

@@ -19,7 +19,6 @@ from pararl.registry import Registry
 @dataclass
 class CheckpointConfig:
     folder: Optional[str] = None  # where ``step-XXXXXXXX`` folders and the ``latest`` pointer go (None: no checkpoints)
-    every: int = 0  # save every N optimizer steps (0: only when asked)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one is complete
     checksums: bool = True  # sha256 of every file in COMPLETE, checked at load (sizes are always checked)
 
