@@ -208,14 +208,11 @@ def histories(run_dir: Path) -> tuple[str, dict[str, list[tuple[int, float]]]]:
                                  for k in keys}
 
 
-def _clock(key: str) -> bool:
-    return key.startswith(("time.", "compute.", "throughput.")) or key == "overhead" or "seconds" in key
+def check(status: str, mine: dict, theirs: dict, steps: int, per_step: int, weights_equal: bool) -> dict[str, object]:
+    """The invariants, each as a list of what breaks it (empty: it holds): ``mine`` and ``theirs`` are the
+    faulted and the uninterrupted run's histories."""
+    from cluster.driver import timing_metric
 
-
-def check(run_dir: Path, baseline: Path, steps: int, per_step: int) -> dict[str, object]:
-    """The invariants, each as a list of what breaks it (empty: it holds)."""
-    status, mine = histories(run_dir)
-    _, theirs = histories(baseline)
     every = list(range(steps))
     values = lambda key: [v for _, v in mine.get(key, [])]  # noqa: E731
     positions = values("data.position")
@@ -231,15 +228,14 @@ def check(run_dir: Path, baseline: Path, steps: int, per_step: int) -> dict[str,
                         if n != t or t != per_step],
         "dropped": [s for s, d in enumerate(values("reward.dropped")) if d],
         "metrics_equal": sorted(k for k in mine.keys() | theirs.keys()
-                                if not _clock(k) and k not in FAULT_COUNTERS and mine.get(k) != theirs.get(k)),
-        "weights_equal": [] if final_hash(run_dir) == final_hash(baseline) else ["final weights differ"],
+                                if not timing_metric(k) and k not in FAULT_COUNTERS and mine.get(k) != theirs.get(k)),
+        "weights_equal": [] if weights_equal else ["final weights differ"],
     }
     return broken
 
 
-def lost_per_fault(run_dir: Path, faults: list[Fault], steps: int, per_step: int) -> None:
-    """Trajectories missing or unscored in the steps from each fault to the next."""
-    _, mine = histories(run_dir)
+def lost_per_fault(mine: dict, faults: list[Fault], steps: int, per_step: int) -> None:
+    """Trajectories missing or unscored in the steps from each fault to the next (``mine``: the run's histories)."""
     got = dict(mine.get("rollout.trajectories", []))
     dropped = dict(mine.get("reward.dropped", []))
     for fault, upto in zip(faults, [f.step for f in faults[1:]] + [steps]):
@@ -268,9 +264,10 @@ def soak(cluster, config: Path, workdir: Path, steps: int, faults: list[Fault], 
     baseline_s = time.monotonic() - t0
     run_dir = workdir / "faulted"
     wall = Soak(cluster, config, run_dir, steps, seed, k).run(faults)
-    per_step = int(dict(histories(baseline)[1]["rollout.trajectories"])[0])
-    broken = check(run_dir, baseline, steps, per_step)
-    lost_per_fault(run_dir, faults, steps, per_step)
+    (status, mine), (_, theirs) = histories(run_dir), histories(baseline)
+    per_step = int(dict(theirs["rollout.trajectories"])[0])
+    broken = check(status, mine, theirs, steps, per_step, final_hash(run_dir) == final_hash(baseline))
+    lost_per_fault(mine, faults, steps, per_step)
     return {"steps": steps, "staleness": staleness, "faults": len(faults), "survived": sum(f.recovery_s is not None for f in faults),
             "lost": sum(f.lost for f in faults), "broken": {k: v for k, v in broken.items() if v},
             "wall_s": round(wall, 1), "uninterrupted_wall_s": round(baseline_s, 1), "faults_injected": [asdict(f) for f in faults]}

@@ -372,3 +372,11 @@ def step_metrics(traj: Trajectories, rewards, facts: dict[str, float], learn: di
                "cluster/nodes_lost": len(driver.nodes_at_start - alive_nodes()),
                "rollout/trajectory_version": traj.policy_version, "learner/lr": driver.cfg.learner.lr}
     return metrics
+
+
+def timing_metric(key: str) -> bool:
+    """Whether a metric of ``step_metrics`` measures time (wall time per phase, compute seconds where it
+    ran, the overhead between them, throughput): two runs of the same steps never agree on these, so a
+    comparison of runs leaves them out. Takes the logged name or MLflow's (``/`` or ``.``)."""
+    key = key.replace("/", ".")
+    return key.startswith(("time.", "compute.", "throughput.")) or key == "overhead" or "seconds" in key

@@ -5,7 +5,7 @@ import mlflow
 import pytest
 import torch
 
-from cluster.driver import Driver, nothing_trained_reason
+from cluster.driver import Driver, nothing_trained_reason, timing_metric
 from cluster.run_config import load_run_config
 from cluster.train import train
 from learner.checkpoint import checkpoint_name
@@ -96,12 +96,10 @@ def _run(config, overrides: list[str], stop_after: int | None = None) -> tuple[s
 
 
 def _histories(run_dir, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Every logged metric's (step, value) history but the clocks' (cluster.driver.step_metrics: wall time
-    per phase, compute seconds where it ran, the overhead between them, throughput)."""
+    """Every logged metric's (step, value) history but the clocks' (``cluster.driver.timing_metric``)."""
     client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     keys = client.get_run(run_id).data.metrics
-    clock = lambda k: k.startswith(("time.", "compute.", "throughput.")) or k == "overhead" or "seconds" in k  # noqa: E731
-    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys if not clock(k)}
+    return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys if not timing_metric(k)}
 
 
 @pytest.mark.parametrize("k", [1, 2])
